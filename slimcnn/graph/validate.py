@@ -1,0 +1,50 @@
+"""Checks every surgery runs on its result before handing it back."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SurgeryError(RuntimeError):
+    """A surgery would return a broken model. The caller's model is untouched."""
+
+
+def first_output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot read a tensor from model output of type {type(out).__name__}")
+
+
+@torch.no_grad()
+def reference_output(model: nn.Module, example_input: torch.Tensor) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        return first_output(model(example_input)).detach().clone()
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, example_input: torch.Tensor, reference: torch.Tensor, what: str,
+             lossless_tol: float | None = None) -> None:
+    """Forward ``example_input``; the output must have ``reference``'s shape and, if ``lossless_tol`` is set,
+    match it within that max abs difference. Raises :class:`SurgeryError` naming ``what`` otherwise."""
+    was = model.training
+    model.eval()
+    try:
+        out = first_output(model(example_input))
+    except Exception as e:
+        raise SurgeryError(f"{what}: the model no longer runs forward: {type(e).__name__}: {e}") from None
+    finally:
+        model.train(was)
+    if out.shape != reference.shape:
+        raise SurgeryError(f"{what}: output shape changed from {tuple(reference.shape)} to {tuple(out.shape)}")
+    if lossless_tol is not None:
+        diff = (out - reference).abs().max().item()
+        if not diff <= lossless_tol:
+            raise SurgeryError(f"{what}: should be lossless but outputs differ by {diff:.3g} (tolerance {lossless_tol:g})")

@@ -1,0 +1,35 @@
+"""Compression methods behind one interface (:class:`~slimcnn.methods.base.Method`).
+
+>>> import slimcnn
+>>> m = slimcnn.methods.create("l1", target_macs=0.5)
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import Method
+
+# name -> "module:Class"; imported lazily so one method's dependencies never slow the others down
+_METHODS: dict[str, str] = {
+    "l1": "slimcnn.methods.l1:L1Pruning",
+}
+
+
+def register(name: str, target: str) -> None:
+    _METHODS[name] = target
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def create(name: str, **kwargs: Any) -> Method:
+    """Build method ``name`` (see :func:`list_methods`) with its options."""
+    if name not in _METHODS:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
+    mod, cls = _METHODS[name].split(":")
+    return getattr(importlib.import_module(mod), cls)(**kwargs)
+
+
+__all__ = ["Method", "create", "list_methods", "register"]

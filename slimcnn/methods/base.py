@@ -1,0 +1,65 @@
+"""The method interface every compression method implements.
+
+A method is driven by the engine, and is equally usable from a user's own training loop::
+
+    m = slimcnn.methods.create("l1", target_macs=0.5)
+    model = m.prepare(model, example_input)      # attach gates / clusters / wrappers; returns the model to train
+    opt = torch.optim.SGD(m.param_groups(model, lr=0.01, weight_decay=5e-4), lr=0.01, momentum=0.9)
+    for step, (x, y) in enumerate(loader):
+        m.before_forward(model, step)
+        loss = criterion(model(x), y) + m.loss(model)
+        loss.backward()
+        m.after_backward(model, step)
+        opt.step(); opt.zero_grad()
+        m.after_step(model, step)
+    compact = m.finalize(model)                  # physically smaller nn.Module, validated, no method traces left
+
+A method never touches data loading.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Method:
+    """Base class: every hook is a no-op, so a method overrides only what it needs."""
+
+    name = "base"
+    #: whether the method wants a training phase before ``finalize`` (L1 does not: it prunes, then fine-tunes)
+    trains_before_finalize = False
+
+    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+        self.example_input = example_input
+        return model
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups; a method may turn weight decay off for tensors it regularises itself."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
+
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def loss(self, model: nn.Module) -> torch.Tensor | float:
+        return 0.0
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def report(self) -> dict[str, Any]:
+        """Method-specific figures for report.json (e.g. C-SGD's cluster distances)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

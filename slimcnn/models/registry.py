@@ -1,0 +1,72 @@
+"""Model registry: ``create(name, **kw)`` and ``list_models()``, in the style of timm.
+
+Builders return plain ``nn.Module`` objects. Each created model remembers how it was built
+(``model.slimcnn_spec``) so that :mod:`slimcnn.io` can rebuild the architecture without pickle.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+Builder = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, Builder] = {}
+_INPUT_SIZE: dict[str, tuple[int, int, int]] = {}
+
+
+def register(name: str, input_size: tuple[int, int, int] = (3, 32, 32)) -> Callable[[Builder], Builder]:
+    """Decorator: register ``fn`` as the builder of model ``name``."""
+
+    def wrap(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        _INPUT_SIZE[name] = input_size
+        return fn
+
+    return wrap
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Names accepted by :func:`create`; ``tv:<name>`` (any torchvision classifier) is accepted too.
+
+    >>> "cifar_resnet56" in list_models()
+    True
+    """
+    import fnmatch
+
+    names = sorted(_REGISTRY)
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def default_input_size(name: str) -> tuple[int, int, int]:
+    """The (C, H, W) input a model named ``name`` expects by default."""
+    if name.startswith("tv:"):
+        return (3, 224, 224)
+    if name not in _INPUT_SIZE:
+        raise KeyError(_unknown(name))
+    return _INPUT_SIZE[name]
+
+
+def _unknown(name: str) -> str:
+    return f"unknown model {name!r}; known: {', '.join(list_models())}, or tv:<torchvision name>"
+
+
+def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """Build model ``name`` with fresh weights.
+
+    >>> m = create("cifar_resnet20")
+    >>> m = create("cifar_resnet56", shortcut="B")
+    >>> m = create("tv:resnet18", num_classes=10)
+    """
+    if name.startswith("tv:"):
+        from .torchvision_models import build_torchvision
+
+        model = build_torchvision(name[3:], num_classes=num_classes, **kwargs)
+    elif name in _REGISTRY:
+        model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    else:
+        raise KeyError(_unknown(name))
+    model.slimcnn_spec = {"name": name, "num_classes": num_classes, "kwargs": dict(kwargs)}
+    return model

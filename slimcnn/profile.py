@@ -1,0 +1,184 @@
+"""One honest MACs counter, plus parameter counts and CPU latency.
+
+Convention: MACs = multiply-accumulates of convolution and matrix-multiply ops only (conv, linear, matmul),
+the convention behind the published figures; BN, activations and pooling are not counted. Params = all
+parameters. Counting happens at the op level (every ``aten.convolution`` / ``aten.mm`` call), so layers
+that a module-hook counter would miss (factorised convs, functional calls, gated iterations run T times)
+are all counted. Each op is attributed to the innermost module running when it was issued.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+
+def _conv_macs(args: tuple, out: torch.Tensor) -> int:
+    x, w = args[0], args[1]
+    transposed = bool(args[6]) if len(args) > 6 else False
+    groups = int(args[8]) if len(args) > 8 else 1
+    kernel = prod(w.shape[2:])
+    if transposed:  # w: (in, out/groups, k...); every input element meets out/groups * k weights
+        return x.numel() * w.shape[1] * kernel
+    return out.numel() * (w.shape[1]) * kernel  # w: (out, in/groups, k...)
+
+
+def _mm_macs(a: torch.Tensor, b: torch.Tensor) -> int:
+    return prod(a.shape[:-1]) * a.shape[-1] * b.shape[-1]
+
+
+def _macs_of(func: Any, args: tuple, out: Any) -> int:
+    if func in (aten.convolution.default, aten._convolution.default):
+        return _conv_macs(args, out)
+    if func is aten.mm.default or func is aten.bmm.default:
+        return _mm_macs(args[0], args[1])
+    if func is aten.addmm.default or func is aten.baddbmm.default:
+        return _mm_macs(args[1], args[2])
+    return 0
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.by_module: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        macs = _macs_of(func, args, out)
+        if macs:
+            key = self.stack[-1]
+            self.by_module[key] = self.by_module.get(key, 0) + macs
+        return out
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    type: str
+    in_shape: tuple[int, ...] | None
+    out_shape: tuple[int, ...] | None
+    macs: int
+    params: int
+
+
+@dataclass
+class Profile:
+    """Result of :func:`profile`: totals (per single input) and a per-layer table."""
+
+    macs: int
+    params: int
+    input_shape: tuple[int, ...]
+    layers: list[LayerInfo] = field(default_factory=list)
+
+    def table(self, max_rows: int | None = None) -> str:
+        rows = [r for r in self.layers if r.macs or r.params]
+        if max_rows is not None:
+            rows = rows[:max_rows]
+        w = max([len(r.name) for r in rows] + [5])
+        lines = [f"{'layer':<{w}}  {'type':<18} {'in':>16} {'out':>16} {'MACs':>12} {'params':>10}"]
+        for r in rows:
+            ins = "x".join(map(str, r.in_shape[1:])) if r.in_shape else "-"
+            outs = "x".join(map(str, r.out_shape[1:])) if r.out_shape else "-"
+            lines.append(f"{r.name:<{w}}  {r.type:<18} {ins:>16} {outs:>16} {r.macs:>12,} {r.params:>10,}")
+        lines.append(f"{'total':<{w}}  {'':<18} {'':>16} {'':>16} {self.macs:>12,} {self.params:>10,}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        return f"MACs: {self.macs / 1e6:.2f}M  params: {self.params / 1e6:.3f}M  input: {'x'.join(map(str, self.input_shape))}"
+
+
+def _shape(t: Any) -> tuple[int, ...] | None:
+    if isinstance(t, torch.Tensor):
+        return tuple(t.shape)
+    if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
+        return tuple(t[0].shape)
+    return None
+
+
+def profile(model: nn.Module, input_shape: tuple[int, ...] | list[int] = (3, 32, 32),
+            example_input: torch.Tensor | None = None) -> Profile:
+    """Count MACs (conv/linear/matmul ops, per single input) and params of ``model``.
+
+    >>> import slimcnn
+    >>> p = slimcnn.profile(slimcnn.create("cifar_resnet56"), (3, 32, 32))
+    >>> round(p.macs / 1e6, 2), round(p.params / 1e6, 2)
+    (125.49, 0.86)
+    """
+    x = example_input if example_input is not None else torch.zeros(1, *input_shape)
+    batch = x.shape[0]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = x.to(device)
+    stack = ["(top)"]
+    shapes: dict[str, tuple] = {}
+    handles = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def pre(mod, inputs):
+        stack.append(names[mod])
+        shapes.setdefault(names[mod] + ".in", _shape(inputs))
+
+    def post(mod, inputs, output):
+        stack.pop()
+        shapes.setdefault(names[mod] + ".out", _shape(output))
+
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    was_training = model.training
+    model.eval()
+    counter = _Counter(stack)
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    layers = []
+    for name, m in model.named_modules():
+        own_params = sum(p.numel() for p in m.parameters(recurse=False))
+        macs = counter.by_module.get(name, 0) // batch
+        if not macs and not own_params:
+            continue
+        layers.append(LayerInfo(name or "(model)", type(m).__name__, shapes.get(name + ".in"),
+                                shapes.get(name + ".out"), macs, own_params))
+    total = sum(counter.by_module.values()) // batch
+    params = sum(p.numel() for p in model.parameters())
+    return Profile(total, params, tuple(x.shape[1:]), layers)
+
+
+def latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, repeats: int = 20,
+            warmup: int = 3) -> float:
+    """Median wall time of one forward pass in milliseconds (CPU unless the model is elsewhere)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = torch.randn(batch, *input_shape, device=device)
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch: int = 1,
+                    repeats: int = 20, rounds: int = 3) -> dict[str, float]:
+    """Latency of several models measured interleaved in one run, so machine noise hits all of them alike."""
+    results: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            results[k].append(latency(m, input_shape, batch, repeats=max(1, repeats // rounds), warmup=2))
+    return {k: statistics.median(v) for k, v in results.items()}
