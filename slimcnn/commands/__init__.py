@@ -1,0 +1,1 @@
+"""Subcommands of the ``slimcnn`` CLI, one file each."""

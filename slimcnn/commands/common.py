@@ -1,0 +1,57 @@
+"""Options shared by several subcommands."""
+from __future__ import annotations
+
+import argparse
+
+from ..models import default_input_size
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive sizes C,H,W, got {text!r}")
+    return shape
+
+
+def add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    p.add_argument("--model", required=True, help="zoo name (see `slimcnn profile --list`), or tv:<torchvision name>")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--shortcut", choices=["A", "B"], default=None, help="CIFAR ResNet shortcut type (default A)")
+    p.add_argument("--input", type=parse_shape, default=None, help="input C,H,W (default: the model's own)")
+    if weights:
+        p.add_argument("--weights", default=None, help="checkpoint: a public .th file, or a slimcnn save (dir or .safetensors)")
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="CIFAR-10 root: image folder (train/, test/) or the pickle layout")
+    p.add_argument("--train-limit", type=int, default=None, help="fixed class-balanced training subset of N images (seeded)")
+    p.add_argument("--test-limit", type=int, default=None, help="fixed class-balanced test subset of N images (seeded)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_model(args: argparse.Namespace):
+    """The model named by ``--model`` (and ``--weights`` if given); a slimcnn save is loaded with its own architecture."""
+    from pathlib import Path
+
+    from ..models import create, load_checkpoint
+
+    weights = getattr(args, "weights", None)
+    if weights and (Path(weights).is_dir() or str(weights).endswith(".safetensors")):
+        from ..io import load
+
+        return load(weights)
+    kw = {}
+    if args.shortcut:
+        kw["shortcut"] = args.shortcut
+    model = create(args.model, num_classes=args.num_classes, **kw)
+    if weights:
+        load_checkpoint(model, weights)
+    return model
+
+
+def input_shape(args: argparse.Namespace) -> tuple[int, ...]:
+    return tuple(args.input) if args.input else default_input_size(args.model)
