@@ -13,6 +13,14 @@ Builder = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, Builder] = {}
 _INPUT_SIZE: dict[str, tuple[int, int, int]] = {}
+# Wrappers selected by a keyword of create(), e.g. gating="rig". Higher layers (slimcnn.gating) register
+# themselves here, so models never import them (the dependency direction is gating -> models).
+_WRAPPERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_wrapper(kind: str, wrap: Callable[..., nn.Module]) -> None:
+    """Let ``create(name, gating=kind, **opts)`` return ``wrap(base_model, **opts)``."""
+    _WRAPPERS[kind] = wrap
 
 
 def register(name: str, input_size: tuple[int, int, int] = (3, 32, 32)) -> Callable[[Builder], Builder]:
@@ -59,7 +67,11 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     >>> m = create("cifar_resnet20")
     >>> m = create("cifar_resnet56", shortcut="B")
     >>> m = create("tv:resnet18", num_classes=10)
+    >>> m = create("cifar_resnet20", gating="rig", iterations=2)  # doctest: +SKIP
     """
+    spec_kwargs = dict(kwargs)
+    gating = kwargs.pop("gating", None)
+    gating_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _GATING_KEYS}
     if name.startswith("tv:"):
         from .torchvision_models import build_torchvision
 
@@ -68,5 +80,16 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         model = _REGISTRY[name](num_classes=num_classes, **kwargs)
     else:
         raise KeyError(_unknown(name))
-    model.slimcnn_spec = {"name": name, "num_classes": num_classes, "kwargs": dict(kwargs)}
+    if gating is not None:
+        if gating not in _WRAPPERS:
+            import slimcnn  # noqa: F401  (importing the package registers the gating wrappers)
+        if gating not in _WRAPPERS:
+            raise KeyError(f"unknown gating {gating!r}; known: {', '.join(sorted(_WRAPPERS)) or 'none'}")
+        model = _WRAPPERS[gating](model, **gating_kw)
+    model.slimcnn_spec = {"name": name, "num_classes": num_classes, "kwargs": spec_kwargs}
     return model
+
+
+#: keywords of create() that belong to the gating wrapper, not to the backbone builder
+_GATING_KEYS = {"iterations", "gate_type", "gate_stages", "share_gates", "variant", "loss_all_iterations",
+                "gate_source"}
