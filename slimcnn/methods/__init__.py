@@ -13,6 +13,10 @@ from .base import Method
 # name -> "module:Class"; imported lazily so one method's dependencies never slow the others down
 _METHODS: dict[str, str] = {
     "l1": "slimcnn.methods.l1:L1Pruning",
+    "dagger": "slimcnn.methods.dagger:Dagger",
+    "csgd": "slimcnn.methods.csgd:CSGD",
+    "trp": "slimcnn.methods.trp:TRP",
+    "tp": "slimcnn.methods.tp_peer:TorchPruningPeer",
 }
 
 

@@ -18,7 +18,7 @@ A method never touches data loading.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ class Method:
     """Base class: every hook is a no-op, so a method overrides only what it needs."""
 
     name = "base"
+    #: CLI options of ``slimcnn compress`` for this method: (flag, argparse kwargs); each ``dest`` must be a
+    #: keyword of ``__init__``. Options set to None on the command line are not passed (the default applies).
+    cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = []
     #: whether the method wants a training phase before ``finalize`` (L1 does not: it prunes, then fine-tunes)
     trains_before_finalize = False
 
