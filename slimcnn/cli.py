@@ -14,7 +14,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from . import __version__  # noqa: F401
 
     parser = argparse.ArgumentParser(prog="slimcnn", description="Make trained CNNs smaller and faster.")
     parser.add_argument("--version", action="version", version=f"slimcnn {__version__}")

@@ -1,9 +1,10 @@
 """Data: CIFAR-10 (pickle or image folder, uint8 cache), class-balanced subsets, a fast tensor loader."""
 from .cifar10 import CLASSES, DataError, ImageSet, balanced_subset, cache_dir, load_cifar10
+from .embedded import load_demo
 from .loader import IMAGENET_MEAN, IMAGENET_STD, Loader
 
 __all__ = ["CLASSES", "DataError", "ImageSet", "Loader", "balanced_subset", "cache_dir", "load_cifar10",
-           "IMAGENET_MEAN", "IMAGENET_STD", "cifar10_loaders"]
+           "IMAGENET_MEAN", "IMAGENET_STD", "cifar10_loaders", "load_demo"]
 
 
 def cifar10_loaders(root, batch_size: int = 128, train_limit: int | None = None, test_limit: int | None = None,
