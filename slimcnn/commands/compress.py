@@ -1,0 +1,100 @@
+"""``slimcnn compress``: compress a model with one method, fine-tune, and write model + report."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+
+from .common import add_data_args, add_model_args, build_model, input_shape
+
+
+def _method_options() -> list[tuple[str, dict]]:
+    """Every method's own CLI options (first declaration of a flag wins: shared flags mean the same)."""
+    from ..methods import _METHODS
+
+    seen: dict[str, dict] = {}
+    for target in _METHODS.values():
+        mod, cls = target.split(":")
+        try:
+            klass = getattr(importlib.import_module(mod), cls)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue  # that method is not built yet
+            raise
+        for flag, kw in klass.cli_args:
+            seen.setdefault(flag, kw)
+    return list(seen.items())
+
+
+def add_parser(sub) -> None:
+    from ..methods import list_methods
+
+    p = sub.add_parser("compress", help="compress a model with one method, fine-tune, report",
+                       description="Compress a model (prune / merge / factorise), fine-tune it, and write "
+                                   "DIR/model.json, DIR/model.safetensors, DIR/report.{json,md} and plots.")
+    p.add_argument("--method", required=True, choices=list_methods())
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--target-macs", type=float, default=0.5,
+                   help="MACs to keep: a ratio of the base (<= 1) or absolute MACs (> 1)")
+    p.add_argument("--method-epochs", "--search-epochs", dest="method_epochs", type=int, default=0,
+                   help="epochs of training with the method attached before finalize (C-SGD, TRP, Dagger search)")
+    p.add_argument("--epochs", type=int, default=0, help="fine-tune epochs after finalize (0: none)")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
+    p.add_argument("--method-lr", type=float, default=None, help="learning rate while the method trains (default --lr)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", action="store_true", help="mixed precision (cuda only)")
+    p.add_argument("--latency-batch", type=int, nargs="+", default=[1, 128], help="batch sizes timed")
+    p.add_argument("--out", required=True, help="output folder")
+    g = p.add_argument_group("method options (each applies to the methods named in its help)")
+    for flag, kw in _method_options():
+        g.add_argument(flag, **kw)
+    p.set_defaults(func=run)
+
+
+def method_kwargs(args: argparse.Namespace, method: str) -> dict:
+    """The options of ``args`` that ``method``'s constructor takes and the user set."""
+    import inspect
+
+    from .. import methods
+
+    klass = getattr(importlib.import_module(methods._METHODS[method].split(":")[0]),
+                    methods._METHODS[method].split(":")[1])
+    params = inspect.signature(klass.__init__).parameters
+    kw = {k: v for k, v in vars(args).items() if k in params and k != "self" and v is not None}
+    kw["target_macs"] = args.target_macs
+    return kw
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import methods
+    from ..compress import CompressConfig, compress
+    from ..data import cifar10_loaders
+
+    model = build_model(args)
+    shape = input_shape(args)
+    loaders = cifar10_loaders(args.data, args.batch_size, args.train_limit, args.test_limit, args.seed)
+    method = methods.create(args.method, **method_kwargs(args, args.method))
+    cfg = CompressConfig(target_macs=args.target_macs, method_epochs=args.method_epochs, epochs=args.epochs,
+                         lr=args.lr, method_lr=args.method_lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                         seed=args.seed, device=args.device, amp=args.amp, out_dir=args.out,
+                         latency_batches=args.latency_batch)
+    info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
+            "weights": args.weights}
+    _, report = compress(model, method, loaders["train"], loaders["test"], shape, cfg, args.model, info)
+    print_summary(report)
+    print(f"wrote {args.out}/model.safetensors, report.json, report.md")
+    return 0
+
+
+def print_summary(report: dict) -> None:
+    b, c, lat = report["base"], report["compressed"], report["latency_ms"]
+    print(f"{'':<12}{'MACs':>10}{'params':>10}{'top-1':>8}" + "".join(f"{'ms b=' + str(n):>12}" for n in lat["batch"]))
+    for label, row, key in (("base", b, "base"), ("compressed", c, "compressed")):
+        print(f"{label:<12}{row['macs'] / 1e6:>9.2f}M{row['params'] / 1e6:>9.3f}M{row['top1']:>8.2f}"
+              + "".join(f"{v:>12.2f}" for v in lat[key]))
+    print(f"macs_ratio: {report['macs_ratio']:.4f}  top1_change: {report['top1_change']:+.2f}  "
+          f"latency_ratio: {', '.join(f'{r:.3f}' for r in lat['ratio'])}")

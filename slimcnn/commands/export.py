@@ -1,0 +1,45 @@
+"""``slimcnn export``: a saved model to ONNX and/or TorchScript."""
+from __future__ import annotations
+
+import argparse
+
+from .common import parse_shape
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a saved model to ONNX / TorchScript",
+                       description="Export a model saved by slimcnn (a compress output folder or .safetensors file).")
+    p.add_argument("model", help="saved model: a folder with model.safetensors, or a .safetensors file")
+    p.add_argument("--onnx", default=None, help="write ONNX here (dynamic batch axis)")
+    p.add_argument("--torchscript", default=None, help="write a traced TorchScript module here")
+    p.add_argument("--input", type=parse_shape, default=None, help="input C,H,W (default: the model's own)")
+    p.add_argument("--check", action="store_true", help="run the ONNX file in onnxruntime and compare with PyTorch")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..cli import UserError
+    from ..io import export_onnx, export_torchscript, load
+    from ..models import default_input_size
+
+    if not args.onnx and not args.torchscript:
+        raise UserError("nothing to do: give --onnx PATH and/or --torchscript PATH")
+    model = load(args.model)
+    shape = tuple(args.input) if args.input else default_input_size(model.slimcnn_spec["name"])
+    x = torch.randn(2, *shape)
+    if args.onnx:
+        export_onnx(model, args.onnx, x)
+        print(f"wrote {args.onnx}")
+        if args.check:
+            import onnxruntime as ort
+
+            out = ort.InferenceSession(args.onnx, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+            with torch.no_grad():
+                diff = abs(out - model(x).numpy()).max()
+            print(f"onnxruntime max_abs_diff: {diff:.3g}")
+    if args.torchscript:
+        export_torchscript(model, args.torchscript, x)
+        print(f"wrote {args.torchscript}")
+    return 0

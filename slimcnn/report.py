@@ -1,0 +1,153 @@
+"""Reports: ``report.json`` (every figure), ``report.md`` (a table a person reads) and PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine, recorded beside every measured figure."""
+    import torch
+
+    try:
+        import torch_pruning
+        tp_version = torch_pruning.__version__
+    except Exception:  # pragma: no cover - torch-pruning is a dependency, but a report must never fail on it
+        tp_version = None
+    from . import __version__
+
+    return {"slimcnn": __version__, "torch": torch.__version__, "torch_pruning": tp_version,
+            "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every conv/linear layer by name; a factorised conv (Sequential) reports its inner rank."""
+    widths: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(name.startswith(k + ".") for k in widths):
+            widths[name] = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        elif isinstance(m, nn.Sequential) and len(m) and all(isinstance(c, nn.Conv2d) for c in m):
+            widths[name] = m[0].out_channels  # the rank of a decomposition
+    return widths
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_widths(before: dict[str, int], after: dict[str, int], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in before if n in after] or list(before)
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(names) + 2), 3.6))
+    xs = range(len(names))
+    ax.bar(xs, [before[n] for n in names], color="#c8c8c8", label="base")
+    ax.bar(xs, [after.get(n, 0) for n in names], color="#2f6db5", width=0.55, label="compressed")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("output channels (rank if factorised)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_gates(gates: dict[str, list[float]], path: Path) -> Path:
+    """Histogram of gate values per group (Dagger)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(gates)
+    cols = min(6, len(keys)) or 1
+    rows = -(-len(keys) // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.6 * rows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        ax.hist(gates[k], bins=20, range=(0, 1), color="#2f6db5")
+        ax.set_title(k, fontsize=6)
+        ax.tick_params(labelsize=5)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_series(values: list[float], path: Path, ylabel: str, target: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(values, color="#2f6db5")
+    if target is not None:
+        ax.axhline(target, color="#c0392b", ls="--", lw=1, label="target")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    b, c = report["base"], report["compressed"]
+    lat = report.get("latency_ms") or {}
+    lines = [f"# slimcnn compress: {report['method']} on {report['model']}", "",
+             f"Target MACs: {report.get('target_macs')}. Epochs: {report.get('epoch_budget')}. "
+             f"Top-1 on {report.get('test_images')} test images ({report.get('data')}).", "",
+             "| | MACs | params | top-1 |" + "".join(f" latency b={n} (ms) |" for n in lat.get("batch", [])),
+             "|---|---:|---:|---:|" + "---:|" * len(lat.get("batch", []))]
+    for label, row, key in (("base", b, "base"), ("compressed", c, "compressed")):
+        lat_cells = "".join(f" {v:.2f} |" for v in lat.get(key, []))
+        lines.append(f"| {label} | {row['macs'] / 1e6:.2f}M | {row['params'] / 1e6:.3f}M | {_fmt(row['top1'])} |{lat_cells}")
+    lines += ["", f"MACs ratio {report['macs_ratio']:.3f} ({report['speedup']:.2f}x fewer), "
+                  f"top-1 change {_fmt(report['top1_change'])} pt."]
+    if lat.get("ratio"):
+        lines.append("Latency ratio compressed/base: " + ", ".join(
+            f"batch {n}: {r:.3f}" for n, r in zip(lat["batch"], lat["ratio"])) + ".")
+    fin = report.get(report.get("finalize_key", "finalize"))
+    if isinstance(fin, dict) and "top1_before" in fin:
+        lines.append(f"At {report.get('finalize_key', 'finalize')}: top-1 {_fmt(fin['top1_before'])} -> "
+                     f"{_fmt(fin['top1_after'])}, max |logit change| {_fmt(fin.get('max_logit_change'), 6)}.")
+    lines += ["", f"Command: `{report.get('command')}`", "", f"Wall time: {report.get('wall_s', 0):.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out_dir: Path, widths_before: dict[str, int],
+                 widths_after: dict[str, int]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = {"widths": plot_widths(widths_before, widths_after, out_dir / "widths.png",
+                                  f"{report['method']} on {report['model']}: per-layer widths").name}
+    extra = report.get("method_report", {})
+    if isinstance(extra.get("gates"), dict) and extra["gates"]:
+        pngs["gates"] = plot_gates(extra["gates"], out_dir / "gates.png").name
+    if isinstance(extra.get("soft_macs"), list) and extra["soft_macs"]:
+        pngs["soft_macs"] = plot_series(extra["soft_macs"], out_dir / "soft_macs.png", "soft MACs",
+                                        extra.get("target_macs_abs")).name
+    report["plots"] = pngs
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1, default=float))
+    md = markdown(report) + "".join(f"\n![{k}]({v})\n" for k, v in pngs.items())
+    atomic_write_text(out_dir / "report.md", md)

@@ -1,0 +1,24 @@
+"""Shared fixtures: paths to the real data and weights beside the repository (../shared)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR = SHARED / "data" / "cifar10-jpeg"
+CAMVID = SHARED / "data" / "camvid"
+WEIGHTS = SHARED / "weights"
+RESNET20 = WEIGHTS / "cifar10-resnet20-12fca82f.th"
+RESNET56 = WEIGHTS / "cifar10-resnet56-4bfd9763.th"
+
+# Two pytest-xdist workers on two cores: one intra-op thread each avoids oversubscription.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    if not CIFAR.is_dir():
+        pytest.fail(f"real CIFAR-10 expected at {CIFAR} (../shared beside the repository)")
+    return CIFAR
