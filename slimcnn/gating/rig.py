@@ -1,0 +1,252 @@
+"""RIGNet-style recurrent top-down gating around a staged backbone. **[ours]**: no public code exists.
+
+A backbone exposes ``stem(x)``, ``stages`` (a list of modules run in order) and either ``head(h_top)``
+(classifiers: our CIFAR ResNets) or ``decode(stage_outputs, size)`` (segmentation: :mod:`slimcnn.models.seg`).
+The wrapper runs the stages ``iterations`` = T times with the backbone's weights shared:
+
+- iteration 1 is the plain forward pass, so T = 1 is the backbone itself, bit for bit;
+- at iteration t > 1 the input of each gated stage s is multiplied by ``sigma(conv(upsample(h)))`` where h is
+  a stage output of iteration t-1: stage s+1's (``gate_source="next"``) or the top stage's (``"top"``).
+
+Design choices (all ours; the ones that matter are parameters):
+
+- ``gate_type``: "spatial" (one map, N x 1 x H x W), "channel" (N x C x 1 x 1, from the globally averaged source:
+  a channel gate has no spatial extent, so there is nothing to upsample) or "both" (N x C x H x W).
+- The gate conv is 1x1 and runs *before* the bilinear upsampling: both are linear and the bilinear weights sum
+  to one, so this equals conv(upsample(h)) exactly while costing the MACs of the coarse resolution.
+- Gate convs start with bias +2 (gates near 0.88): the backbone's BN layers are shared by all iterations, so
+  gates far from 1 at the start would give iteration t > 1 input statistics unlike iteration 1's.
+- ``share_gates``: one set of gate convs for every t > 1, or one set per iteration.
+- The stem is computed once (it is never gated), and so are the stages below the lowest gated stage: their
+  outputs cannot change between iterations. The head runs once, on the last iteration, unless
+  ``loss_all_iterations`` asks for every iteration's logits in training (see :meth:`FeedbackNet.forward`).
+  Profiles count exactly what runs: every repeated stage, every gate.
+- BN layers are shared across iterations (their running statistics average over iterations).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.seg import upsample
+
+GATE_TYPES = ("spatial", "channel", "both")
+GATE_BIAS = 2.0
+
+
+class Gate(nn.Module):
+    """A multiplicative gate in (0, 1) for a tensor with ``out_channels`` channels, computed from a source tensor
+    with ``in_channels`` channels: ``sigmoid(upsample(conv1x1(src)))``.
+
+    >>> g = Gate(64, 16, "spatial")
+    >>> g(torch.randn(2, 64, 8, 8), (32, 32)).shape
+    torch.Size([2, 1, 32, 32])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, gate_type: str = "spatial") -> None:
+        super().__init__()
+        if gate_type not in GATE_TYPES:
+            raise ValueError(f"gate_type must be one of {', '.join(GATE_TYPES)}; got {gate_type!r}")
+        self.in_channels, self.out_channels, self.gate_type = in_channels, out_channels, gate_type
+        self.conv = nn.Conv2d(in_channels, 1 if gate_type == "spatial" else out_channels, 1)
+        nn.init.constant_(self.conv.bias, GATE_BIAS)
+
+    def get_config(self) -> dict:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "gate_type": self.gate_type}
+
+    def forward(self, src: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        if self.gate_type == "channel":
+            return torch.sigmoid(self.conv(F.adaptive_avg_pool2d(src, 1)))
+        return torch.sigmoid(upsample(self.conv(src), size))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}->{self.out_channels}, {self.gate_type}"
+
+
+def _parse_stages(stages: Sequence[int] | str | int | None) -> list[int] | None:
+    if stages is None:
+        return None
+    if isinstance(stages, int):
+        return [stages]
+    if isinstance(stages, str):
+        return [int(s) for s in stages.replace(" ", "").split(",") if s]
+    return [int(s) for s in stages]
+
+
+@torch.no_grad()
+def stage_channels(backbone: nn.Module) -> tuple[int, list[int]]:
+    """(channels of the stem output, channels of each stage output), read off a small dry run in eval mode."""
+    for name in ("stem", "stages"):
+        if not hasattr(backbone, name):
+            raise TypeError(f"{type(backbone).__name__} is not a staged backbone: it has no {name!r} "
+                            "(gating needs stem(x), stages and head(h) or decode(features, size))")
+    if not (hasattr(backbone, "head") or hasattr(backbone, "decode")):
+        raise TypeError(f"{type(backbone).__name__} has neither head(h) nor decode(features, size)")
+    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    in_ch = first.in_channels if first is not None else 3
+    device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
+    was = backbone.training
+    backbone.eval()  # never touch BN running statistics
+    try:
+        h = backbone.stem(torch.zeros(1, in_ch, 64, 64, device=device))
+        stem_c, outs = h.shape[1], []
+        for stage in backbone.stages:
+            h = stage(h)
+            outs.append(h.shape[1])
+    finally:
+        backbone.train(was)
+    return stem_c, outs
+
+
+class FeedbackNet(nn.Module):
+    """Shared machinery of :class:`RIG` and :class:`~slimcnn.gating.dig.DIG`: run the stages T times, gating the
+    inputs of ``gate_stages`` at t > 1 with gates fed by sources computed from iteration t-1.
+
+    Subclasses define ``_source_channels(s)`` (channels of the source that gates stage s), ``_sources(feats, t)``
+    (the source tensors, given iteration t-1's stage outputs) and may add modules in ``_build_extra``.
+    """
+
+    def __init__(self, backbone: nn.Module, iterations: int = 2, gate_type: str = "spatial",
+                 gate_stages: Sequence[int] | str | int | None = None, share_gates: bool = True,
+                 loss_all_iterations: bool = False) -> None:
+        super().__init__()
+        if int(iterations) < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        if gate_type not in GATE_TYPES:
+            raise ValueError(f"gate_type must be one of {', '.join(GATE_TYPES)}; got {gate_type!r}")
+        self.backbone = backbone
+        self.iterations, self.gate_type = int(iterations), gate_type
+        self.share_gates, self.loss_all_iterations = bool(share_gates), bool(loss_all_iterations)
+        self.stem_channels, self.out_channels = stage_channels(backbone)
+        self.in_channels = [self.stem_channels] + self.out_channels[:-1]
+        possible = [s for s in range(len(self.out_channels)) if self._has_source(s)]
+        stages = _parse_stages(gate_stages)
+        if stages is None:
+            stages = possible
+        bad = [s for s in stages if s not in possible]
+        if bad:
+            raise ValueError(f"cannot gate stage(s) {bad}: {self._describe()} can gate stages {possible} "
+                             f"(0 = lowest of {len(self.out_channels)})")
+        self.gate_stages = sorted(set(stages))
+        n_sets = 0 if self.iterations == 1 or not self.gate_stages else (1 if share_gates else self.iterations - 1)
+        self.gates = nn.ModuleList(
+            nn.ModuleDict({str(s): Gate(self._source_channels(s), self.in_channels[s], gate_type)
+                           for s in self.gate_stages})
+            for _ in range(n_sets))
+        self._build_extra(n_sets)
+
+    # -- subclass interface ------------------------------------------------------------------------------------
+    def _has_source(self, s: int) -> bool:
+        raise NotImplementedError
+
+    def _source_channels(self, s: int) -> int:
+        raise NotImplementedError
+
+    def _sources(self, feats: list[torch.Tensor], t: int) -> dict[int, torch.Tensor]:
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        return type(self).__name__
+
+    def _build_extra(self, n_sets: int) -> None:
+        pass
+
+    # -- running -----------------------------------------------------------------------------------------------
+    def _set(self, t: int) -> int:
+        """Index of the gate set used at (0-based) iteration t >= 1."""
+        return 0 if self.share_gates else t - 1
+
+    def _head(self, feats: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.backbone, "decode"):
+            return self.backbone.decode(feats, x.shape[-2:])
+        return self.backbone.head(feats[-1])
+
+    def forward_all(self, x: torch.Tensor, all_heads: bool = True) -> list[torch.Tensor]:
+        """Logits of every iteration (``all_heads``) or of the last one only, as a list."""
+        stages = self.backbone.stages
+        h0 = self.backbone.stem(x)
+        iterations = self.iterations if self.gates else 1
+        outs: list[torch.Tensor] = []
+        feats: list[torch.Tensor] = []
+        for t in range(iterations):
+            if t == 0:
+                h, start, gated, sources = h0, 0, {}, {}
+            else:
+                # stages below the lowest gated one see the same input as in iteration t-1: reuse their outputs
+                start = self.gate_stages[0]
+                h = feats[start - 1] if start > 0 else h0
+                gated, sources = self.gates[self._set(t)], self._sources(feats, t)
+            new = feats[:start]
+            for s in range(start, len(stages)):
+                if str(s) in gated:
+                    h = h * gated[str(s)](sources[s], h.shape[-2:])
+                h = stages[s](h)
+                new.append(h)
+            feats = new
+            if all_heads or t == iterations - 1:
+                outs.append(self._head(feats, x))
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The last iteration's logits. With ``loss_all_iterations`` and in training mode: the list of every
+        iteration's logits (last one last), for a loss averaged over iterations (:func:`iteration_loss`)."""
+        if self.training and self.loss_all_iterations:
+            return self.forward_all(x, all_heads=True)
+        return self.forward_all(x, all_heads=False)[-1]
+
+    def get_config(self) -> dict:
+        return {"iterations": self.iterations, "gate_type": self.gate_type, "gate_stages": list(self.gate_stages),
+                "share_gates": self.share_gates, "loss_all_iterations": self.loss_all_iterations}
+
+
+def iteration_loss(output: torch.Tensor | list[torch.Tensor], target: torch.Tensor,
+                   criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Loss of a gated model's output: the mean of ``criterion`` over iterations when ``output`` is the list a
+    ``loss_all_iterations`` model returns in training, else ``criterion(output, target)``.
+
+    >>> m = RIG(create("cifar_resnet20"), iterations=2, loss_all_iterations=True)  # doctest: +SKIP
+    >>> loss = iteration_loss(m(x), y, torch.nn.functional.cross_entropy)  # doctest: +SKIP
+    """
+    if isinstance(output, (list, tuple)):
+        return torch.stack([criterion(o, target) for o in output]).mean()
+    return criterion(output, target)
+
+
+class RIG(FeedbackNet):
+    """Recurrent iterative gating: at t > 1, the input of stage s is gated by stage s+1's output of iteration
+    t-1 (``gate_source="next"``, default; the top stage cannot be gated) or by the top stage's (``"top"``).
+
+    >>> from slimcnn.models import create
+    >>> m = RIG(create("cifar_resnet20"), iterations=2, gate_type="spatial")
+    >>> m(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, backbone: nn.Module, iterations: int = 2, gate_type: str = "spatial",
+                 gate_stages: Sequence[int] | str | int | None = None, share_gates: bool = True,
+                 loss_all_iterations: bool = False, gate_source: str = "next") -> None:
+        if gate_source not in ("next", "top"):
+            raise ValueError(f"gate_source must be 'next' or 'top', got {gate_source!r}")
+        self.gate_source = gate_source
+        super().__init__(backbone, iterations, gate_type, gate_stages, share_gates, loss_all_iterations)
+
+    def _describe(self) -> str:
+        return f"RIG with gate_source={self.gate_source!r}"
+
+    def _src_index(self, s: int) -> int:
+        return s + 1 if self.gate_source == "next" else len(self.out_channels) - 1
+
+    def _has_source(self, s: int) -> bool:
+        return self._src_index(s) < len(self.out_channels)
+
+    def _source_channels(self, s: int) -> int:
+        return self.out_channels[self._src_index(s)]
+
+    def _sources(self, feats: list[torch.Tensor], t: int) -> dict[int, torch.Tensor]:
+        return {s: feats[self._src_index(s)] for s in self.gate_stages}
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "gate_source": self.gate_source}
