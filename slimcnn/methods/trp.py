@@ -1,0 +1,618 @@
+"""TRP, trained rank pruning (Xu et al.): keep conv weights low-rank while training, then factorise each conv.
+
+Training: every ``period`` steps each selected conv's weight, reshaped into matrices under the chosen scheme,
+is replaced by its rank-k SVD approximation (k: the smallest rank holding ``energy`` of the sum of squared
+singular values), and on those steps ``nuclear * U_k V_k^T`` (the nuclear norm's sub-gradient restricted to the
+kept pairs) is added to the weight's gradient. Finalize: each conv becomes two thin plain ``nn.Conv2d`` layers
+in an ``nn.Sequential`` (save/load and ONNX export need no custom module), where that lowers its MACs.
+
+Schemes (W: n x c x kh x kw, ``groups`` g; each group is decomposed on its own, so grouped convs stay exact):
+
+- ``channel`` (NC): W_g -> (n/g) x (c/g*kh*kw); kh x kw conv c -> g*r (the original stride, padding,
+  dilation), then 1x1 conv g*r -> n carrying the bias.
+- ``spatial`` (VH): W_g -> (c/g*kh) x (n/g*kw); kh x 1 conv c -> g*r (vertical stride/padding/dilation),
+  then 1 x kw conv g*r -> n (horizontal ones) carrying the bias.
+- ``nd`` (network decoupling): each filter W_j -> (c/g) x (kh*kw); 1x1 conv c -> r*n, then a kh x kw conv
+  r*n -> n with groups=n: group j sums filter j's r depthwise paths; bias on the last.
+
+``rank`` always means the rank of each matrix (per group, or per filter for ``nd``); a layer's rank is the
+largest any of its matrices needs, since one grouped conv needs one rank.
+
+>>> conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+>>> thin = decompose_conv(conv, "channel", rank=4)
+>>> [type(m).__name__ for m in thin]
+['Conv2d', 'Conv2d']
+>>> decomposed_macs(conv, "channel", 4, (32, 32)) < conv_macs(conv, (32, 32))
+True
+
+DDP: every rank holds identical weights after the all-reduced optimiser step, and the truncation is a
+deterministic function of those weights (an SVD, a cumulative sum, a comparison: no randomness, no sampling),
+so every rank computes the same truncation and the same sub-gradient (added after the gradient all-reduce);
+the ranks stay identical without any extra communication.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from ..graph.replace import replace_modules
+from ..profile import profile
+from .base import Method
+
+SCHEMES = ("channel", "spatial", "nd")
+RANK_RULES = ("threshold", "energy", "target_macs")
+TARGET_MODES = ("energy", "uniform")
+DEFAULT_RANK_THRESHOLD = 0.05  # official, for TRP-trained nets
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown TRP scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reshapes: a conv weight <-> a batch of matrices whose ranks the scheme factorises
+
+
+def weight_matrices(weight: torch.Tensor, scheme: str, groups: int = 1) -> torch.Tensor:
+    """The batch of matrices (B, rows, cols) whose low rank the scheme turns into two thin convs.
+
+    >>> weight_matrices(torch.zeros(32, 16, 3, 3), "spatial").shape
+    torch.Size([1, 48, 96])
+    """
+    _check_scheme(scheme)
+    n, cg, kh, kw = weight.shape
+    ng = n // groups
+    if scheme == "channel":
+        return weight.reshape(groups, ng, cg * kh * kw)
+    if scheme == "spatial":
+        return weight.reshape(groups, ng, cg, kh, kw).permute(0, 2, 3, 1, 4).reshape(groups, cg * kh, ng * kw)
+    return weight.reshape(n, cg, kh * kw)
+
+
+def matrices_to_weight(mats: torch.Tensor, scheme: str, shape: Iterable[int], groups: int = 1) -> torch.Tensor:
+    """Inverse of :func:`weight_matrices`: matrices back to a conv weight of ``shape``."""
+    _check_scheme(scheme)
+    n, cg, kh, kw = shape
+    if scheme == "spatial":
+        return mats.reshape(groups, cg, kh, n // groups, kw).permute(0, 3, 1, 2, 4).reshape(n, cg, kh, kw)
+    return mats.reshape(n, cg, kh, kw)
+
+
+def full_rank(conv: nn.Conv2d, scheme: str) -> int:
+    """The rank at which the scheme reproduces ``conv`` exactly (the rank of each of its matrices at most)."""
+    _check_scheme(scheme)
+    n, cg, kh, kw = conv.weight.shape
+    ng = n // conv.groups
+    if scheme == "channel":
+        return min(ng, cg * kh * kw)
+    if scheme == "spatial":
+        return min(cg * kh, ng * kw)
+    return min(cg, kh * kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rank rules on singular values (S: (B, full), sorted descending)
+
+
+def energy_ranks(s: torch.Tensor, energy: float) -> torch.Tensor:
+    """Per matrix, the smallest k with sum(s[:k]^2) / sum(s^2) >= energy (at least 1).
+
+    >>> energy_ranks(torch.tensor([[3.0, 1.0, 0.0]]), 0.9).tolist()
+    [1]
+    """
+    e2 = s.double() ** 2
+    ratio = e2.cumsum(-1) / e2.sum(-1, keepdim=True)
+    # count the prefixes still short of the target; NaN (all-zero weights) counts as reached
+    return ((ratio < energy).sum(-1) + 1).clamp(max=s.shape[-1])
+
+
+def threshold_ranks(s: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per matrix, the number of singular values above an absolute ``threshold`` (at least 1)."""
+    return (s > threshold).sum(-1).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MACs of a conv and of its decomposition
+
+
+def _out_len(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _conv_out_hw(conv: nn.Conv2d, in_hw: tuple[int, int]) -> tuple[int, int]:
+    kh, kw = conv.kernel_size
+    if isinstance(conv.padding, str):
+        if conv.padding == "same":
+            return in_hw
+        pad = (0, 0)
+    else:
+        pad = conv.padding
+    return (_out_len(in_hw[0], kh, conv.stride[0], pad[0], conv.dilation[0]),
+            _out_len(in_hw[1], kw, conv.stride[1], pad[1], conv.dilation[1]))
+
+
+def conv_macs(conv: nn.Conv2d, in_hw: tuple[int, int]) -> int:
+    """MACs of one call of ``conv`` on an input of spatial size ``in_hw`` (as :func:`slimcnn.profile.profile`)."""
+    ho, wo = _conv_out_hw(conv, in_hw)
+    n, cg, kh, kw = conv.weight.shape
+    return n * cg * kh * kw * ho * wo
+
+
+def decomposed_macs(conv: nn.Conv2d, scheme: str, rank: int, in_hw: tuple[int, int]) -> int:
+    """MACs of ``decompose_conv(conv, scheme, rank)`` on an input of spatial size ``in_hw``.
+
+    >>> decomposed_macs(nn.Conv2d(16, 16, 3, padding=1), "spatial", 4, (8, 8))  # 16*4*3*64 + 16*4*3*64
+    24576
+    """
+    _check_scheme(scheme)
+    ho, wo = _conv_out_hw(conv, in_hw)
+    n, cg, kh, kw = conv.weight.shape
+    g, (h, w) = conv.groups, in_hw
+    if scheme == "channel":
+        return g * rank * cg * kh * kw * ho * wo + n * rank * ho * wo
+    if scheme == "spatial":  # the vertical conv keeps the full input width: it has no horizontal stride
+        return g * rank * cg * kh * ho * w + n * rank * kw * ho * wo
+    return n * rank * cg * h * w + n * rank * kh * kw * ho * wo
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decomposition into real layers
+
+
+def _svd(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.linalg.svd(mats, full_matrices=False)
+
+
+def _conv(cin: int, cout: int, kernel: tuple[int, int], stride: tuple[int, int], padding: Any,
+          dilation: tuple[int, int], groups: int, bias: bool, like: nn.Conv2d) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias, like.padding_mode,
+                     device=like.weight.device, dtype=like.weight.dtype)
+
+
+def _axis_padding(padding: Any, axis: int) -> Any:
+    """The padding of a 1-D factor along ``axis`` (0: vertical, 1: horizontal); string modes pass through."""
+    if isinstance(padding, str):
+        return padding
+    return (padding[0], 0) if axis == 0 else (0, padding[1])
+
+
+@torch.no_grad()
+def decompose_conv(conv: nn.Conv2d, scheme: str, rank: int | None = None) -> nn.Sequential:
+    """Two plain convs that equal ``conv`` when ``rank`` is its :func:`full_rank` (default), and its best
+    rank-``rank`` approximation (per group / per filter, in the scheme's reshape) otherwise.
+
+    >>> conv = nn.Conv2d(8, 8, 3, padding=1, bias=True)
+    >>> thin = decompose_conv(conv, "nd")
+    >>> x = torch.randn(1, 8, 6, 6)
+    >>> bool((thin(x) - conv(x)).abs().max() < 1e-5)
+    True
+    """
+    _check_scheme(scheme)
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"TRP decomposes nn.Conv2d layers, got {type(conv).__name__}")
+    top = full_rank(conv, scheme)
+    r = top if rank is None else int(rank)
+    if not 1 <= r <= top:
+        raise ValueError(f"rank must be between 1 and {top} for this conv under scheme {scheme!r}, got {rank}")
+    w = conv.weight.detach()
+    n, cg, kh, kw = w.shape
+    g = conv.groups
+    ng, c = n // g, cg * g
+    # float64 so that full rank reproduces the conv to float32 rounding
+    u, s, vh = _svd(weight_matrices(w.double(), scheme, g))
+    root = s[:, :r].sqrt()
+    left = u[:, :, :r] * root[:, None, :]      # (B, rows, r)
+    right = root[:, :, None] * vh[:, :r, :]    # (B, r, cols)
+    has_bias = conv.bias is not None
+    stride, pad, dil = conv.stride, conv.padding, conv.dilation
+    if scheme == "channel":
+        first = _conv(c, g * r, (kh, kw), stride, pad, dil, g, False, conv)
+        second = _conv(g * r, n, (1, 1), (1, 1), 0, (1, 1), g, has_bias, conv)
+        w1 = right.reshape(g * r, cg, kh, kw)
+        w2 = left.reshape(n, r, 1, 1)
+    elif scheme == "spatial":
+        first = _conv(c, g * r, (kh, 1), (stride[0], 1), _axis_padding(pad, 0), (dil[0], 1), g, False, conv)
+        second = _conv(g * r, n, (1, kw), (1, stride[1]), _axis_padding(pad, 1), (1, dil[1]), g, has_bias, conv)
+        w1 = left.reshape(g, cg, kh, r).permute(0, 3, 1, 2).reshape(g * r, cg, kh, 1)
+        w2 = right.reshape(g, r, ng, kw).permute(0, 2, 1, 3).reshape(n, r, 1, kw)
+    else:
+        first = _conv(c, n * r, (1, 1), (1, 1), 0, (1, 1), g, False, conv)
+        second = _conv(n * r, n, (kh, kw), stride, pad, dil, n, has_bias, conv)
+        w1 = left.permute(0, 2, 1).reshape(n * r, cg, 1, 1)
+        w2 = right.reshape(n, r, kh, kw)
+    first.weight.copy_(w1)
+    second.weight.copy_(w2)
+    if has_bias:
+        second.bias.copy_(conv.bias)
+    thin = nn.Sequential(first, second)
+    thin.train(conv.training)
+    return thin
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training-time truncation, batched over layers whose matrices share a shape
+
+
+@dataclass
+class Truncation:
+    """Result of one truncation of one layer: per-matrix ranks (on the weight's device), the sub-gradient
+    ``U_k V_k^T`` reshaped like the weight (None if not asked for), and whether the SVD succeeded."""
+
+    ranks: torch.Tensor | None
+    subgradient: torch.Tensor | None
+    ok: torch.Tensor  # 0-d bool, left on the device so that training never waits for it
+
+
+@torch.no_grad()
+def truncate_(convs: dict[str, nn.Conv2d], scheme: str, energy: float,
+              subgradient: bool = True) -> dict[str, Truncation]:
+    """Overwrite each conv's weight in place by its rank-k approximation (k per matrix by the energy rule).
+
+    Layers whose matrices have the same shape share one batched SVD. A layer whose SVD fails (or gives
+    non-finite values) is left untouched and reported with ``ok=False``. No host-device synchronisation
+    happens on the success path.
+
+    >>> conv = nn.Conv2d(8, 8, 3)
+    >>> out = truncate_({"c": conv}, "channel", 0.5)
+    >>> int(torch.linalg.matrix_rank(conv.weight.reshape(8, -1))) == int(out["c"].ranks.max())
+    True
+    """
+    _check_scheme(scheme)
+    by_shape: dict[tuple, list[str]] = {}
+    mats: dict[str, torch.Tensor] = {}
+    for name, conv in convs.items():
+        m = weight_matrices(conv.weight.detach(), scheme, conv.groups)
+        mats[name] = m
+        by_shape.setdefault((tuple(m.shape[1:]), m.dtype, m.device), []).append(name)
+    results: dict[str, Truncation] = {}
+    for names in by_shape.values():
+        factors = _try_svd(torch.cat([mats[n] for n in names]))
+        if factors is not None:
+            results.update(_apply_truncation(convs, mats, names, factors, scheme, energy, subgradient))
+            continue
+        for n in names:  # one bad layer must not stop the others: retry one by one
+            factors = _try_svd(mats[n])
+            if factors is None:
+                results[n] = Truncation(None, None, torch.tensor(False, device=mats[n].device))
+            else:
+                results.update(_apply_truncation(convs, mats, [n], factors, scheme, energy, subgradient))
+    return results
+
+
+def _try_svd(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    try:
+        return _svd(mats.float())
+    except RuntimeError:  # torch.linalg.LinAlgError: no convergence, or non-finite input on CPU
+        return None
+
+
+def _apply_truncation(convs: dict[str, nn.Conv2d], mats: dict[str, torch.Tensor], names: list[str],
+                      factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scheme: str, energy: float,
+                      subgradient: bool) -> dict[str, Truncation]:
+    u, s, vh = factors
+    ranks = energy_ranks(s, energy)
+    keep = (torch.arange(s.shape[-1], device=s.device) < ranks[:, None]).to(s.dtype)
+    finite = torch.isfinite(s).all(-1)
+    new = (u * (s * keep)[:, None, :]) @ vh
+    sub = (u * keep[:, None, :]) @ vh if subgradient else None
+    out: dict[str, Truncation] = {}
+    start = 0
+    for name in names:
+        conv = convs[name]
+        b = mats[name].shape[0]
+        sl = slice(start, start + b)
+        start += b
+        ok = finite[sl].all()
+        # torch.where keeps a non-finite layer's old weight without a device sync
+        w = matrices_to_weight(new[sl], scheme, conv.weight.shape, conv.groups).to(conv.weight.dtype)
+        conv.weight.copy_(torch.where(ok, w, conv.weight))
+        g = None
+        if sub is not None:
+            g = matrices_to_weight(sub[sl], scheme, conv.weight.shape, conv.groups).to(conv.weight.dtype)
+            g = torch.where(ok, g, torch.zeros_like(g))
+        out[name] = Truncation(ranks[sl], g, ok)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layer selection and rank choice for the whole model
+
+
+def select_layers(model: nn.Module, patterns: str | list[str] | None = None) -> list[str]:
+    """Names of the convs TRP works on. Default: every ``nn.Conv2d`` that is not 1x1 and not the first conv.
+
+    ``patterns`` (a list, or a comma-separated string) of ``fnmatch`` patterns on module names: plain ones
+    choose layers (any ``nn.Conv2d``, 1x1 included), ``!pattern`` ones exclude layers from the default set
+    (or from the chosen ones).
+
+    >>> select_layers(create("cifar_resnet20"), "layer3.*,!layer3.0.*")  # doctest: +SKIP
+    """
+    if isinstance(patterns, str):
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+    patterns = list(patterns or [])
+    include = [p for p in patterns if not p.startswith("!")]
+    exclude = [p[1:] for p in patterns if p.startswith("!")]
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if include:
+        chosen = [n for n, _ in convs if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    else:
+        chosen = [n for i, (n, m) in enumerate(convs) if i > 0 and tuple(m.kernel_size) != (1, 1)]
+    chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    if patterns and not chosen:
+        raise ValueError(f"TRP layer patterns {','.join(patterns)!r} match no Conv2d; "
+                         f"convs are: {', '.join(n for n, _ in convs[:12])}{' ...' if len(convs) > 12 else ''}")
+    return chosen
+
+
+@dataclass
+class LayerPlan:
+    """One layer's decomposition decision (MACs count every call the model makes of the layer)."""
+
+    name: str
+    scheme: str
+    rank: int
+    macs_before: int
+    macs_after: int
+    full_rank: int
+
+    @property
+    def applied(self) -> bool:
+        return self.macs_after < self.macs_before
+
+
+@dataclass
+class _Candidate:
+    name: str
+    conv: nn.Conv2d
+    s: torch.Tensor          # (B, full) singular values of the layer's matrices
+    in_hw: tuple[int, int]
+    calls: int               # how many times the model calls this conv per input
+    macs: int                # MACs of all those calls
+
+    def plan(self, scheme: str, rank: int) -> LayerPlan:
+        top = self.s.shape[-1]
+        rank = max(1, min(int(rank), top))
+        after = self.calls * decomposed_macs(self.conv, scheme, rank, self.in_hw)
+        return LayerPlan(self.name, scheme, rank, self.macs, min(after, self.macs), top)
+
+
+@torch.no_grad()
+def _candidates(model: nn.Module, example_input: torch.Tensor, names: list[str], scheme: str) -> list[_Candidate]:
+    prof = {layer.name: layer for layer in profile(model, example_input=example_input[:1]).layers}
+    out = []
+    for name in names:
+        conv = model.get_submodule(name)
+        info = prof.get(name)
+        if info is None or not info.macs or info.in_shape is None:
+            continue  # never called on this input: nothing to gain
+        in_hw = (info.in_shape[-2], info.in_shape[-1])
+        one = conv_macs(conv, in_hw)
+        s = torch.linalg.svdvals(weight_matrices(conv.weight.detach().double(), scheme, conv.groups)).cpu()
+        out.append(_Candidate(name, conv, s, in_hw, max(1, round(info.macs / one)), info.macs))
+    return out
+
+
+def _ranks_for(cands: list[_Candidate], rule: str, value: float) -> list[int]:
+    if rule == "energy":
+        return [int(energy_ranks(c.s, value).max()) for c in cands]
+    if rule == "threshold":
+        return [int(threshold_ranks(c.s, value).max()) for c in cands]
+    if rule == "uniform":
+        return [max(1, math.ceil(value * c.s.shape[-1])) for c in cands]
+    raise ValueError(f"unknown rank rule {rule!r}")
+
+
+def _target_error(message: str) -> Exception:
+    try:
+        from ..graph import TargetError
+    except ImportError:  # the graph package may not export it (yet)
+        return ValueError(message)
+    return TargetError(message)
+
+
+def plan_decomposition(model: nn.Module, example_input: torch.Tensor, scheme: str, rule: str, value: float,
+                       layers: list[str] | None = None, target_mode: str = "energy") -> list[LayerPlan]:
+    """Choose each layer's rank. ``rule``: ``threshold`` (absolute singular value ``value``), ``energy``
+    (fraction ``value`` of the squared singular values), or ``target_macs`` (``value`` <= 1: a ratio of the
+    model's MACs; > 1: absolute MACs), reached by bisection on one global energy (``target_mode="energy"``)
+    or on one fraction of every layer's full rank (``"uniform"``), landing at the largest setting whose MACs
+    do not exceed the target. A plan with ``macs_after == macs_before`` means the layer stays whole.
+
+    >>> plans = plan_decomposition(model, x, "spatial", "target_macs", 0.5)  # doctest: +SKIP
+    """
+    _check_scheme(scheme)
+    if rule not in RANK_RULES:
+        raise ValueError(f"unknown rank rule {rule!r}; choose one of {', '.join(RANK_RULES)}")
+    names = select_layers(model) if layers is None else layers
+    cands = _candidates(model, example_input, names, scheme)
+    if rule != "target_macs":
+        return [c.plan(scheme, r) for c, r in zip(cands, _ranks_for(cands, rule, value))]
+    if target_mode not in TARGET_MODES:
+        raise ValueError(f"unknown target mode {target_mode!r}; choose one of {', '.join(TARGET_MODES)}")
+    base = profile(model, example_input=example_input[:1]).macs
+    target = value * base if value <= 1 else value
+    fixed = base - sum(c.macs for c in cands)
+
+    def macs_at(v: float) -> tuple[int, list[LayerPlan]]:
+        plans = [c.plan(scheme, r) for c, r in zip(cands, _ranks_for(cands, target_mode, v))]
+        return fixed + sum(p.macs_after for p in plans), plans
+
+    lowest, plans = macs_at(0.0)  # energy 0 and fraction 0 both mean rank 1 everywhere
+    if lowest > target:
+        raise _target_error(f"TRP cannot reach {target / 1e6:.2f}M MACs with scheme {scheme!r}: the least "
+                            f"reachable is {lowest / 1e6:.2f}M (rank 1 in every decomposed layer)")
+    lo, hi = 0.0, 1.0
+    if macs_at(hi)[0] <= target:
+        return macs_at(hi)[1]
+    for _ in range(40):  # MACs never fall as v grows, so bisection finds the largest v within the target
+        mid = (lo + hi) / 2
+        m, p = macs_at(mid)
+        if m <= target:
+            lo, plans = mid, p
+        else:
+            hi = mid
+    return plans
+
+
+def decompose_model(model: nn.Module, example_input: torch.Tensor, plans: list[LayerPlan]) -> nn.Module:
+    """A validated copy of ``model`` with every plan that lowers MACs applied (``model`` is untouched)."""
+    replacements = {p.name: decompose_conv(model.get_submodule(p.name), p.scheme, p.rank)
+                    for p in plans if p.applied}
+    return replace_modules(model, example_input, replacements)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The method
+
+
+class TRP(Method):
+    """Trained rank pruning behind the :class:`~slimcnn.methods.base.Method` interface.
+
+    >>> m = TRP(scheme="spatial", energy=0.9, period=1, nuclear=3e-4)
+    >>> model = m.prepare(model, x)                                      # doctest: +SKIP
+    >>> # ... train with m.before_forward / m.after_backward around each step ...
+    >>> thin = m.finalize(model)                                         # doctest: +SKIP
+    >>> m.report()["layers"][0]                                          # doctest: +SKIP
+    {'name': 'layer1.0.conv1', 'scheme': 'spatial', 'rank': 5, 'macs_before': 2359296, 'macs_after': ...}
+
+    Rank rule at finalize, unless ``rank_rule`` forces one: ``decompose_energy`` if given, else
+    ``rank_threshold`` if given, else ``target_macs`` if given, else the absolute singular-value threshold
+    0.05 (the official choice for TRP-trained nets). An explicit rule wins over a target because
+    ``slimcnn compress`` always passes one.
+    """
+
+    name = "trp"
+    trains_before_finalize = True
+    cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = [
+        ("--scheme", dict(choices=SCHEMES, default=None, help="TRP factorisation: channel (NC), spatial (VH) or nd")),
+        ("--energy", dict(type=float, default=None, help="TRP: energy kept by the training truncation (default 0.9)")),
+        ("--period", dict(type=int, default=None, help="TRP: truncate every M steps (default 1; official ND uses 5)")),
+        ("--nuclear", dict(type=float, default=None, help="TRP: nuclear-norm sub-gradient weight (default 3e-4)")),
+        ("--rank-threshold", dict(type=float, default=None,
+                                  help="TRP: decompose keeping singular values above this (default 0.05)")),
+        ("--decompose-energy", dict(type=float, default=None,
+                                    help="TRP: decompose keeping this energy instead of a threshold")),
+        ("--rank-rule", dict(choices=RANK_RULES, default=None, help="TRP: force the decomposition rank rule")),
+        ("--layers", dict(default=None, help="TRP: comma-separated module-name patterns; !pattern excludes")),
+    ]
+
+    def __init__(self, target_macs: float | None = None, scheme: str = "channel", energy: float = 0.9,
+                 period: int = 1, nuclear: float = 3e-4, rank_threshold: float | None = None,
+                 decompose_energy: float | None = None, rank_rule: str | None = None,
+                 layers: str | list[str] | None = None, target_mode: str = "energy") -> None:
+        _check_scheme(scheme)
+        if not 0 < energy <= 1:
+            raise ValueError(f"TRP energy must be in (0, 1], got {energy}")
+        if period < 1:
+            raise ValueError(f"TRP period must be >= 1 step, got {period}")
+        if nuclear < 0:
+            raise ValueError(f"TRP nuclear weight must be >= 0, got {nuclear}")
+        if rank_threshold is not None and rank_threshold < 0:
+            raise ValueError(f"TRP rank threshold must be >= 0, got {rank_threshold}")
+        if decompose_energy is not None and not 0 < decompose_energy <= 1:
+            raise ValueError(f"TRP decompose energy must be in (0, 1], got {decompose_energy}")
+        if target_macs is not None and target_macs <= 0:
+            raise ValueError(f"target MACs must be > 0 (<= 1: a ratio, > 1: absolute MACs), got {target_macs}")
+        if rank_rule is None:
+            rank_rule = ("energy" if decompose_energy is not None else
+                         "threshold" if rank_threshold is not None or target_macs is None else "target_macs")
+        if rank_rule not in RANK_RULES:
+            raise ValueError(f"unknown rank rule {rank_rule!r}; choose one of {', '.join(RANK_RULES)}")
+        if rank_rule == "target_macs" and target_macs is None:
+            raise ValueError("TRP rank rule 'target_macs' needs target_macs")
+        if rank_rule == "energy" and decompose_energy is None:
+            raise ValueError("TRP rank rule 'energy' needs decompose_energy")
+        if target_mode not in TARGET_MODES:
+            raise ValueError(f"unknown target mode {target_mode!r}; choose one of {', '.join(TARGET_MODES)}")
+        self.target_macs, self.scheme, self.energy, self.period, self.nuclear = target_macs, scheme, energy, period, nuclear
+        self.rank_threshold = DEFAULT_RANK_THRESHOLD if rank_threshold is None else rank_threshold
+        self.decompose_energy, self.rank_rule = decompose_energy, rank_rule
+        self.layer_patterns, self.target_mode = layers, target_mode
+        self.layers: list[str] | None = None  # set by prepare
+        self.example_input: torch.Tensor | None = None
+        self._subgrads: dict[str, torch.Tensor] = {}
+        self._pending_step: int | None = None
+        self._ranks: dict[str, torch.Tensor] = {}      # per-matrix ranks at the last truncation (on the device)
+        self._failed: torch.Tensor | int = 0            # SVD failures so far, a device tensor between reports
+        self._plans: list[LayerPlan] = []
+        self._macs: tuple[int, int] | None = None
+        self.truncations = 0
+
+    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+        self.example_input = example_input[:1].detach()
+        self.layers = select_layers(model, self.layer_patterns)
+        return model
+
+    def _convs(self, model: nn.Module) -> dict[str, nn.Conv2d]:
+        if self.layers is None:
+            raise RuntimeError("TRP: call prepare(model, example_input) before training")
+        return {n: model.get_submodule(n) for n in self.layers}
+
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        self._subgrads, self._pending_step = {}, None
+        if step % self.period:
+            return
+        result = truncate_(self._convs(model), self.scheme, self.energy, subgradient=self.nuclear > 0)
+        self.truncations += 1
+        self._pending_step = step
+        self._ranks = {n: t.ranks for n, t in result.items() if t.ranks is not None}
+        self._subgrads = {n: t.subgradient for n, t in result.items() if t.subgradient is not None}
+        self._failed = self._failed + sum((~t.ok).int() for t in result.values())
+
+    @torch.no_grad()
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        if step != self._pending_step or not self._subgrads:
+            return
+        for name, conv in self._convs(model).items():
+            sub = self._subgrads.get(name)
+            if sub is not None and conv.weight.grad is not None:
+                conv.weight.grad.add_(sub, alpha=self.nuclear)
+        self._subgrads = {}
+
+    @property
+    def svd_failures(self) -> int:
+        """How many layer truncations were skipped because their SVD failed."""
+        return int(self._failed)
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        if self.example_input is None:
+            raise RuntimeError("TRP: call prepare(model, example_input) before finalize")
+        x = self.example_input.to(next(model.parameters()).device)
+        value = {"threshold": self.rank_threshold, "energy": self.decompose_energy,
+                 "target_macs": self.target_macs}[self.rank_rule]
+        self._plans = plan_decomposition(model, x, self.scheme, self.rank_rule, value, self.layers, self.target_mode)
+        thin = decompose_model(model, x, self._plans)
+        self._macs = (profile(model, example_input=x).macs, profile(thin, example_input=x).macs)
+        return thin
+
+    def training_ranks(self) -> dict[str, int]:
+        """Each layer's largest per-matrix rank at the last truncation."""
+        return {n: int(r.max()) for n, r in self._ranks.items()}
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "scheme": self.scheme, "energy": self.energy, "period": self.period, "nuclear": self.nuclear,
+            "rank_rule": self.rank_rule, "truncations": self.truncations, "svd_failures": self.svd_failures,
+            "training_ranks": self.training_ranks(),
+            "layers": [{"name": p.name, "scheme": p.scheme, "rank": p.rank, "macs_before": p.macs_before,
+                        "macs_after": p.macs_after, "applied": p.applied} for p in self._plans],
+        }
+        if self._macs is not None:
+            out["macs_before"], out["macs_after"] = self._macs
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        # The period follows the engine's global step, so resuming needs only these counters.
+        return {"truncations": self.truncations, "svd_failures": self.svd_failures, "layers": list(self.layers or [])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.truncations = int(state.get("truncations", 0))
+        self._failed = int(state.get("svd_failures", 0))
+        if state.get("layers"):
+            self.layers = list(state["layers"])
