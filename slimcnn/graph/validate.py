@@ -31,16 +31,33 @@ def reference_output(model: nn.Module, example_input: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def validate(model: nn.Module, example_input: torch.Tensor, reference: torch.Tensor, what: str,
-             lossless_tol: float | None = None) -> None:
+             lossless_tol: float | None = None) -> torch.Tensor:
     """Forward ``example_input``; the output must have ``reference``'s shape and, if ``lossless_tol`` is set,
-    match it within that max abs difference. Raises :class:`SurgeryError` naming ``what`` otherwise."""
+    match it within that max abs difference. Raises :class:`SurgeryError` naming ``what`` (and the module that
+    failed, if the forward pass broke) otherwise. Returns the output."""
     was = model.training
     model.eval()
+    stack: list[str] = []
+    failed: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def pre(mod, inputs):
+        stack.append(names.get(mod, "?"))
+
+    def post(mod, inputs, output):
+        stack.pop()
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles += [m.register_forward_hook(post) for m in model.modules()]
     try:
         out = first_output(model(example_input))
     except Exception as e:
-        raise SurgeryError(f"{what}: the model no longer runs forward: {type(e).__name__}: {e}") from None
+        failed = stack[-1:]  # the innermost module running when it broke
+        where = f" at {failed[0] or '(model)'} ({type(model.get_submodule(failed[0])).__name__})" if failed else ""
+        raise SurgeryError(f"{what}: the model no longer runs forward{where}: {type(e).__name__}: {e}") from None
     finally:
+        for h in handles:
+            h.remove()
         model.train(was)
     if out.shape != reference.shape:
         raise SurgeryError(f"{what}: output shape changed from {tuple(reference.shape)} to {tuple(out.shape)}")
@@ -48,3 +65,4 @@ def validate(model: nn.Module, example_input: torch.Tensor, reference: torch.Ten
         diff = (out - reference).abs().max().item()
         if not diff <= lossless_tol:
             raise SurgeryError(f"{what}: should be lossless but outputs differ by {diff:.3g} (tolerance {lossless_tol:g})")
+    return out.detach()

@@ -1,0 +1,19 @@
+"""Channel groups and surgery: remove, merge, replace; MACs targeting.
+
+>>> import torch
+>>> from slimcnn.models import create
+>>> from slimcnn.graph import channel_groups, prune_to_target
+>>> model, x = create("cifar_resnet20"), torch.randn(1, 3, 32, 32)
+>>> scores = {g.key: torch.rand(g.size) for g in channel_groups(model, x) if g.prunable}
+>>> small = prune_to_target(model, x, scores, target=0.5)     # real MACs within 1% of half
+"""
+from .costs import LayerCost, layer_costs
+from .groups import ChannelGroup, Member, channel_groups, register_unprunable
+from .replace import replace_modules, set_submodule
+from .surgery import merge_channels, remove_channels
+from .targeting import TargetError, allocate_widths, prune_to_target, select_channels
+from .validate import SurgeryError, first_output, reference_output, validate
+
+__all__ = ["ChannelGroup", "Member", "channel_groups", "register_unprunable", "remove_channels", "merge_channels",
+           "replace_modules", "set_submodule", "layer_costs", "LayerCost", "allocate_widths", "select_channels",
+           "prune_to_target", "TargetError", "SurgeryError", "validate", "reference_output", "first_output"]

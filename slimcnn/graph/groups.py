@@ -1,0 +1,434 @@
+"""Channel groups: the sets of channels that must be removed or merged together.
+
+A group is one "wire bundle" of the network: the output channels of every producer feeding it (convs, linears,
+option-A shortcuts), the per-channel entries of every norm on it, the input channels of every consumer reading
+it (at an offset when it was concatenated with other tensors), and depthwise convs that carry it through.
+
+The coupling comes from Torch-Pruning's ``DependencyGraph`` (autograd tracing, concat/split index mapping), but we
+do not trust it blindly: every node it reports is checked, and anything we cannot prove channel-preserving
+(an unknown op, an unsupported layer type, a module run twice, a grouped conv, the model output, a channel
+flattened into several features) makes the groups touching it unprunable, with the reason. Surgery then
+verifies its result numerically (see ``surgery.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.pruner import function as tp_function
+
+from ..models.cifar_resnet import PadShortcut
+
+Role = Literal["out", "in", "bn", "dw"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """Group channel ``i`` is channel ``offset + i`` of ``module`` along the role's axis.
+
+    Roles: ``out`` (conv/linear weight dim 0, PadShortcut ``dst``), ``in`` (conv/linear weight dim 1, PadShortcut
+    ``src``), ``bn`` (norm vectors and running stats), ``dw`` (depthwise conv: its in and out channels are the
+    same channels, so it both reads and produces the group).
+    """
+
+    module: str
+    role: Role
+    offset: int = 0
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that go together. ``key`` names the group (its first producer in forward order, with a
+    ``[a:b]`` suffix when the group is only a slice of that producer's outputs).
+
+    >>> g = ChannelGroup("conv1", 16, [Member("conv1", "out"), Member("bn1", "bn"), Member("layer1.0.conv1", "in")])
+    >>> [m.module for m in g.producers], [m.module for m in g.consumers]
+    (['conv1'], ['layer1.0.conv1'])
+    """
+
+    key: str
+    size: int
+    members: list[Member]
+    prunable: bool = True
+    reason: str = ""
+
+    @property
+    def producers(self) -> list[Member]:
+        return [m for m in self.members if m.role == "out"]
+
+    @property
+    def consumers(self) -> list[Member]:
+        return [m for m in self.members if m.role == "in"]
+
+    @property
+    def depthwise(self) -> list[Member]:
+        return [m for m in self.members if m.role == "dw"]
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else f"unprunable: {self.reason}"
+        return f"ChannelGroup({self.key!r}, size={self.size}, {len(self.members)} members, {state})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules we cannot prune: registered by type, with the reason shown to the user.
+
+_UNPRUNABLE: dict[type, str] = {}
+
+
+def register_unprunable(module_type: type, reason: str) -> None:
+    """Declare modules of ``module_type`` opaque: every group touching one becomes ``prunable=False`` with
+    ``reason``. Their inner layers are not analysed (their channels stay as they are).
+
+    >>> class Gate(nn.Module): ...
+    >>> register_unprunable(Gate, "gates are removed before surgery")
+    """
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise TypeError(f"register_unprunable expects an nn.Module subclass, got {module_type!r}")
+    _UNPRUNABLE[module_type] = reason
+
+
+def unprunable_reason(module: nn.Module) -> str | None:
+    for t, reason in _UNPRUNABLE.items():
+        if isinstance(module, t):
+            return f"{type(module).__name__}: {reason}"
+    return None
+
+
+class _SplitPruner(tp_function.BasePruningFunc):
+    """Tells Torch-Pruning that a module's inputs and outputs are different channel spaces (different
+    ``prune_in_channels`` / ``prune_out_channels`` functions cut the dependency through it). We never let
+    Torch-Pruning edit tensors, so the functions only exist to be told apart."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        raise NotImplementedError("slimcnn edits tensors itself")
+
+    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        raise NotImplementedError("slimcnn edits tensors itself")
+
+    def get_out_channels(self, layer: nn.Module) -> int | None:
+        return getattr(layer, "out_channels", None)
+
+    def get_in_channels(self, layer: nn.Module) -> int | None:
+        return getattr(layer, "in_channels", None)
+
+
+# Autograd ops that keep channel i at channel i (or reduce only over other dims). Anything else is suspect.
+_SAFE_OPS = (
+    "Add", "Sub", "Mul", "Div", "Neg", "Relu", "Relu6", "Hardtanh", "Sigmoid", "Silu", "Hardswish", "Hardsigmoid",
+    "Gelu", "LeakyRelu", "Elu", "Celu", "Selu", "Tanh", "Clamp", "ClampMin", "ClampMax", "Threshold", "Softplus",
+    "Mish", "Exp", "Log", "Sqrt", "Rsqrt", "Pow", "Abs", "MaxPool2DWithIndices", "MaxPool2D", "MaxPool1D",
+    "AvgPool2D", "AvgPool1D", "AdaptiveAvgPool2D", "AdaptiveMaxPool2D", "AdaptiveAvgPool1D", "UpsampleNearest2D",
+    "UpsampleBilinear2D", "UpsampleBicubic2D", "Clone", "NativeDropout", "Mean", "Sum", "Amax", "Amin",
+    "ConstantPadNd", "ReflectionPad2D", "ReplicationPad2D", "ToCopy", "Expand", "Unsqueeze", "Squeeze",
+)
+
+
+def _op_name(grad_fn_name: str) -> str:
+    name = grad_fn_name.removesuffix("Backward0").removesuffix("Backward1").removesuffix("Backward2")
+    return name.removesuffix("Backward")
+
+
+def _channel_dim_touched(grad_fn: Any) -> bool:
+    """Whether a reduction / pad / squeeze acts on the channel dimension (dim 1) of its input."""
+    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None) or getattr(grad_fn, "_saved_self_sizes", None)
+    ndim = len(sizes) if sizes is not None else 4
+    dims = getattr(grad_fn, "_saved_dim", None)
+    if dims is not None:
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        return any((d % ndim) == 1 for d in dims) or len(dims) == 0
+    pad = getattr(grad_fn, "_saved_pad", None)
+    if pad is not None:  # pad lists (last dim first) pairs; channel dim of a 4-D tensor is pair index ndim - 2
+        idx = ndim - 2
+        return len(pad) > 2 * idx and any(pad[2 * idx: 2 * idx + 2])
+    return False
+
+
+def _op_problem(node: Any, internal: set) -> str | None:
+    """Why an element-wise-classified Torch-Pruning node cannot be trusted, or None."""
+    grad_fn = node.grad_fn
+    if grad_fn in internal:
+        return None
+    name = grad_fn.name() if hasattr(grad_fn, "name") else str(grad_fn)
+    op = _op_name(name)
+    if op == "T" and not node.inputs:  # a linear layer's weight transpose: no activation flows through it
+        return None
+    if op not in _SAFE_OPS:
+        return f"operation {name} is not known to preserve channels"
+    if op in ("Mean", "Sum", "Amax", "Amin", "ConstantPadNd", "Squeeze", "Unsqueeze") and _channel_dim_touched(grad_fn):
+        return f"operation {name} acts on the channel dimension"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tracing
+
+
+@dataclass
+class _Trace:
+    graph: tp.DependencyGraph
+    names: dict[Any, str]
+    order: dict[str, int]
+    calls: dict[str, int]
+    internal: set = field(default_factory=set)
+    pad_pruner: _SplitPruner | None = None
+    output_fns: set = field(default_factory=set)
+
+
+def _is_conv(m: Any) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd)
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """A conv whose every output channel reads exactly the input channel of the same index."""
+    return _is_conv(m) and not m.transposed and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _collect_internal(out_fn: Any, in_fns: set, into: set) -> None:
+    """Autograd nodes between a module's inputs and its output: the module's own implementation."""
+    stack = [out_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in into or fn in in_fns:
+            continue
+        into.add(fn)
+        for nxt, _ in getattr(fn, "next_functions", ()):
+            stack.append(nxt)
+
+
+def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
+    names = {m: n for n, m in model.named_modules()}
+    opaque_types = {type(m) for m in model.modules() if unprunable_reason(m) is not None}
+    pad_pruner = _SplitPruner()
+    customized: dict[Any, tp_function.BasePruningFunc] = {PadShortcut: pad_pruner}
+    for t in opaque_types:
+        customized[t] = _SplitPruner()
+    order: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    internal: set = set()
+    output_fns: set = set()
+    pending_inputs: dict[nn.Module, set] = {}
+
+    def pre(mod, inputs):
+        name = names[mod]
+        order.setdefault(name, len(order))
+        calls[name] = calls.get(name, 0) + 1
+        if type(mod) in customized:
+            pending_inputs[mod] = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor)}
+
+    def post(mod, inputs, output):
+        if mod is model:
+            output_fns.update(t.grad_fn for t in _tensors(output))
+        if type(mod) in customized and isinstance(output, torch.Tensor):
+            _collect_internal(output.grad_fn, pending_inputs.pop(mod, set()), internal)
+            internal.discard(output.grad_fn)  # the module's own node is judged by its type, not as an op
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles += [m.register_forward_hook(post) for m in model.modules()]
+    was_training = model.training
+    # Tracing needs autograd even for frozen weights: an input that requires grad gives every op a grad_fn.
+    x = example_input.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            # a tuple, so Torch-Pruning calls model(x) once (given a bare tensor it first tries model(*x))
+            graph = tp.DependencyGraph().build_dependency(model, (x,), customized_pruners=customized, verbose=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return _Trace(graph, names, order, calls, internal, pad_pruner, output_fns)
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From Torch-Pruning groups to ours
+
+
+_UNSUPPORTED_TP = (tp.ops.TORCH_LAYERNORM, tp.ops.TORCH_GROUPNORM, tp.ops.TORCH_INSTANCENORM, tp.ops.TORCH_PRELU,
+                   tp.ops.TORCH_EMBED, tp.ops.TORCH_MHA, tp.ops.TORCH_LSTM)
+_PASS_THROUGH = (tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._ReshapeOp, tp.ops._SliceOp, tp.ops._UnbindOp,
+                 tp.ops._ExpandOp)
+
+
+def _classify(tr: _Trace, node: Any, handler: Any) -> tuple[str, Role | None, str | None]:
+    """(module name, role or None for pass-through nodes, problem or None) of one Torch-Pruning group item."""
+    mod = node.module
+    name = tr.names.get(mod, "")
+    problem = None
+    if name and tr.calls.get(name, 0) > 1:
+        problem = f"{name} runs {tr.calls[name]} times per forward (shared weights)"
+    is_out = tr.graph.is_out_channel_pruning_fn(handler)
+    if is_out and node.grad_fn in tr.output_fns:
+        problem = "its channels are part of the model output"
+    if isinstance(mod, PadShortcut):
+        return name, ("out" if handler == tr.pad_pruner.prune_out_channels else "in"), problem
+    if isinstance(mod, nn.Module) and unprunable_reason(mod) is not None:
+        return name, None, unprunable_reason(mod)
+    if _is_conv(mod):
+        if is_depthwise(mod):
+            return name, "dw", problem
+        if mod.groups != 1:
+            return name, ("out" if is_out else "in"), problem or f"{name} is a grouped convolution (groups={mod.groups})"
+        return name, ("out" if is_out else "in"), problem
+    if isinstance(mod, nn.Linear):
+        return name, ("out" if is_out else "in"), problem
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return name, "bn", problem
+    if isinstance(mod, tp.ops._OutputOp):
+        return name, None, "its channels are part of the model output"
+    if isinstance(mod, tp.ops._ElementWiseOp):
+        return name, None, _op_problem(node, tr.internal)
+    if isinstance(mod, _PASS_THROUGH):
+        return name, None, None
+    if isinstance(mod, nn.Parameter):
+        return name, None, f"a bare parameter {tr.graph._param_to_name.get(mod, '')!r} multiplies it"
+    if isinstance(mod, _UNSUPPORTED_TP):
+        return name, None, f"{name} ({type(mod).__name__}) is not supported by slimcnn surgery"
+    return name, None, f"{name or type(mod).__name__} is not supported by slimcnn surgery"
+
+
+def _axis(role: Role) -> str:
+    return "in" if role == "in" else "out"
+
+
+def _module_width(module: nn.Module, role: Role) -> int:
+    if isinstance(module, PadShortcut):
+        return module.in_channels if role == "in" else module.out_channels
+    if _is_conv(module):
+        return module.in_channels if role == "in" else module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features if role == "in" else module.out_features
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    raise TypeError(type(module).__name__)
+
+
+def _segments(root_idxs: list[int], maps: dict[tuple[str, Role], dict[int, list[int]]]):
+    """Split a root's channels into runs along which every member's channel advances by one in lockstep.
+
+    Yields (first root index, length, {(module, role): first channel}) for each run.
+    """
+    run: list[int] = []
+    run_start: dict[tuple[str, Role], int] = {}
+    prev_sig = None
+    for r in sorted(root_idxs):
+        here = {k: v[r][0] for k, v in maps.items() if r in v}
+        sig = frozenset(here)
+        if run and sig == prev_sig and r == run[-1] + 1 and all(here[k] == run_start[k] + len(run) for k in here):
+            run.append(r)
+            continue
+        if run:
+            yield run[0], len(run), run_start
+        run, run_start, prev_sig = [r], here, sig
+    if run:
+        yield run[0], len(run), run_start
+
+
+def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
+    """The channel groups of ``model`` in forward order, unprunable ones included (with ``reason``).
+
+    The network input is not a group; the classifier's outputs form an unprunable group.
+
+    >>> from slimcnn.models import create
+    >>> groups = channel_groups(create("cifar_resnet20"), torch.randn(1, 3, 32, 32))
+    >>> [g.key for g in groups][:3], len(groups)
+    (['conv1', 'layer1.0.conv1', 'layer1.1.conv1'], 13)
+    """
+    tr = _trace(model, example_input)
+    graph = tr.graph
+    ignored = set(graph.IGNORED_LAYERS_IN_TRACING)
+    roots = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m not in ignored]
+    roots.sort(key=lambda m: tr.order.get(tr.names[m], 1 << 30))
+    covered: dict[str, set[int]] = {}
+    groups: list[ChannelGroup] = []
+    for root in roots:
+        rname = tr.names[root]
+        width = root.out_channels if _is_conv(root) else root.out_features
+        todo = [i for i in range(width) if i not in covered.get(rname, set())]
+        if not todo:
+            continue
+        pruner = graph.get_pruner_of_module(root)
+        tp_group = graph.get_pruning_group(root, pruner.prune_out_channels, todo)
+        maps: dict[tuple[str, Role], dict[int, list[int]]] = {}
+        problems: list[str] = []
+        for item in tp_group:
+            name, role, problem = _classify(tr, item.dep.target, item.dep.handler)
+            if problem and problem not in problems:
+                problems.append(problem)
+            if role is None:
+                continue
+            per_root = maps.setdefault((name, role), {})
+            for idx, r in zip(item.idxs, item.root_idxs):
+                per_root.setdefault(r, []).append(idx)
+        for (name, role), per_root in maps.items():
+            if any(len(v) > 1 for v in per_root.values()):
+                problems.append(f"one channel feeds several channels of {name} (flatten or repeated concatenation)")
+            if role in ("out", "dw", "bn"):
+                covered.setdefault(name, set()).update(i for v in per_root.values() for i in v)
+        for first, size, starts in _segments(todo, maps):
+            members = [Member(name, role, off) for (name, role), off in starts.items()]
+            groups.append(ChannelGroup("", size, members, not problems, "; ".join(problems)))
+    _check_widths(model, groups)
+    _check_overlaps(groups)
+    _name_and_sort(model, groups, tr.order)
+    return groups
+
+
+def _check_widths(model: nn.Module, groups: list[ChannelGroup]) -> None:
+    for g in groups:
+        for m in g.members:
+            width = _module_width(model.get_submodule(m.module), m.role)
+            if m.offset < 0 or m.offset + g.size > width:
+                _mark(g, f"channels {m.offset}..{m.offset + g.size - 1} fall outside {m.module} ({width} channels)")
+
+
+def _check_overlaps(groups: list[ChannelGroup]) -> None:
+    seen: dict[tuple[str, str], list[tuple[int, int, ChannelGroup]]] = {}
+    for g in groups:
+        for m in g.members:
+            for a, b, other in seen.get((m.module, _axis(m.role)), []):
+                if a < m.offset + g.size and m.offset < b and other is not g:
+                    why = f"{m.module} is claimed by two groups ({other.key or 'another'} and this one)"
+                    _mark(g, why)
+                    _mark(other, why)
+            seen.setdefault((m.module, _axis(m.role)), []).append((m.offset, m.offset + g.size, g))
+
+
+def _mark(g: ChannelGroup, reason: str) -> None:
+    g.prunable = False
+    if reason not in g.reason:
+        g.reason = f"{g.reason}; {reason}" if g.reason else reason
+
+
+def _name_and_sort(model: nn.Module, groups: list[ChannelGroup], order: dict[str, int]) -> None:
+    def first_producer(g: ChannelGroup) -> Member:
+        makers = [m for m in g.members if m.role in ("out", "dw")] or g.members
+        return min(makers, key=lambda m: (order.get(m.module, 1 << 30), m.offset))
+
+    for g in groups:
+        g.members.sort(key=lambda m: (order.get(m.module, 1 << 30), m.role, m.offset))
+        p = first_producer(g)
+        whole = p.offset == 0 and g.size == _module_width(model.get_submodule(p.module), p.role)
+        g.key = p.module if whole else f"{p.module}[{p.offset}:{p.offset + g.size}]"
+    groups.sort(key=lambda g: (order.get(first_producer(g).module, 1 << 30), first_producer(g).offset))
+    seen: dict[str, int] = {}
+    for g in groups:  # keys must be unique even in odd graphs
+        n = seen.get(g.key, 0)
+        seen[g.key] = n + 1
+        if n:
+            g.key = f"{g.key}#{n + 1}"
+
+
+def groups_by_key(groups: Iterable[ChannelGroup]) -> dict[str, ChannelGroup]:
+    return {g.key: g for g in groups}

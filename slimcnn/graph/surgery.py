@@ -1,0 +1,311 @@
+"""Remove or merge channels of channel groups, on a copy, and prove the result right before returning it.
+
+Both operations reduce to one edit: each group's channels become a list of *clusters*; cluster ``j`` becomes new
+channel ``j``. Producers (``out``, ``dw``, ``bn`` members) keep the rows of the cluster's first channel; consumers
+(``in`` members) get the sum of the cluster's input slices. Removing channels is the special case of singleton
+clusters of the kept channels.
+
+Checks on every result: a forward pass with the original output shape (a failure names the module that broke);
+``remove_channels`` additionally compares with the original model whose consumers have the removed channels
+zeroed, which must give the same outputs whatever the weights: a missed consumer or coupling cannot slip through.
+``merge_channels`` compares with the original outputs when ``lossless_tol`` is given.
+
+Option-A shortcuts (:class:`~slimcnn.models.PadShortcut`) are edited through their ``src``/``dst`` maps: as a
+consumer of the lower stream, a map entry reading a merged-away channel now reads the cluster's kept channel (exact:
+the members are identical once merged); as a producer of the upper stream, only the entry of the cluster's first
+channel survives, so merging upper-stream channels is lossless only when the shortcut maps the cluster's channels
+identically (all unmapped, or all from the same source channel). A failed lossless check says so.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..models.cifar_resnet import PadShortcut
+from .groups import ChannelGroup, Member, channel_groups, groups_by_key, is_depthwise
+from .replace import set_submodule
+from .validate import SurgeryError, reference_output, validate
+
+Clusters = list[list[int]]
+# A new channel along one axis of one module: (kept old index, old indices whose input slices are summed).
+NewChannel = tuple[int, list[int]]
+
+
+def remove_channels(model: nn.Module, example_input: torch.Tensor, keep: Mapping[str, Sequence[int]],
+                    groups: list[ChannelGroup] | None = None, tol: float = 1e-4) -> nn.Module:
+    """Return a copy of ``model`` keeping only channels ``keep[key]`` (sorted) of each named group; groups not
+    named stay whole. The copy is validated (see the module doc; ``tol`` is the relative tolerance of the masked
+    comparison). ``model`` is untouched.
+
+    >>> from slimcnn.models import create
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> small = remove_channels(create("cifar_resnet20"), x, {"layer1.0.conv1": [0, 2, 5]})
+    >>> small.layer1[0].conv1.out_channels
+    3
+    """
+    groups = groups if groups is not None else channel_groups(model, example_input)
+    by_key = groups_by_key(groups)
+    plan: dict[str, Clusters] = {}
+    for key, kept in keep.items():
+        g = _group(by_key, key, "remove_channels")
+        idx = _indices(kept, g, "remove_channels")
+        if len(set(idx)) != len(idx):
+            raise SurgeryError(f"remove_channels: group {key!r}: kept indices repeat: {sorted(idx)}")
+        plan[key] = [[i] for i in sorted(idx)]
+    ref = reference_output(model, example_input)
+    new = _apply(model, by_key, plan)
+    what = "remove_channels(" + ", ".join(f"{k}: {len(v)}/{by_key[k].size}" for k, v in plan.items()) + ")"
+    got = validate(new, example_input, ref, what)
+    _check_against_masked(model, got, example_input, by_key, plan, tol)
+    return new
+
+
+def merge_channels(model: nn.Module, example_input: torch.Tensor, clusters: Mapping[str, Sequence[Sequence[int]]],
+                   lossless_tol: float | None = None, groups: list[ChannelGroup] | None = None) -> nn.Module:
+    """Return a copy of ``model`` where each cluster of ``clusters[key]`` (a partition of the group's channels)
+    becomes one channel, in the order given: producers keep the cluster's first channel's filter (weight rows,
+    bias, norm entries and running statistics); consumers' input slices of the cluster are summed. Lossless when
+    every cluster's filters and norm entries are identical; ``lossless_tol`` checks it (max abs difference).
+
+    >>> from slimcnn.models import create
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> m = merge_channels(create("cifar_resnet20"), x, {"layer1.0.conv1": [[0, 3], [1, 2]] + [[i] for i in range(4, 16)]})
+    >>> m.layer1[0].conv1.out_channels
+    14
+    """
+    groups = groups if groups is not None else channel_groups(model, example_input)
+    by_key = groups_by_key(groups)
+    plan: dict[str, Clusters] = {}
+    for key, cl in clusters.items():
+        g = _group(by_key, key, "merge_channels")
+        if not cl or any(len(c) == 0 for c in cl):
+            raise SurgeryError(f"merge_channels: group {key!r} has an empty cluster (or no cluster at all)")
+        plan[key] = [_indices(c, g, "merge_channels") for c in cl]
+        flat = sorted(i for c in plan[key] for i in c)
+        if flat != list(range(g.size)):
+            missing = sorted(set(range(g.size)) - set(flat))
+            dup = sorted({i for i in flat if flat.count(i) > 1})
+            raise SurgeryError(f"merge_channels: the clusters of group {key!r} must partition its {g.size} channels "
+                               f"(missing {missing}, repeated {dup})")
+    ref = reference_output(model, example_input)
+    new = _apply(model, by_key, plan)
+    what = "merge_channels(" + ", ".join(f"{k}: {by_key[k].size}->{len(v)}" for k, v in plan.items()) + ")"
+    try:
+        validate(new, example_input, ref, what, lossless_tol)
+    except SurgeryError as e:
+        note = _pad_merge_note(model, by_key, plan)
+        raise SurgeryError(f"{e}{note}") from None
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _group(by_key: dict[str, ChannelGroup], key: str, op: str) -> ChannelGroup:
+    if key not in by_key:
+        near = ", ".join(list(by_key)[:8])
+        raise SurgeryError(f"{op}: no channel group {key!r}; groups are keyed by their first producer, e.g. {near}")
+    g = by_key[key]
+    if not g.prunable:
+        raise SurgeryError(f"{op}: group {key!r} cannot be changed: {g.reason}")
+    return g
+
+
+def _indices(values: Sequence[int] | torch.Tensor, g: ChannelGroup, op: str) -> list[int]:
+    idx = [int(i) for i in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+    if not idx:
+        raise SurgeryError(f"{op}: group {g.key!r} would keep no channel (keep at least 1 of {g.size})")
+    bad = [i for i in idx if not 0 <= i < g.size]
+    if bad:
+        raise SurgeryError(f"{op}: group {g.key!r} has channels 0..{g.size - 1}; got out-of-range {bad}")
+    return idx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The edit
+
+
+def _axis_plans(by_key: dict[str, ChannelGroup], plan: Mapping[str, Clusters]):
+    """{(module, axis): [(offset, size, clusters)]} for every member of every planned group."""
+    out: dict[tuple[str, str], list[tuple[int, int, Clusters]]] = {}
+    for key, clusters in plan.items():
+        g = by_key[key]
+        for m in g.members:
+            axis = "in" if m.role == "in" else "out"
+            out.setdefault((m.module, axis), []).append((m.offset, g.size, clusters))
+    return out
+
+
+def _new_channels(width: int, ranges: list[tuple[int, int, Clusters]]) -> list[NewChannel]:
+    """Walk an axis of ``width`` channels: planned ranges become their clusters, the rest stays as it is."""
+    result: list[NewChannel] = []
+    pos = 0
+    for offset, size, clusters in sorted(ranges):
+        result += [(i, [i]) for i in range(pos, offset)]
+        result += [(offset + c[0], [offset + i for i in c]) for c in clusters]
+        pos = offset + size
+    result += [(i, [i]) for i in range(pos, width)]
+    return result
+
+
+def _select(t: torch.Tensor, dim: int, chans: list[NewChannel]) -> torch.Tensor:
+    return t.index_select(dim, torch.tensor([rep for rep, _ in chans], device=t.device))
+
+
+def _sum_into(t: torch.Tensor, dim: int, chans: list[NewChannel]) -> torch.Tensor:
+    src = [i for _, members in chans for i in members]
+    dst = [j for j, (_, members) in enumerate(chans) for _ in members]
+    shape = list(t.shape)
+    shape[dim] = len(chans)
+    out = t.new_zeros(shape)
+    return out.index_add(dim, torch.tensor(dst, device=t.device), t.index_select(dim, torch.tensor(src, device=t.device)))
+
+
+def _param(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+
+
+def _edit(model: nn.Module, name: str, out: list[NewChannel] | None, inp: list[NewChannel] | None) -> None:
+    mod = model.get_submodule(name)
+    if isinstance(mod, PadShortcut):
+        _edit_pad(model, name, mod, out, inp)
+    elif isinstance(mod, nn.modules.conv._ConvNd):
+        w_out, w_in = (1, 0) if mod.transposed else (0, 1)
+        depthwise = is_depthwise(mod)
+        if out is not None:
+            mod.weight = _param(mod.weight, _select(mod.weight.data, w_out, out))
+            if mod.bias is not None:
+                mod.bias = _param(mod.bias, _select(mod.bias.data, 0, out))
+            mod.out_channels = len(out)
+            if depthwise:  # in and out channels are the same channels
+                mod.in_channels = mod.groups = len(out)
+        if inp is not None:
+            mod.weight = _param(mod.weight, _sum_into(mod.weight.data, w_in, inp))
+            mod.in_channels = len(inp)
+    elif isinstance(mod, nn.Linear):
+        if out is not None:
+            mod.weight = _param(mod.weight, _select(mod.weight.data, 0, out))
+            if mod.bias is not None:
+                mod.bias = _param(mod.bias, _select(mod.bias.data, 0, out))
+            mod.out_features = len(out)
+        if inp is not None:
+            mod.weight = _param(mod.weight, _sum_into(mod.weight.data, 1, inp))
+            mod.in_features = len(inp)
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        for attr in ("weight", "bias"):
+            if getattr(mod, attr) is not None:
+                setattr(mod, attr, _param(getattr(mod, attr), _select(getattr(mod, attr).data, 0, out)))
+        for attr in ("running_mean", "running_var"):
+            if getattr(mod, attr) is not None:
+                setattr(mod, attr, _select(getattr(mod, attr), 0, out))
+        mod.num_features = len(out)
+    else:
+        raise SurgeryError(f"cannot edit channels of {name} ({type(mod).__name__})")
+
+
+def _edit_pad(model: nn.Module, name: str, mod: PadShortcut, out: list[NewChannel] | None,
+              inp: list[NewChannel] | None) -> None:
+    # producer side: only a cluster's kept channel survives; consumer side: any member reads the kept channel
+    new_dst = {rep: j for j, (rep, _) in enumerate(out)} if out is not None else {d: d for d in mod.dst}
+    new_src = {i: j for j, (_, members) in enumerate(inp) for i in members} if inp is not None else {s: s for s in mod.src}
+    pairs = [(new_src[s], new_dst[d]) for s, d in zip(mod.src, mod.dst) if s in new_src and d in new_dst]
+    n_in = len(inp) if inp is not None else mod.in_channels
+    n_out = len(out) if out is not None else mod.out_channels
+    shortcut = PadShortcut(n_in, n_out, mod.stride, [s for s, _ in pairs], [d for _, d in pairs])
+    shortcut.to(mod._src.device)
+    set_submodule(model, name, shortcut)
+
+
+def _apply(model: nn.Module, by_key: dict[str, ChannelGroup], plan: Mapping[str, Clusters]) -> nn.Module:
+    new = copy.deepcopy(model)
+    axes = _axis_plans(by_key, plan)
+    for name in dict.fromkeys(n for n, _ in axes):
+        mod = new.get_submodule(name)
+        out = _new_channels(_width(mod, "out"), axes[(name, "out")]) if (name, "out") in axes else None
+        inp = _new_channels(_width(mod, "in"), axes[(name, "in")]) if (name, "in") in axes else None
+        try:
+            _edit(new, name, out, inp)
+        except SurgeryError:
+            raise
+        except Exception as e:
+            raise SurgeryError(f"editing {name} ({type(mod).__name__}) failed: {type(e).__name__}: {e}") from None
+    return new
+
+
+def _width(mod: nn.Module, axis: str) -> int:
+    if isinstance(mod, nn.Linear):
+        return mod.out_features if axis == "out" else mod.in_features
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return mod.num_features
+    return mod.out_channels if axis == "out" else mod.in_channels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verification
+
+
+def masked_copy(model: nn.Module, by_key: dict[str, ChannelGroup], plan: Mapping[str, Clusters]) -> nn.Module:
+    """A copy of ``model`` at full width in which every consumer ignores the channels ``plan`` drops: what the
+    pruned model must compute exactly, if the groups list every reader of every channel."""
+    masked = copy.deepcopy(model)
+    for key, clusters in plan.items():
+        g = by_key[key]
+        dropped = sorted(set(range(g.size)) - {i for c in clusters for i in c})
+        for m in g.consumers:
+            _mask_input(masked, m, [m.offset + i for i in dropped])
+    return masked
+
+
+@torch.no_grad()
+def _mask_input(model: nn.Module, m: Member, channels: list[int]) -> None:
+    mod = model.get_submodule(m.module)
+    if isinstance(mod, PadShortcut):
+        pairs = [(s, d) for s, d in zip(mod.src, mod.dst) if s not in set(channels)]
+        masked = PadShortcut(mod.in_channels, mod.out_channels, mod.stride, [s for s, _ in pairs], [d for _, d in pairs])
+        set_submodule(model, m.module, masked.to(mod._src.device))
+        return
+    dim = 0 if getattr(mod, "transposed", False) else 1
+    mod.weight.index_fill_(dim, torch.tensor(channels, dtype=torch.long, device=mod.weight.device), 0.0)
+
+
+def _check_against_masked(model: nn.Module, got: torch.Tensor, x: torch.Tensor, by_key: dict[str, ChannelGroup],
+                          plan: Mapping[str, Clusters], tol: float) -> None:
+    expected = reference_output(masked_copy(model, by_key, plan), x)
+    if _close(got, expected, tol):
+        return
+    culprit = ""
+    for key in plan:  # find the group whose analysis is wrong, to name it
+        one = {key: plan[key]}
+        if not _close(reference_output(_apply(model, by_key, one), x),
+                      reference_output(masked_copy(model, by_key, one), x), tol):
+            culprit = f" in group {key!r} (members: {', '.join(m.module for m in by_key[key].members)})"
+            break
+    diff = (got - expected).abs().max().item()
+    raise SurgeryError(f"remove_channels: the pruned model differs by {diff:.3g} from the original with those "
+                       f"channels masked{culprit}: some reader of the removed channels was missed")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    scale = max(1.0, b.abs().max().item())
+    return bool((a - b).abs().max().item() <= tol * scale)
+
+
+def _pad_merge_note(model: nn.Module, by_key: dict[str, ChannelGroup], plan: Mapping[str, Clusters]) -> str:
+    notes = []
+    for key, clusters in plan.items():
+        for m in by_key[key].producers:
+            mod = model.get_submodule(m.module)
+            if not isinstance(mod, PadShortcut):
+                continue
+            where = dict(zip(mod.dst, mod.src))
+            for c in clusters:
+                sources = {where.get(m.offset + i) for i in c}
+                if len(sources) > 1:
+                    notes.append(f"{m.module} maps channels {c} of group {key!r} from different inputs, so merging "
+                                 "them cannot be exact (the shortcut keeps only the first channel's mapping)")
+                    break
+    return ("; note: " + "; ".join(notes)) if notes else ""

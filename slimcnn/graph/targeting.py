@@ -1,0 +1,227 @@
+"""Choose group widths and channels so that the real MACs land on a target.
+
+``layer_costs`` predicts the MACs of any choice of widths exactly (for conv/linear layers), so the search runs on
+the prediction and the result is then confirmed with the real op-level count (:func:`slimcnn.profile.profile`).
+
+Two allocations:
+
+- ``uniform``: every group keeps about the same fraction ``r`` of its channels (``round(r * size)``, at least 1);
+  ``r`` is found by bisection, then single channels are added to the groups furthest below ``r`` until the
+  MACs are as close to the target as one channel allows.
+- ``global``: channels of all groups compete on their scores. Scores are first normalised per group
+  (``normalize="max"``: divided by the group's largest absolute score, so each group's best channel scores 1 and
+  groups whose scores live on different scales, e.g. L1 norms of 3x3 and 1x1 filters, compete fairly;
+  ``"none"``: raw scores, for scores already comparable across groups such as gate probabilities). Each group's
+  best channel is always kept; the other channels are kept in order of decreasing score, and the number kept is
+  found by bisection on the predicted MACs.
+
+Only prunable groups are touched; with ``scores`` given, only the groups it names (scores for unprunable groups
+are ignored). A target below the MACs left with every such group at 1 channel raises :class:`TargetError`.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..profile import profile
+from .costs import CostModel, cost_model
+from .groups import ChannelGroup, channel_groups
+from .surgery import remove_channels
+from .validate import SurgeryError
+
+Scores = Mapping[str, torch.Tensor]
+
+
+class TargetError(ValueError):
+    """The MACs target cannot be reached; the message states what can."""
+
+
+def allocate_widths(model: nn.Module, example_input: torch.Tensor, target: float, mode: str = "uniform",
+                    scores: Scores | None = None, *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
+                    normalize: str = "max") -> dict[str, int]:
+    """Channels to keep per group, ``{key: n_kept}``, so the predicted MACs are within ``tol`` of ``target``
+    (``target <= 1``: a fraction of the model's MACs; ``> 1``: absolute MACs).
+
+    >>> from slimcnn.models import create
+    >>> widths = allocate_widths(create("cifar_resnet20"), torch.randn(1, 3, 32, 32), 0.5)
+    >>> widths["layer1.0.conv1"]
+    11
+    """
+    groups = groups if groups is not None else channel_groups(model, example_input)
+    cm = cost_model(model, example_input, groups)
+    return _allocate(cm, _considered(groups, scores), _target_macs(target, cm.total), mode, scores, tol, normalize)
+
+
+def select_channels(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
+                    mode: str = "global", *, tol: float = 0.01, normalize: str = "max") -> dict[str, list[int]]:
+    """Channels to keep per group (sorted indices; highest scores kept) so that the real MACs of the pruned
+    model are within ``tol`` of ``target``. Groups without scores stay whole.
+
+    >>> from slimcnn.models import create
+    >>> m, x = create("cifar_resnet20"), torch.randn(1, 3, 32, 32)
+    >>> scores = {g.key: torch.rand(g.size) for g in channel_groups(m, x) if g.prunable}
+    >>> keep = select_channels(m, x, scores, 0.5)
+    """
+    return _select(model, example_input, scores, target, mode, tol, normalize)[0]
+
+
+def prune_to_target(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
+                    mode: str = "global", *, tol: float = 0.01, normalize: str = "max") -> nn.Module:
+    """:func:`select_channels` then :func:`remove_channels`: a validated copy within ``tol`` of ``target``.
+
+    >>> from slimcnn.models import create
+    >>> m, x = create("cifar_resnet20"), torch.randn(1, 3, 32, 32)
+    >>> scores = {g.key: torch.rand(g.size) for g in channel_groups(m, x) if g.prunable}
+    >>> small = prune_to_target(m, x, scores, 0.5)
+    """
+    return _select(model, example_input, scores, target, mode, tol, normalize)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _target_macs(target: float, base: int) -> float:
+    if not target > 0:
+        raise TargetError(f"the MACs target must be positive, got {target}")
+    macs = target * base if target <= 1 else float(target)
+    if macs > base:
+        raise TargetError(f"target {macs:,.0f} MACs is above the model's {base:,} MACs")
+    return macs
+
+
+def _considered(groups: list[ChannelGroup], scores: Scores | None) -> list[ChannelGroup]:
+    if scores is None:
+        return [g for g in groups if g.prunable]
+    by_key = {g.key: g for g in groups}
+    unknown = [k for k in scores if k not in by_key]
+    if unknown:
+        raise KeyError(f"scores name unknown channel groups {unknown[:5]}; known: {', '.join(list(by_key)[:8])}, ...")
+    for k, s in scores.items():
+        if len(s) != by_key[k].size:
+            raise ValueError(f"scores for group {k!r} have {len(s)} entries, the group has {by_key[k].size} channels")
+    return [g for g in groups if g.prunable and g.key in scores]
+
+
+def _check_reachable(cm: CostModel, considered: list[ChannelGroup], target: float, tol: float) -> None:
+    floor = cm.macs_at({g.key: 1 for g in considered})
+    if target < floor * (1 - tol):
+        raise TargetError(f"target {target:,.0f} MACs ({target / cm.total:.1%}) is below the minimum reachable "
+                          f"{floor:,} MACs ({floor / cm.total:.1%} of {cm.total:,}), what remains with every prunable "
+                          f"group at 1 channel")
+
+
+def _allocate(cm: CostModel, considered: list[ChannelGroup], target: float, mode: str, scores: Scores | None,
+              tol: float, normalize: str) -> dict[str, int]:
+    _check_reachable(cm, considered, target, tol)
+    if mode == "uniform":
+        widths = _uniform(cm, considered, target, tol)
+    elif mode == "global":
+        if scores is None:
+            raise ValueError("global allocation needs per-channel scores")
+        widths = _global(cm, considered, _normalised(scores, considered, normalize), target)
+    else:
+        raise ValueError(f"mode must be 'uniform' or 'global', got {mode!r}")
+    est = cm.macs_at(widths)
+    if abs(est - target) > tol * target:
+        raise TargetError(f"cannot get within {tol:.0%} of {target:,.0f} MACs: one channel changes the MACs too much "
+                          f"here; the closest reachable is {est:,} MACs")
+    return widths
+
+
+def _uniform(cm: CostModel, considered: list[ChannelGroup], target: float, tol: float) -> dict[str, int]:
+    def at(r: float) -> dict[str, int]:
+        return {g.key: min(g.size, max(1, round(r * g.size))) for g in considered}
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cm.macs_at(at(mid)) <= target else (lo, mid)
+    widths = at(lo)
+    # top up, one channel at a time, the groups that lag most behind the common ratio
+    sizes = {g.key: g.size for g in considered}
+    open_keys = [k for k in widths if widths[k] < sizes[k]]
+    est = cm.macs_at(widths)
+    while est < target and open_keys:
+        k = min(open_keys, key=lambda k: (widths[k] + 1) / sizes[k])
+        trial = dict(widths, **{k: widths[k] + 1})
+        t_est = cm.macs_at(trial)
+        if t_est <= target * (1 + tol) and abs(t_est - target) < abs(est - target):
+            widths, est = trial, t_est
+            if widths[k] == sizes[k]:
+                open_keys.remove(k)
+        else:
+            open_keys.remove(k)
+    return widths
+
+
+def _normalised(scores: Scores, considered: list[ChannelGroup], normalize: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for g in considered:
+        s = torch.as_tensor(scores[g.key], dtype=torch.float64).flatten()
+        if normalize == "max":
+            top = s.abs().max()
+            s = s / top if top > 0 else s
+        elif normalize != "none":
+            raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
+        out[g.key] = s
+    return out
+
+
+def _global(cm: CostModel, considered: list[ChannelGroup], scores: dict[str, torch.Tensor],
+            target: float) -> dict[str, int]:
+    queue: list[tuple[float, str]] = []  # every channel but each group's best, best first
+    for g in considered:
+        order = torch.argsort(scores[g.key], descending=True, stable=True).tolist()
+        queue += [(scores[g.key][i].item(), g.key) for i in order[1:]]
+    queue.sort(key=lambda t: -t[0])
+
+    def at(k: int) -> dict[str, int]:
+        widths = {g.key: 1 for g in considered}
+        for _, key in queue[:k]:
+            widths[key] += 1
+        return widths
+
+    lo, hi = 0, len(queue)  # largest k with predicted MACs <= target
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cm.macs_at(at(mid)) <= target else (lo, mid - 1)
+    widths = at(lo)
+    est = cm.macs_at(widths)
+    # The next channel in line may cost too much (a wide residual stream); let cheaper ones behind it fill the
+    # gap, still in score order, as long as each brings the MACs closer to the target.
+    for _, key in queue[lo:]:
+        if est >= target:
+            break
+        trial = dict(widths, **{key: widths[key] + 1})
+        t_est = cm.macs_at(trial)
+        if abs(t_est - target) < abs(est - target):
+            widths, est = trial, t_est
+    return widths
+
+
+def _keep_top(scores: Scores, widths: Mapping[str, int]) -> dict[str, list[int]]:
+    keep = {}
+    for key, n in widths.items():
+        s = torch.as_tensor(scores[key], dtype=torch.float64).flatten()
+        keep[key] = sorted(torch.argsort(s, descending=True, stable=True)[:n].tolist())
+    return keep
+
+
+def _select(model: nn.Module, x: torch.Tensor, scores: Scores, target: float, mode: str, tol: float,
+            normalize: str) -> tuple[dict[str, list[int]], nn.Module]:
+    groups = channel_groups(model, x)
+    cm = cost_model(model, x, groups)
+    considered = _considered(groups, scores)
+    goal = _target_macs(target, cm.total)
+    aim = goal
+    for _ in range(3):  # the prediction is exact for conv/linear layers; correct it if other ops scale too
+        keep = _keep_top(scores, _allocate(cm, considered, aim, mode, scores, tol, normalize))
+        pruned = remove_channels(model, x, keep, groups=groups)
+        real = profile(pruned, example_input=x).macs
+        if abs(real - goal) <= tol * goal:
+            return keep, pruned
+        aim *= goal / real
+    raise SurgeryError(f"MACs targeting: layer_costs predicted {cm.macs_at({k: len(v) for k, v in keep.items()}):,} "
+                       f"MACs but the pruned model measures {real:,} (target {goal:,.0f})")

@@ -1,0 +1,173 @@
+"""Remove and merge channels on every supported model; merge exactness; the caller's model stays untouched."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slimcnn.graph import (SurgeryError, allocate_widths, channel_groups, merge_channels, prune_to_target,
+                           remove_channels)
+from slimcnn.models import PadShortcut, create
+from slimcnn.profile import profile
+
+MODELS = [("cifar_resnet20", {"shortcut": "A"}, 32), ("cifar_resnet20", {"shortcut": "B"}, 32),
+          ("cifar_vgg16", {}, 32), ("tv:resnet18", {}, 64), ("tv:resnet50", {}, 64), ("tv:mobilenet_v2", {}, 64),
+          ("tv:densenet121", {}, 64), ("tv:efficientnet_b0", {}, 64)]
+IDS = [f"{n}{kw.get('shortcut', '')}" for n, kw, _ in MODELS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BN statistics, so that a channel mix-up shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+def build(name: str, kw: dict, size: int):
+    torch.manual_seed(0)
+    return randomise_bn(create(name, **kw)), torch.randn(1, 3, size, size)
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name,kw,size", MODELS, ids=IDS)
+def test_remove_and_merge_hit_macs_targets(name, kw, size):
+    model, x = build(name, kw, size)
+    before = state(model)
+    groups = channel_groups(model, x)
+    base = profile(model, example_input=x).macs
+    gen = torch.Generator().manual_seed(1)
+    scores = {g.key: torch.rand(g.size, generator=gen) for g in groups if g.prunable}
+    out_shape = model(x).shape
+    for target, mode in ((0.3, "global"), (0.5, "uniform")):
+        small = prune_to_target(model, x, scores, target, mode=mode)
+        assert small(x).shape == out_shape
+        assert abs(profile(small, example_input=x).macs / base - target) <= 0.01 * target
+    # merging to the same widths gives the same MACs as removing
+    widths = allocate_widths(model, x, 0.5, groups=groups)
+    clusters = {k: [c.tolist() for c in torch.arange(g.size).tensor_split(widths[k])] for k, g in
+                ((g.key, g) for g in groups if g.key in widths)}
+    merged = merge_channels(model, x, clusters, groups=groups)
+    assert merged(x).shape == out_shape
+    assert abs(profile(merged, example_input=x).macs / base - 0.5) <= 0.005
+    after = state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def collapse(model: torch.nn.Module, groups, clusters: dict[str, list[list[int]]]) -> None:
+    """Make every cluster's producer rows (weights, bias, BN entries) identical to its first member's."""
+    by_key = {g.key: g for g in groups}
+    with torch.no_grad():
+        for key, cl in clusters.items():
+            for m in by_key[key].members:
+                if m.role == "in" or not hasattr(model.get_submodule(m.module), "weight"):
+                    continue  # consumers, and option-A shortcuts (no weights)
+                mod = model.get_submodule(m.module)
+                tensors = [mod.weight, getattr(mod, "bias", None), getattr(mod, "running_mean", None),
+                           getattr(mod, "running_var", None)]
+                for t in tensors:
+                    if t is None:
+                        continue
+                    for c in cl:
+                        for i in c[1:]:
+                            t[m.offset + i] = t[m.offset + c[0]]
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_merge_is_exact_when_clusters_are_identical(shortcut):
+    model, x = build("cifar_resnet20", {"shortcut": shortcut}, 32)
+    x = torch.randn(4, 3, 32, 32)
+    groups = channel_groups(model, x)
+    # every block-internal group and the stage-1 stream (read by the first option-A shortcut as a consumer)
+    keys = [g.key for g in groups if g.prunable and len(g.producers) == 1] + ["conv1"]
+    gen = torch.Generator().manual_seed(0)
+    clusters = {}
+    for k in keys:
+        size = next(g.size for g in groups if g.key == k)
+        perm = torch.randperm(size, generator=gen).tolist()
+        clusters[k] = [perm[i:i + 3] for i in range(0, size, 3)]  # shuffled clusters of 3, any order
+    collapse(model, groups, clusters)
+    merged = merge_channels(model, x, clusters, lossless_tol=1e-4, groups=groups)
+    assert merged.layer1[0].conv1.out_channels == 6
+    if shortcut == "A":  # the lower stream's merged channels are carried to each member's place upstairs
+        sc = merged.layer2[0].shortcut
+        assert isinstance(sc, PadShortcut) and sc.in_channels == 6 and sc.out_channels == 32 and len(sc.src) == 16
+
+
+def test_merge_of_upper_stream_through_option_a_shortcut_reports_why_not_lossless():
+    model, x = build("cifar_resnet20", {"shortcut": "A"}, 32)
+    groups = channel_groups(model, x)
+    clusters = {"layer2.0.conv2": [[8, 9]] + [[i] for i in range(32) if i not in (8, 9)]}
+    collapse(model, groups, clusters)
+    with pytest.raises(SurgeryError, match="layer2.0.shortcut maps channels"):
+        merge_channels(model, x, clusters, lossless_tol=1e-4, groups=groups)
+
+
+def test_remove_all_kept_and_singleton_merge_are_identity():
+    model, x = build("cifar_resnet20", {"shortcut": "A"}, 32)
+    groups = channel_groups(model, x)
+    full = {g.key: list(range(g.size)) for g in groups if g.prunable}
+    ref = model(x)
+    torch.testing.assert_close(remove_channels(model, x, full, groups=groups)(x), ref, rtol=0, atol=0)
+    singles = {k: [[i] for i in v] for k, v in full.items()}
+    torch.testing.assert_close(merge_channels(model, x, singles, groups=groups)(x), ref, rtol=0, atol=0)
+
+
+def test_option_a_stage_streams_prune_independently():
+    model, x = build("cifar_resnet20", {"shortcut": "A"}, 32)
+    upper = list(range(9)) + [11, 15, 20]
+    small = remove_channels(model, x, {"conv1": [0, 3, 7, 15], "layer2.0.conv2": upper})
+    sc = small.layer2[0].shortcut
+    assert (sc.in_channels, sc.out_channels) == (4, 12)
+    # originally channel i -> i + 8: 0 -> 8, 3 -> 11, 7 -> 15, 15 -> 23; upstairs 8, 11, 15 are kept at 8, 9, 10
+    assert list(zip(sc.src, sc.dst)) == [(0, 8), (1, 9), (2, 10)]
+
+
+@pytest.mark.parametrize("keep,match", [
+    ({"nope": [0]}, "no channel group 'nope'"),
+    ({"layer1.0.conv1": []}, "would keep no channel"),
+    ({"layer1.0.conv1": [0, 16]}, "out-of-range \\[16\\]"),
+    ({"layer1.0.conv1": [-1, 2]}, "out-of-range \\[-1\\]"),
+    ({"layer1.0.conv1": [1, 1]}, "repeat"),
+    ({"linear": [0]}, "cannot be changed: its channels are part of the model output"),
+])
+def test_bad_keep_raises_clear_error(keep, match):
+    model, x = build("cifar_resnet20", {}, 32)
+    with pytest.raises(SurgeryError, match=match):
+        remove_channels(model, x, keep)
+
+
+def test_bad_clusters_raise_clear_error():
+    model, x = build("cifar_resnet20", {}, 32)
+    groups = channel_groups(model, x)
+    with pytest.raises(SurgeryError, match="must partition"):
+        merge_channels(model, x, {"layer1.0.conv1": [[0, 1], [2]]}, groups=groups)
+    with pytest.raises(SurgeryError, match="empty cluster"):
+        merge_channels(model, x, {"layer1.0.conv1": [[]] + [[i] for i in range(16)]}, groups=groups)
+
+
+def test_wrong_groups_are_caught_by_the_masked_check():
+    model, x = build("cifar_resnet20", {"shortcut": "A"}, 32)
+    groups = copy.deepcopy(channel_groups(model, x))
+    stream = next(g for g in groups if g.key == "layer2.0.conv2")
+    # pretend Torch-Pruning forgot that the next stage's shortcut reads this stream
+    stream.members = [m for m in stream.members if m.module != "layer3.0.shortcut"]
+    with pytest.raises(SurgeryError, match="layer2.0.conv2"):
+        remove_channels(model, x, {"layer2.0.conv2": list(range(0, 32, 2))}, groups=groups)
