@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import slimcnn.gating  # noqa: F401  (registers the wrappers)
-from slimcnn.gating import DIG, VARIANTS, Gate
+from slimcnn.gating import DIG, RIG, VARIANTS, Gate
 from slimcnn.models import create
 from slimcnn.profile import profile
 
@@ -118,6 +118,16 @@ def test_macs_count_gates_propagators_and_repeated_stages():
         extra = sum(r.macs for r in p.layers if r.name.startswith(("gates.", "propagators.")))
         assert p.macs == p_base.macs + stage_macs + extra  # stem and decoder run once
     assert profile(_seg("cascaded", iterations=2)[1], SIZE).macs > profile(_seg("same_stage", iterations=2)[1], SIZE).macs
+
+
+@pytest.mark.parametrize("variant,source", [("previous_stage", "next"), ("top_only", "top")])
+def test_rig_is_the_matching_dig_variant(variant, source):
+    _, dig = _seg(variant, iterations=3, share_gates=False)
+    rig = RIG(create("seg_tiny", num_classes=11), iterations=3, share_gates=False, gate_source=source).eval()
+    rig.load_state_dict(dig.state_dict())  # strict: the same modules under the same names
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(rig(x), dig(x))
 
 
 def test_dig_on_cifar_resnet():

@@ -121,14 +121,30 @@ def test_wraps_the_segmentation_encoder():
     assert torch.equal(outs[0], base(x))
 
 
-def test_onnx_export_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("name,kw,shape", [
+    ("cifar_resnet20", dict(gating="rig", iterations=2, gate_type="both"), (3, 32, 32)),
+    ("seg_tiny", dict(gating="dig", variant="cascaded", iterations=2, share_gates=False, num_classes=11), (3, 48, 64)),
+])
+def test_save_load_and_onnx_export(tmp_path, name, kw, shape):
     import onnxruntime as ort
 
-    _, gated = _pair(iterations=2, gate_type="both")
-    x = torch.randn(2, 3, 32, 32)
-    path = tmp_path / "rig.onnx"
-    torch.onnx.export(gated, (x,), str(path), input_names=["x"], output_names=["y"], dynamo=False)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (y,) = sess.run(None, {"x": x.numpy()})
+    import slimcnn.io
+
+    torch.manual_seed(0)
+    model = create(name, **kw).eval()
+    with torch.no_grad():  # move the gates away from their initial values, so loading must restore them
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x = torch.randn(2, *shape)
+    slimcnn.io.save(model, tmp_path / "m")
+    same = slimcnn.io.load(tmp_path / "m")
+    assert type(same) is type(model)
     with torch.no_grad():
-        assert torch.allclose(torch.from_numpy(y), gated(x), atol=1e-4)
+        ref = model(x)
+        assert torch.equal(same(x), ref)
+    path = slimcnn.io.export_onnx(model, tmp_path / "m.onnx", x)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x3 = torch.randn(3, *shape)  # the batch axis is dynamic
+    (y,) = sess.run(None, {"input": x3.numpy()})
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(y), model(x3), atol=1e-4)

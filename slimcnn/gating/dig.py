@@ -86,6 +86,3 @@ class DIG(FeedbackNet):
     def _sources(self, feats: list[torch.Tensor], t: int) -> dict[int, torch.Tensor]:
         src = self.cascade(feats, t) if self.variant == "cascaded" else feats
         return {s: src[self._src_index(s)] for s in self.gate_stages}
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "variant": self.variant}

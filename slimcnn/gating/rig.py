@@ -22,6 +22,9 @@ Design choices (all ours; the ones that matter are parameters):
   ``loss_all_iterations`` asks for every iteration's logits in training (see :meth:`FeedbackNet.forward`).
   Profiles count exactly what runs: every repeated stage, every gate.
 - BN layers are shared across iterations (their running statistics average over iterations).
+
+The wrappers (and :class:`Gate`) define no ``get_config`` on purpose: :mod:`slimcnn.io` rebuilds them from the
+``create()`` recipe and then records any surgery inside them module by module.
 """
 from __future__ import annotations
 
@@ -53,9 +56,6 @@ class Gate(nn.Module):
         self.in_channels, self.out_channels, self.gate_type = in_channels, out_channels, gate_type
         self.conv = nn.Conv2d(in_channels, 1 if gate_type == "spatial" else out_channels, 1)
         nn.init.constant_(self.conv.bias, GATE_BIAS)
-
-    def get_config(self) -> dict:
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "gate_type": self.gate_type}
 
     def forward(self, src: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         if self.gate_type == "channel":
@@ -197,10 +197,6 @@ class FeedbackNet(nn.Module):
             return self.forward_all(x, all_heads=True)
         return self.forward_all(x, all_heads=False)[-1]
 
-    def get_config(self) -> dict:
-        return {"iterations": self.iterations, "gate_type": self.gate_type, "gate_stages": list(self.gate_stages),
-                "share_gates": self.share_gates, "loss_all_iterations": self.loss_all_iterations}
-
 
 def iteration_loss(output: torch.Tensor | list[torch.Tensor], target: torch.Tensor,
                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -247,6 +243,3 @@ class RIG(FeedbackNet):
 
     def _sources(self, feats: list[torch.Tensor], t: int) -> dict[int, torch.Tensor]:
         return {s: feats[self._src_index(s)] for s in self.gate_stages}
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "gate_source": self.gate_source}

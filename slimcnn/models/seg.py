@@ -45,9 +45,6 @@ class SegDecoder(nn.Module):
                                   nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
-    def get_config(self) -> dict:
-        return {"in_channels": self.in_channels, "num_classes": self.num_classes, "channels": self.channels}
-
     def forward(self, features: list[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
         p = self.lateral[-1](features[-1])
         for lat, h in zip(reversed(self.lateral[:-1]), reversed(features[:-1])):

@@ -1,0 +1,212 @@
+"""Feedback gating comparisons (issue 7), every row trained with the same budget through ``slimcnn.engine``.
+
+cifar:  ResNet-20 vs ResNet-20 + RIG vs ResNet-32 / ResNet-56 on the CIFAR-10 JPEG set. By default each row
+        starts from its public checkpoint (``--init pretrained``; the RIG gates start fresh) and is fine-tuned
+        for the same number of epochs on the same images; ``--init scratch`` trains every row from scratch.
+camvid: the segmentation encoder-decoder with DIG variants none / cascaded / same_stage / previous_stage /
+        top_only, from scratch, same epochs; mIoU on val and test. previous_stage is RIGNet's top-down gating
+        (RIG with gate_source="next"), top_only is RIG with gate_source="top".
+
+Every row reports MACs (all iterations counted), params, the metric before and after training, and the
+training wall time. Rows are written to ``<out>/gating_<task>.json`` (merged by row name, so a long run can be
+split with ``--rows``) and a markdown table ``<out>/gating_<task>.md``.
+
+    python benchmarks/gating.py cifar --epochs 2
+    python benchmarks/gating.py camvid --epochs 40 --rows none,cascaded
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import slimcnn.gating  # noqa: F401  (registers the gating wrappers and the segmentation models)
+from slimcnn.data import cifar10_loaders
+from slimcnn.data.camvid import camvid_loaders
+from slimcnn.engine import TrainConfig, evaluate, train
+from slimcnn.models import create, load_checkpoint
+from slimcnn.profile import profile
+from slimcnn.report import atomic_write_text, environment
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+#: row name -> (zoo model, create() keywords, public checkpoint depth or None)
+CIFAR_ROWS: dict[str, tuple[str, dict[str, Any], int | None]] = {
+    "resnet20": ("cifar_resnet20", {}, 20),
+    "resnet20+rig": ("cifar_resnet20", {"gating": "rig", "iterations": 2, "gate_type": "both"}, 20),
+    "resnet32": ("cifar_resnet32", {}, 32),
+    "resnet56": ("cifar_resnet56", {}, 56),
+}
+CAMVID_ROWS: dict[str, dict[str, Any]] = {
+    "none": {"gating": "dig", "variant": "none"},
+    "cascaded": {"gating": "dig", "variant": "cascaded", "iterations": 2},
+    "same_stage": {"gating": "dig", "variant": "same_stage", "iterations": 2},
+    "previous_stage": {"gating": "dig", "variant": "previous_stage", "iterations": 2},
+    "top_only": {"gating": "dig", "variant": "top_only", "iterations": 2},
+}
+# RIG on the segmentation encoder is no extra row: RIG(gate_source="next") builds exactly DIG "previous_stage"
+# and RIG(gate_source="top") exactly DIG "top_only" (same modules, same outputs; tests/test_gating_dig.py)
+
+
+def _checkpoint(depth: int) -> Path:
+    found = sorted((SHARED / "weights").glob(f"cifar10-resnet{depth}-*.th"))
+    if not found:
+        raise SystemExit(f"no public checkpoint for ResNet-{depth} in {SHARED / 'weights'}")
+    return found[0]
+
+
+def run_row(name: str, build: Callable[[], torch.nn.Module], loaders: dict, cfg: TrainConfig, task: str,
+            input_shape: tuple[int, ...], eval_splits: list[str]) -> dict[str, Any]:
+    """Build, profile, evaluate, train, evaluate again: one table row."""
+    torch.manual_seed(cfg.seed)
+    model = build()
+    prof = profile(model, input_shape)
+    print(f"[{name}] {prof.summary()}", file=sys.stderr)
+    before = {s: evaluate(model, loaders[s], task, progress=cfg.progress) for s in eval_splits}
+    t0 = time.perf_counter()
+    result = train(model, loaders["train"], cfg)
+    seconds = time.perf_counter() - t0
+    after = {s: evaluate(result.model, loaders[s], task, progress=cfg.progress) for s in eval_splits}
+    key = "miou" if task == "segmentation" else "top1"
+    print(f"[{name}] {key} " + ", ".join(f"{s} {before[s][key]:.2f} -> {after[s][key]:.2f}" for s in eval_splits)
+          + f"  ({seconds:.0f} s)", file=sys.stderr)
+    return {"macs": prof.macs, "params": prof.params, "before": before, "after": after,
+            "train_seconds": round(seconds, 1), "steps": result.steps, "history": result.history}
+
+
+def cifar(args: argparse.Namespace) -> tuple[dict, dict]:
+    loaders = cifar10_loaders(args.data, batch_size=args.batch_size, train_limit=args.train_limit,
+                              test_limit=args.test_limit, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                      max_steps=args.max_steps, progress=not args.quiet)
+    rows = {}
+    for name in args.rows or list(CIFAR_ROWS):
+        model_name, kw, depth = CIFAR_ROWS[name]
+
+        def build(model_name=model_name, kw=kw, depth=depth):
+            m = create(model_name, **kw)
+            if args.init == "pretrained":
+                load_checkpoint(m.backbone if hasattr(m, "backbone") else m, _checkpoint(depth))
+            return m
+
+        rows[name] = {"model": model_name, "kwargs": kw, **run_row(name, build, loaders, cfg, "classification",
+                                                                     (3, 32, 32), ["test"])}
+    settings = {"task": "cifar", "data": str(args.data), "init": args.init, "epochs": args.epochs, "lr": args.lr,
+                "weight_decay": args.weight_decay, "batch_size": args.batch_size, "train_limit": args.train_limit,
+                "test_limit": args.test_limit, "seed": args.seed, "max_steps": args.max_steps}
+    return settings, rows
+
+
+def camvid(args: argparse.Namespace) -> tuple[dict, dict]:
+    size = tuple(int(v) for v in args.size.split(","))
+    loaders = camvid_loaders(args.data, batch_size=args.batch_size, size=size, train_limit=args.train_limit,
+                             test_limit=args.test_limit, seed=args.seed, scale=(0.75, 1.25))
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                      max_steps=args.max_steps, task="segmentation", warmup_epochs=min(1, args.epochs),
+                      progress=not args.quiet)
+    rows = {}
+    for name in args.rows or list(CAMVID_ROWS):
+        kw = {"num_classes": 11, "width": args.width, **CAMVID_ROWS[name], "gate_type": args.gate_type}
+        if name == "none":
+            kw.pop("gate_type")
+
+        def build(kw=kw):
+            return create(args.model, **kw)
+
+        rows[name] = {"model": args.model, "kwargs": kw, **run_row(name, build, loaders, cfg, "segmentation",
+                                                                     (3, *size), ["val", "test"])}
+    settings = {"task": "camvid", "data": str(args.data), "model": args.model, "width": args.width, "size": size,
+                "gate_type": args.gate_type, "epochs": args.epochs, "lr": args.lr,
+                "weight_decay": args.weight_decay, "batch_size": args.batch_size, "train_limit": args.train_limit,
+                "test_limit": args.test_limit, "seed": args.seed, "max_steps": args.max_steps}
+    return settings, rows
+
+
+def markdown(task: str, doc: dict) -> str:
+    s = doc["settings"]
+    lines = [f"# Feedback gating: {task}", "",
+             f"Command: `{doc['command']}`  ", f"Budget: {s['epochs']} epoch(s) per row, batch {s['batch_size']}, "
+             f"lr {s['lr']} (cosine), same data and seed for every row. Machine: {doc['environment']['processor'] or doc['environment']['machine']}, "
+             f"{doc['environment']['torch_threads']} torch threads.", ""]
+    if task == "cifar":
+        lines += ["| row | MACs (M) | params (M) | top-1 before | top-1 after | train s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, r in doc["rows"].items():
+            lines.append(f"| {name} | {r['macs'] / 1e6:.2f} | {r['params'] / 1e6:.3f} | "
+                         f"{r['before']['test']['top1']:.2f} | {r['after']['test']['top1']:.2f} | {r['train_seconds']:.0f} |")
+    else:
+        lines += ["| variant | MACs (G) | params (M) | mIoU val | mIoU test | pixel acc test | train s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        alias = {"previous_stage": "previous_stage (= RIG)", "top_only": "top_only (= RIG, top source)"}
+        for name, r in doc["rows"].items():
+            a = r["after"]
+            lines.append(f"| {alias.get(name, name)} | {r['macs'] / 1e9:.3f} | {r['params'] / 1e6:.3f} | {a['val']['miou']:.2f} | "
+                         f"{a['test']['miou']:.2f} | {a['test']['pixel_acc']:.2f} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=["cifar", "camvid"])
+    p.add_argument("--data", default=None, help="data root (default: ../shared/data/cifar10-jpeg or camvid)")
+    p.add_argument("--rows", default=None, help="comma list of rows to run (default: all); results merge by name")
+    p.add_argument("--epochs", type=int, default=None, help="default: 2 (cifar), 40 (camvid)")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.02 (cifar, fine-tune), 0.05 (camvid)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (cifar), 8 (camvid)")
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop each row early (smoke tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", choices=["pretrained", "scratch"], default="pretrained", help="cifar rows' start")
+    p.add_argument("--model", default="seg_resnet10", help="camvid: segmentation model")
+    p.add_argument("--width", type=float, default=0.5, help="camvid: encoder width multiplier")
+    p.add_argument("--size", default="180,240", help="camvid: H,W")
+    p.add_argument("--gate-type", default="spatial", help="camvid: gate type of the feedback rows")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    cifar_task = args.task == "cifar"
+    args.data = args.data or str(SHARED / "data" / ("cifar10-jpeg" if cifar_task else "camvid"))
+    args.epochs = args.epochs or (2 if cifar_task else 40)
+    args.lr = args.lr or (0.02 if cifar_task else 0.05)
+    args.batch_size = args.batch_size or (128 if cifar_task else 8)
+    table = CIFAR_ROWS if cifar_task else CAMVID_ROWS
+    args.rows = [r for r in args.rows.split(",") if r] if args.rows else None
+    unknown = [r for r in args.rows or [] if r not in table]
+    if unknown:
+        p.error(f"unknown row(s) {unknown}; known: {', '.join(table)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    settings, rows = (cifar if cifar_task else camvid)(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"gating_{args.task}.json"
+    doc = {"settings": settings, "rows": {}}
+    if json_path.is_file():
+        old = json.loads(json_path.read_text())
+        if old.get("settings") == json.loads(json.dumps(settings)):
+            doc["rows"] = old["rows"]  # same settings: add to the rows already measured
+        else:
+            print(f"note: {json_path} was written with other settings; replacing it", file=sys.stderr)
+    doc["command"] = "python benchmarks/gating.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for r in rows.values():
+        r["command"] = doc["command"]
+    doc["rows"].update(rows)
+    doc["environment"] = environment()
+    atomic_write_text(json_path, json.dumps(doc, indent=1))
+    atomic_write_text(out / f"gating_{args.task}.md", markdown(args.task, doc))
+    print(markdown(args.task, doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
