@@ -130,6 +130,14 @@ def test_rig_is_the_matching_dig_variant(variant, source):
         assert torch.equal(rig(x), dig(x))
 
 
+@pytest.mark.parametrize("stages,props", [([3], []), ([2, 3], ["2"]), ([1], ["1", "2"])])
+def test_cascade_only_reaches_down_to_the_lowest_gated_stage(stages, props):
+    _, gated = _seg("cascaded", iterations=2, gate_stages=stages)
+    assert sorted(gated.propagators[0].keys()) == props if props else len(gated.propagators) == 0
+    with torch.no_grad():
+        assert gated(torch.randn(1, *SIZE)).shape == (1, 11, *SIZE[1:])
+
+
 def test_dig_on_cifar_resnet():
     torch.manual_seed(0)
     m = create("cifar_resnet20", gating="dig", variant="cascaded", iterations=2).eval()

@@ -128,9 +128,12 @@ class SegLoader(Loader):
                  scale: Sequence[float] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, seed: int = 0, rank: int = 0, world_size: int = 1,
                  drop_last: bool = False) -> None:
-        super().__init__(data, batch_size, shuffle, augment, mean, std, seed, rank, world_size, drop_last)
+        # the base loader only batches and normalises; the paired augmentation happens here, after normalising
+        # (flips and bilinear resampling with border padding commute with a per-channel affine map)
+        super().__init__(data, batch_size, shuffle, False, mean, std, seed, rank, world_size, drop_last)
         if scale is not None and not (0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi; got {scale}")
+        self.augment_pairs = augment
         self.scale = None if scale is None else (float(scale[0]), float(scale[1]))
 
     def _augment_pair(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,16 +160,10 @@ class SegLoader(Loader):
         return x, torch.where(y < 0, torch.full_like(y, VOID), y)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self._indices()
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 31 + self.rank + 1)
-        stop = len(idx) - (len(idx) % self.batch_size if self.drop_last else 0)
-        for s in range(0, stop, self.batch_size):
-            b = idx[s: s + self.batch_size]
-            x = self.data.images[b].permute(0, 3, 1, 2).float()
-            y = self.data.labels[b].long()
-            if self.augment:
-                x, y = self._augment_pair(x, y, g)
-            yield (x - self.mean) / self.std, y
+        for x, y in super().__iter__():
+            y = y.long()
+            yield self._augment_pair(x, y, g) if self.augment_pairs else (x, y)
 
 
 def _limit(n: int, limit: int | None, seed: int) -> torch.Tensor | None:

@@ -58,12 +58,6 @@ class DIG(FeedbackNet):
         top = len(self.out_channels) - 1
         return {"cascaded": s, "same_stage": s, "previous_stage": s + 1, "top_only": top}.get(self.variant, top + 1)
 
-    def _has_source(self, s: int) -> bool:
-        return self._src_index(s) < len(self.out_channels)
-
-    def _source_channels(self, s: int) -> int:
-        return self.out_channels[self._src_index(s)]
-
     def _build_extra(self, n_sets: int) -> None:
         # P_s for s from the lowest gated stage up to S-2: the cascade never needs to go lower.
         low = self.gate_stages[0] if self.gate_stages else len(self.out_channels)
@@ -77,12 +71,13 @@ class DIG(FeedbackNet):
     def cascade(self, feats: list[torch.Tensor], t: int = 1) -> list[torch.Tensor]:
         """The top-down cascade f_S..f_low over iteration t-1's stage outputs (lowest first, f_s at index s;
         stages below the lowest gated stage keep their h_s)."""
-        props = self.propagators[self._set(t)]
         f = list(feats)
+        if not len(self.propagators):  # only the top stage is gated: f_S = h_S
+            return f
+        props = self.propagators[self._set(t)]
         for s in range(len(feats) - 2, self.gate_stages[0] - 1, -1):
             f[s] = feats[s] * props[str(s)](f[s + 1], feats[s].shape[-2:])
         return f
 
-    def _sources(self, feats: list[torch.Tensor], t: int) -> dict[int, torch.Tensor]:
-        src = self.cascade(feats, t) if self.variant == "cascaded" else feats
-        return {s: src[self._src_index(s)] for s in self.gate_stages}
+    def _transform(self, feats: list[torch.Tensor], t: int) -> list[torch.Tensor]:
+        return self.cascade(feats, t) if self.variant == "cascaded" else feats

@@ -105,8 +105,9 @@ class FeedbackNet(nn.Module):
     """Shared machinery of :class:`RIG` and :class:`~slimcnn.gating.dig.DIG`: run the stages T times, gating the
     inputs of ``gate_stages`` at t > 1 with gates fed by sources computed from iteration t-1.
 
-    Subclasses define ``_source_channels(s)`` (channels of the source that gates stage s), ``_sources(feats, t)``
-    (the source tensors, given iteration t-1's stage outputs) and may add modules in ``_build_extra``.
+    Subclasses define ``_src_index(s)`` (which stage output of iteration t-1 the gate of stage s reads; an index
+    past the top means stage s cannot be gated), may transform those outputs before they are read
+    (``_transform``, e.g. DIG's cascade) and may add modules in ``_build_extra``.
     """
 
     def __init__(self, backbone: nn.Module, iterations: int = 2, gate_type: str = "spatial",
@@ -139,14 +140,22 @@ class FeedbackNet(nn.Module):
         self._build_extra(n_sets)
 
     # -- subclass interface ------------------------------------------------------------------------------------
-    def _has_source(self, s: int) -> bool:
+    def _src_index(self, s: int) -> int:
         raise NotImplementedError
+
+    def _transform(self, feats: list[torch.Tensor], t: int) -> list[torch.Tensor]:
+        return feats
+
+    def _has_source(self, s: int) -> bool:
+        return self._src_index(s) < len(self.out_channels)
 
     def _source_channels(self, s: int) -> int:
-        raise NotImplementedError
+        return self.out_channels[self._src_index(s)]
 
     def _sources(self, feats: list[torch.Tensor], t: int) -> dict[int, torch.Tensor]:
-        raise NotImplementedError
+        """The tensor each gated stage's gate reads at iteration t, from iteration t-1's stage outputs."""
+        src = self._transform(feats, t)
+        return {s: src[self._src_index(s)] for s in self.gate_stages}
 
     def _describe(self) -> str:
         return type(self).__name__
@@ -234,12 +243,3 @@ class RIG(FeedbackNet):
 
     def _src_index(self, s: int) -> int:
         return s + 1 if self.gate_source == "next" else len(self.out_channels) - 1
-
-    def _has_source(self, s: int) -> bool:
-        return self._src_index(s) < len(self.out_channels)
-
-    def _source_channels(self, s: int) -> int:
-        return self.out_channels[self._src_index(s)]
-
-    def _sources(self, feats: list[torch.Tensor], t: int) -> dict[int, torch.Tensor]:
-        return {s: feats[self._src_index(s)] for s in self.gate_stages}
