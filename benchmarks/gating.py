@@ -39,16 +39,16 @@ SHARED = REPO.parent / "shared"
 #: row name -> (zoo model, create() keywords, public checkpoint depth or None)
 CIFAR_ROWS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     "resnet20": ("cifar_resnet20", {}, 20),
-    "resnet20+rig": ("cifar_resnet20", {"gating": "rig", "iterations": 2, "gate_type": "both"}, 20),
+    "resnet20+rig": ("cifar_resnet20", {"gating": "rig"}, 20),
     "resnet32": ("cifar_resnet32", {}, 32),
     "resnet56": ("cifar_resnet56", {}, 56),
 }
 CAMVID_ROWS: dict[str, dict[str, Any]] = {
     "none": {"gating": "dig", "variant": "none"},
-    "cascaded": {"gating": "dig", "variant": "cascaded", "iterations": 2},
-    "same_stage": {"gating": "dig", "variant": "same_stage", "iterations": 2},
-    "previous_stage": {"gating": "dig", "variant": "previous_stage", "iterations": 2},
-    "top_only": {"gating": "dig", "variant": "top_only", "iterations": 2},
+    "cascaded": {"gating": "dig", "variant": "cascaded"},
+    "same_stage": {"gating": "dig", "variant": "same_stage"},
+    "previous_stage": {"gating": "dig", "variant": "previous_stage"},
+    "top_only": {"gating": "dig", "variant": "top_only"},
 }
 # RIG on the segmentation encoder is no extra row: RIG(gate_source="next") builds exactly DIG "previous_stage"
 # and RIG(gate_source="top") exactly DIG "top_only" (same modules, same outputs; tests/test_gating_dig.py)
@@ -88,6 +88,8 @@ def cifar(args: argparse.Namespace) -> tuple[dict, dict]:
     rows = {}
     for name in args.rows or list(CIFAR_ROWS):
         model_name, kw, depth = CIFAR_ROWS[name]
+        if kw.get("gating"):
+            kw = {**kw, "iterations": args.iterations, "gate_type": args.gate_type or "both"}
 
         def build(model_name=model_name, kw=kw, depth=depth):
             m = create(model_name, **kw)
@@ -97,7 +99,8 @@ def cifar(args: argparse.Namespace) -> tuple[dict, dict]:
 
         rows[name] = {"model": model_name, "kwargs": kw, **run_row(name, build, loaders, cfg, "classification",
                                                                      (3, 32, 32), ["test"])}
-    settings = {"task": "cifar", "data": str(args.data), "init": args.init, "epochs": args.epochs, "lr": args.lr,
+    settings = {"task": "cifar", "data": str(args.data), "init": args.init, "gate_type": args.gate_type,
+                "iterations": args.iterations, "epochs": args.epochs, "lr": args.lr,
                 "weight_decay": args.weight_decay, "batch_size": args.batch_size, "train_limit": args.train_limit,
                 "test_limit": args.test_limit, "seed": args.seed, "max_steps": args.max_steps}
     return settings, rows
@@ -112,9 +115,9 @@ def camvid(args: argparse.Namespace) -> tuple[dict, dict]:
                       progress=not args.quiet)
     rows = {}
     for name in args.rows or list(CAMVID_ROWS):
-        kw = {"num_classes": 11, "width": args.width, **CAMVID_ROWS[name], "gate_type": args.gate_type}
-        if name == "none":
-            kw.pop("gate_type")
+        kw = {"num_classes": 11, "width": args.width, **CAMVID_ROWS[name]}
+        if name != "none":
+            kw.update(iterations=args.iterations, gate_type=args.gate_type or "spatial")
 
         def build(kw=kw):
             return create(args.model, **kw)
@@ -122,7 +125,7 @@ def camvid(args: argparse.Namespace) -> tuple[dict, dict]:
         rows[name] = {"model": args.model, "kwargs": kw, **run_row(name, build, loaders, cfg, "segmentation",
                                                                      (3, *size), ["val", "test"])}
     settings = {"task": "camvid", "data": str(args.data), "model": args.model, "width": args.width, "size": size,
-                "gate_type": args.gate_type, "epochs": args.epochs, "lr": args.lr,
+                "gate_type": args.gate_type, "iterations": args.iterations, "epochs": args.epochs, "lr": args.lr,
                 "weight_decay": args.weight_decay, "batch_size": args.batch_size, "train_limit": args.train_limit,
                 "test_limit": args.test_limit, "seed": args.seed, "max_steps": args.max_steps}
     return settings, rows
@@ -133,7 +136,12 @@ def markdown(task: str, doc: dict) -> str:
     lines = [f"# Feedback gating: {task}", "",
              f"Command: `{doc['command']}`  ", f"Budget: {s['epochs']} epoch(s) per row, batch {s['batch_size']}, "
              f"lr {s['lr']} (cosine), same data and seed for every row. Machine: {doc['environment']['processor'] or doc['environment']['machine']}, "
-             f"{doc['environment']['torch_threads']} torch threads.", ""]
+             f"{doc['environment']['torch_threads']} torch threads.  ",
+             "MACs: conv/linear multiply-accumulates per image (`slimcnn.profile`), every feedback iteration counted.",
+             ""]
+    if task == "cifar":
+        lines.insert(-1, f"Start: {'each row from its public checkpoint (RIG gates fresh)' if s['init'] == 'pretrained' else 'from scratch'}; "
+                         f"RIG: T={s['iterations']}, gate type {s['gate_type'] or 'both'}.")
     if task == "cifar":
         lines += ["| row | MACs (M) | params (M) | top-1 before | top-1 after | train s |",
                   "|---|---:|---:|---:|---:|---:|"]
@@ -168,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="seg_resnet10", help="camvid: segmentation model")
     p.add_argument("--width", type=float, default=0.5, help="camvid: encoder width multiplier")
     p.add_argument("--size", default="180,240", help="camvid: H,W")
-    p.add_argument("--gate-type", default="spatial", help="camvid: gate type of the feedback rows")
+    p.add_argument("--gate-type", default=None, help="gate type of the feedback rows (default: both for cifar, "
+                                                     "spatial for camvid)")
+    p.add_argument("--iterations", type=int, default=2, help="iterations T of the feedback rows (default 2)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
