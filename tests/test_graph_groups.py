@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimcnn.graph import ChannelGroup, Member, channel_groups, register_unprunable
@@ -158,3 +159,67 @@ def test_training_mode_restored():
     m = create("cifar_resnet20").train()
     channel_groups(m, torch.randn(1, 3, 32, 32))
     assert m.training
+
+
+class Odd(nn.Module):
+    """Small nets where Torch-Pruning alone gets the channel mapping wrong or cannot know it."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 8, 3, stride=2, padding=1) if kind == "lambda_pad" else nn.Conv2d(7 if kind == "input_cat" else 2, 8, 1)
+        self.c = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        if self.kind == "lambda_pad":  # the public option-A shortcut, written inline
+            return self.c(self.b(y) + F.pad(y[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2)))
+        if self.kind == "input_cat":
+            return self.c(self.b(torch.cat([x, y], 1)))
+        if self.kind == "chunk":
+            u, v = torch.chunk(y, 2, 1)
+            return self.c(self.b(u) + self.b(v) * 0)
+        return self.c(self.b(y[:, 1:3]))  # channel slice
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("lambda_pad", "ConstantPadNdBackward0 acts on the channel dimension"),
+    ("input_cat", "concatenation with a tensor from outside the traced graph"),
+    ("chunk", "split whose sizes are fixed"),
+    ("slice", "slice whose sizes are fixed"),
+])
+def test_unverifiable_channel_maps_are_unprunable(kind, reason):
+    g = by_key(channel_groups(Odd(kind), torch.randn(1, 3, 8, 8)))
+    a_groups = [grp for k, grp in g.items() if k.startswith("a")]
+    assert a_groups and all(not grp.prunable and reason in grp.reason for grp in a_groups)
+
+
+def test_flatten_into_linear_is_unprunable_but_earlier_groups_are_fine():
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 6, 3, 2, 1), nn.Linear(96, 5)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.b(torch.relu(self.a(x)))), 1))
+
+    groups = channel_groups(Flat(), torch.randn(1, 3, 8, 8))
+    assert groups[0].key == "a" and groups[0].prunable
+    flat = [grp for grp in groups if grp.key.startswith("b")]
+    assert flat and all("flatten" in grp.reason for grp in flat)
+
+
+def test_transposed_conv_groups():
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.t = nn.Conv2d(3, 5, 3, 2, 1), nn.ConvTranspose2d(5, 6, 2, stride=2)
+            self.bn, self.c = nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.bn(self.t(torch.relu(self.a(x))))))
+
+    g = by_key(channel_groups(Up(), torch.randn(1, 3, 8, 8)))
+    assert g["a"].prunable and Member("t", "in") in g["a"].consumers
+    assert g["t"].prunable and g["t"].members == [Member("t", "out"), Member("bn", "bn"), Member("c", "in")]

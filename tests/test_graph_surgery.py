@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from slimcnn.graph import (SurgeryError, allocate_widths, channel_groups, merge_channels, prune_to_target,
-                           remove_channels)
+from slimcnn.graph import (SurgeryError, allocate_widths, channel_groups, equalize_clusters, merge_channels,
+                           prune_to_target, remove_channels)
 from slimcnn.models import PadShortcut, create
 from slimcnn.profile import profile
 
@@ -71,25 +71,6 @@ def test_remove_and_merge_hit_macs_targets(name, kw, size):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def collapse(model: torch.nn.Module, groups, clusters: dict[str, list[list[int]]]) -> None:
-    """Make every cluster's producer rows (weights, bias, BN entries) identical to its first member's."""
-    by_key = {g.key: g for g in groups}
-    with torch.no_grad():
-        for key, cl in clusters.items():
-            for m in by_key[key].members:
-                if m.role == "in" or not hasattr(model.get_submodule(m.module), "weight"):
-                    continue  # consumers, and option-A shortcuts (no weights)
-                mod = model.get_submodule(m.module)
-                tensors = [mod.weight, getattr(mod, "bias", None), getattr(mod, "running_mean", None),
-                           getattr(mod, "running_var", None)]
-                for t in tensors:
-                    if t is None:
-                        continue
-                    for c in cl:
-                        for i in c[1:]:
-                            t[m.offset + i] = t[m.offset + c[0]]
-
-
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_merge_is_exact_when_clusters_are_identical(shortcut):
     model, x = build("cifar_resnet20", {"shortcut": shortcut}, 32)
@@ -103,7 +84,7 @@ def test_merge_is_exact_when_clusters_are_identical(shortcut):
         size = next(g.size for g in groups if g.key == k)
         perm = torch.randperm(size, generator=gen).tolist()
         clusters[k] = [perm[i:i + 3] for i in range(0, size, 3)]  # shuffled clusters of 3, any order
-    collapse(model, groups, clusters)
+    equalize_clusters(model, groups, clusters)
     merged = merge_channels(model, x, clusters, lossless_tol=1e-4, groups=groups)
     assert merged.layer1[0].conv1.out_channels == 6
     if shortcut == "A":  # the lower stream's merged channels are carried to each member's place upstairs
@@ -115,7 +96,7 @@ def test_merge_of_upper_stream_through_option_a_shortcut_reports_why_not_lossles
     model, x = build("cifar_resnet20", {"shortcut": "A"}, 32)
     groups = channel_groups(model, x)
     clusters = {"layer2.0.conv2": [[8, 9]] + [[i] for i in range(32) if i not in (8, 9)]}
-    collapse(model, groups, clusters)
+    equalize_clusters(model, groups, clusters)
     with pytest.raises(SurgeryError, match="layer2.0.shortcut maps channels"):
         merge_channels(model, x, clusters, lossless_tol=1e-4, groups=groups)
 
@@ -171,3 +152,19 @@ def test_wrong_groups_are_caught_by_the_masked_check():
     stream.members = [m for m in stream.members if m.module != "layer3.0.shortcut"]
     with pytest.raises(SurgeryError, match="layer2.0.conv2"):
         remove_channels(model, x, {"layer2.0.conv2": list(range(0, 32, 2))}, groups=groups)
+
+
+def test_transposed_conv_and_linear_consumers_are_edited():
+    class Up(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.t = torch.nn.Conv2d(3, 5, 3, 2, 1), torch.nn.ConvTranspose2d(5, 6, 2, stride=2)
+            self.bn, self.fc = torch.nn.BatchNorm2d(6), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.t(torch.relu(self.a(x)))))
+            return self.fc(y.mean((2, 3)))
+
+    model, x = randomise_bn(Up()), torch.randn(2, 3, 8, 8)
+    small = remove_channels(model, x, {"a": [1, 4], "t": [0, 2, 5]})  # masked check: same function
+    assert small.t.weight.shape == (2, 3, 2, 2) and small.fc.weight.shape == (3, 3)

@@ -290,12 +290,34 @@ def _classify(tr: _Trace, node: Any, handler: Any) -> tuple[str, Role | None, st
     if isinstance(mod, tp.ops._ElementWiseOp):
         return name, None, _op_problem(node, tr.internal)
     if isinstance(mod, _PASS_THROUGH):
-        return name, None, None
+        return name, None, _shape_op_problem(node)
     if isinstance(mod, nn.Parameter):
         return name, None, f"a bare parameter {tr.graph._param_to_name.get(mod, '')!r} multiplies it"
     if isinstance(mod, _UNSUPPORTED_TP):
         return name, None, f"{name} ({type(mod).__name__}) is not supported by slimcnn surgery"
     return name, None, f"{name or type(mod).__name__} is not supported by slimcnn surgery"
+
+
+def _shape_op_problem(node: Any) -> str | None:
+    """Concat/split/slice/unbind/expand nodes: fine off the channel dim; on it, only a concat whose every input
+    Torch-Pruning has seen (so the offsets are right). Split and slice sizes are written in the forward code,
+    which surgery cannot change."""
+    mod, fn = node.module, node.grad_fn
+    op = type(mod).__name__.strip("_").removesuffix("Op").lower()
+    dim = mod.dim if isinstance(mod, tp.ops._SliceOp) else getattr(fn, "_saved_dim", None)
+    if isinstance(mod, tp.ops._ExpandOp):
+        sizes = getattr(fn, "_saved_self_sym_sizes", None)
+        return "an expand over the channel dimension" if sizes is not None and len(sizes) > 1 and sizes[1] == 1 else None
+    if isinstance(mod, tp.ops._ReshapeOp) or dim is None or dim > 1 or dim == 0:
+        return None
+    if dim < 0:
+        return f"a {op} along dimension {dim} (not analysed)"
+    if isinstance(mod, tp.ops._ConcatOp):
+        n_inputs = len(getattr(fn, "next_functions", ()))
+        if len(node.inputs) != n_inputs or mod.offsets is None or len(mod.offsets) != n_inputs + 1:
+            return "a concatenation with a tensor from outside the traced graph (e.g. the network input)"
+        return None
+    return f"a channel {op} whose sizes are fixed in the forward code"
 
 
 def _axis(role: Role) -> str:

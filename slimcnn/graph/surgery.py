@@ -68,7 +68,8 @@ def merge_channels(model: nn.Module, example_input: torch.Tensor, clusters: Mapp
     """Return a copy of ``model`` where each cluster of ``clusters[key]`` (a partition of the group's channels)
     becomes one channel, in the order given: producers keep the cluster's first channel's filter (weight rows,
     bias, norm entries and running statistics); consumers' input slices of the cluster are summed. Lossless when
-    every cluster's filters and norm entries are identical; ``lossless_tol`` checks it (max abs difference).
+    every cluster's producer rows and norm entries are identical (norms on the consumer side too, as DenseNet's,
+    and see the module doc for option-A shortcuts); ``lossless_tol`` checks it (max abs difference).
 
     >>> from slimcnn.models import create
     >>> x = torch.randn(2, 3, 32, 32)
@@ -99,6 +100,31 @@ def merge_channels(model: nn.Module, example_input: torch.Tensor, clusters: Mapp
         note = _pad_merge_note(model, by_key, plan)
         raise SurgeryError(f"{e}{note}") from None
     return new
+
+
+@torch.no_grad()
+def equalize_clusters(model: nn.Module, groups: list[ChannelGroup], clusters: Mapping[str, Sequence[Sequence[int]]]) -> None:
+    """In place: copy each cluster's first channel onto its other members in every producer and norm of the group
+    (weight rows, bias, running statistics), so that merging them is exact. What C-SGD reaches by training.
+
+    >>> equalize_clusters(model, groups, {"layer1.0.conv1": [[0, 3], [1, 2]]})  # doctest: +SKIP
+    """
+    by_key = groups_by_key(groups)
+    for key, cl in clusters.items():
+        for m in by_key[key].members:
+            mod = model.get_submodule(m.module)
+            if m.role == "in" or isinstance(mod, PadShortcut):
+                continue
+            w_dim = 1 if getattr(mod, "transposed", False) else 0
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                t = getattr(mod, attr, None)
+                if t is None:
+                    continue
+                dim = w_dim if attr == "weight" else 0
+                for c in cl:
+                    first = t.narrow(dim, m.offset + c[0], 1)
+                    for i in c[1:]:
+                        t.narrow(dim, m.offset + i, 1).copy_(first)
 
 
 # ---------------------------------------------------------------------------------------------------------------

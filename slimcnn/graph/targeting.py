@@ -55,7 +55,8 @@ def allocate_widths(model: nn.Module, example_input: torch.Tensor, target: float
 
 
 def select_channels(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
-                    mode: str = "global", *, tol: float = 0.01, normalize: str = "max") -> dict[str, list[int]]:
+                    mode: str = "global", *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
+                    normalize: str = "max") -> dict[str, list[int]]:
     """Channels to keep per group (sorted indices; highest scores kept) so that the real MACs of the pruned
     model are within ``tol`` of ``target``. Groups without scores stay whole.
 
@@ -64,11 +65,12 @@ def select_channels(model: nn.Module, example_input: torch.Tensor, scores: Score
     >>> scores = {g.key: torch.rand(g.size) for g in channel_groups(m, x) if g.prunable}
     >>> keep = select_channels(m, x, scores, 0.5)
     """
-    return _select(model, example_input, scores, target, mode, tol, normalize)[0]
+    return _select(model, example_input, scores, target, mode, groups, tol, normalize)[0]
 
 
 def prune_to_target(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
-                    mode: str = "global", *, tol: float = 0.01, normalize: str = "max") -> nn.Module:
+                    mode: str = "global", *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
+                    normalize: str = "max") -> nn.Module:
     """:func:`select_channels` then :func:`remove_channels`: a validated copy within ``tol`` of ``target``.
 
     >>> from slimcnn.models import create
@@ -76,7 +78,7 @@ def prune_to_target(model: nn.Module, example_input: torch.Tensor, scores: Score
     >>> scores = {g.key: torch.rand(g.size) for g in channel_groups(m, x) if g.prunable}
     >>> small = prune_to_target(m, x, scores, 0.5)
     """
-    return _select(model, example_input, scores, target, mode, tol, normalize)[1]
+    return _select(model, example_input, scores, target, mode, groups, tol, normalize)[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ def _allocate(cm: CostModel, considered: list[ChannelGroup], target: float, mode
     elif mode == "global":
         if scores is None:
             raise ValueError("global allocation needs per-channel scores")
-        widths = _global(cm, considered, _normalised(scores, considered, normalize), target)
+        widths = _global(cm, considered, _normalised(scores, considered, normalize), target, tol)
     else:
         raise ValueError(f"mode must be 'uniform' or 'global', got {mode!r}")
     est = cm.macs_at(widths)
@@ -170,7 +172,8 @@ def _normalised(scores: Scores, considered: list[ChannelGroup], normalize: str) 
 
 
 def _global(cm: CostModel, considered: list[ChannelGroup], scores: dict[str, torch.Tensor],
-            target: float) -> dict[str, int]:
+            target: float, tol: float) -> dict[str, int]:
+    sizes = {g.key: g.size for g in considered}
     queue: list[tuple[float, str]] = []  # every channel but each group's best, best first
     for g in considered:
         order = torch.argsort(scores[g.key], descending=True, stable=True).tolist()
@@ -189,15 +192,20 @@ def _global(cm: CostModel, considered: list[ChannelGroup], scores: dict[str, tor
         lo, hi = (mid, hi) if cm.macs_at(at(mid)) <= target else (lo, mid - 1)
     widths = at(lo)
     est = cm.macs_at(widths)
-    # The next channel in line may cost too much (a wide residual stream); let cheaper ones behind it fill the
-    # gap, still in score order, as long as each brings the MACs closer to the target.
+    # The next channel in line may cost too much (a wide residual stream): let cheaper ones behind it fill the
+    # gap, still in score order, without passing the target; then, if still short, the one closest above it.
     for _, key in queue[lo:]:
-        if est >= target:
+        if est >= target * (1 - tol / 10):
             break
         trial = dict(widths, **{key: widths[key] + 1})
         t_est = cm.macs_at(trial)
-        if abs(t_est - target) < abs(est - target):
+        if t_est <= target:
             widths, est = trial, t_est
+    if est < target * (1 - tol):
+        for key in dict.fromkeys(key for _, key in queue[lo:]):
+            trial = dict(widths, **{key: widths[key] + 1})
+            if widths[key] < sizes[key] and abs(cm.macs_at(trial) - target) < abs(est - target):
+                widths, est = trial, cm.macs_at(trial)
     return widths
 
 
@@ -209,9 +217,9 @@ def _keep_top(scores: Scores, widths: Mapping[str, int]) -> dict[str, list[int]]
     return keep
 
 
-def _select(model: nn.Module, x: torch.Tensor, scores: Scores, target: float, mode: str, tol: float,
-            normalize: str) -> tuple[dict[str, list[int]], nn.Module]:
-    groups = channel_groups(model, x)
+def _select(model: nn.Module, x: torch.Tensor, scores: Scores, target: float, mode: str,
+            groups: list[ChannelGroup] | None, tol: float, normalize: str) -> tuple[dict[str, list[int]], nn.Module]:
+    groups = groups if groups is not None else channel_groups(model, x)
     cm = cost_model(model, x, groups)
     considered = _considered(groups, scores)
     goal = _target_macs(target, cm.total)
