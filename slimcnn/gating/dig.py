@@ -18,7 +18,7 @@ chooses src_s:
 
 Propagators P_s are :class:`~slimcnn.gating.rig.Gate` modules too (same ``gate_type``), shared across
 iterations or not with the gates (``share_gates``); they exist only for the cascade. Every other choice
-(1x1 convs before upsampling, gate bias +2, shared BN, stem computed once) is the one described in
+(1x1 convs before upsampling, gate bias +3, shared BN, stem computed once) is the one described in
 :mod:`slimcnn.gating.rig`.
 """
 from __future__ import annotations

@@ -14,8 +14,10 @@ Design choices (all ours; the ones that matter are parameters):
   a channel gate has no spatial extent, so there is nothing to upsample) or "both" (N x C x H x W).
 - The gate conv is 1x1 and runs *before* the bilinear upsampling: both are linear and the bilinear weights sum
   to one, so this equals conv(upsample(h)) exactly while costing the MACs of the coarse resolution.
-- Gate convs start with bias +2 (gates near 0.88): the backbone's BN layers are shared by all iterations, so
-  gates far from 1 at the start would give iteration t > 1 input statistics unlike iteration 1's.
+- Gate convs start with bias +3 (gates near 0.95): the backbone's BN layers are shared by all iterations, so
+  gates far from 1 at the start give iteration t > 1 input statistics unlike iteration 1's. Measured on the
+  public ResNet-20 (1000 JPEG test images, T=2, "both", fresh gates): 82.4 top-1 plain; 74.3 at bias 2, 81.3 at
+  bias 3, 82.1 at bias 4. Larger biases also flatten the sigmoid (slope g(1-g)), slowing the gates' learning.
 - ``share_gates``: one set of gate convs for every t > 1, or one set per iteration.
 - The stem is computed once (it is never gated), and so are the stages below the lowest gated stage: their
   outputs cannot change between iterations. The head runs once, on the last iteration, unless
@@ -37,7 +39,7 @@ from torch import nn
 from ..models.seg import upsample
 
 GATE_TYPES = ("spatial", "channel", "both")
-GATE_BIAS = 2.0
+GATE_BIAS = 3.0
 
 
 class Gate(nn.Module):
