@@ -153,3 +153,24 @@ def test_bad_variant_and_stage_are_clear_errors():
         create("seg_tiny", gating="dig", variant="previous_stage", gate_stages=[2, 3])
     with pytest.raises(KeyError, match="unknown gating"):
         create("seg_tiny", gating="feedback")
+
+
+def test_gated_model_can_be_pruned_and_saved(tmp_path):
+    import slimcnn.io
+    from slimcnn.graph import channel_groups, remove_channels
+
+    _, gated = _seg("cascaded", iterations=2)
+    x = torch.randn(1, *SIZE)
+    groups = channel_groups(gated, x)
+    gate_inputs = {f"backbone.layers.{s}.0.conv1" for s in gated.gate_stages}  # each gated stream's consumers
+    gated_streams = [g for g in groups if gate_inputs & {m.module for m in g.consumers}]
+    assert len(gated_streams) == len(gated.gate_stages)
+    for g in gated_streams:
+        assert not g.prunable and "feedback gate" in g.reason
+    prunable = [g for g in groups if g.prunable]
+    assert prunable  # the decoder's channels stay free
+    small = remove_channels(gated, x, {g.key: list(range(g.size // 2)) for g in prunable})
+    assert profile(small, SIZE).macs < profile(gated, SIZE).macs
+    slimcnn.io.save(small, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(slimcnn.io.load(tmp_path / "m")(x), small(x))
