@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimcnn.graph import (SurgeryError, allocate_widths, channel_groups, equalize_clusters, merge_channels,
-                           prune_to_target, remove_channels)
+                           prune_to_target, remove_channels, replace_modules)
 from slimcnn.models import PadShortcut, create
 from slimcnn.profile import profile
 
@@ -92,9 +92,15 @@ def test_merge_is_exact_when_clusters_are_identical(shortcut):
         assert isinstance(sc, PadShortcut) and sc.in_channels == 6 and sc.out_channels == 32 and len(sc.src) == 16
 
 
-def test_merge_of_upper_stream_through_option_a_shortcut_reports_why_not_lossless():
+def test_merge_of_upper_stream_through_option_a_shortcut():
     model, x = build("cifar_resnet20", {"shortcut": "A"}, 32)
     groups = channel_groups(model, x)
+    # channels 0..7 and 24..31 of stage 2 are the shortcut's zero padding: merging among them is exact
+    padded = {"layer2.0.conv2": [[0, 5], [24, 30, 31]] + [[i] for i in range(32) if i not in (0, 5, 24, 30, 31)]}
+    equalize_clusters(model, groups, padded)
+    merged = merge_channels(model, x, padded, lossless_tol=1e-4, groups=groups)
+    assert merged.layer2[0].shortcut.out_channels == 29
+    # channels 8 and 9 carry different stage-1 channels: the shortcut cannot be merged exactly, and says so
     clusters = {"layer2.0.conv2": [[8, 9]] + [[i] for i in range(32) if i not in (8, 9)]}
     equalize_clusters(model, groups, clusters)
     with pytest.raises(SurgeryError, match="layer2.0.shortcut maps channels"):
@@ -142,6 +148,12 @@ def test_bad_clusters_raise_clear_error():
         merge_channels(model, x, {"layer1.0.conv1": [[0, 1], [2]]}, groups=groups)
     with pytest.raises(SurgeryError, match="empty cluster"):
         merge_channels(model, x, {"layer1.0.conv1": [[]] + [[i] for i in range(16)]}, groups=groups)
+
+
+def test_broken_forward_names_the_layer():
+    model, x = build("cifar_resnet20", {}, 32)
+    with pytest.raises(SurgeryError, match=r"at layer1\.0\.conv2 \(Conv2d\)"):
+        replace_modules(model, x, {"layer1.0.conv2": torch.nn.Conv2d(8, 16, 3, padding=1)})
 
 
 def test_wrong_groups_are_caught_by_the_masked_check():

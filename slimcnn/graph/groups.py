@@ -187,7 +187,8 @@ def is_depthwise(m: nn.Module) -> bool:
 
 
 def _collect_internal(out_fn: Any, in_fns: set, into: set) -> None:
-    """Autograd nodes between a module's inputs and its output: the module's own implementation."""
+    """Autograd nodes between a module's inputs and its output: its own implementation (used for PadShortcut,
+    whose index and pad ops on the channel dimension are what its handler models)."""
     stack = [out_fn]
     while stack:
         fn = stack.pop()
@@ -215,13 +216,13 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
         name = names[mod]
         order.setdefault(name, len(order))
         calls[name] = calls.get(name, 0) + 1
-        if type(mod) in customized:
+        if isinstance(mod, PadShortcut):
             pending_inputs[mod] = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor)}
 
     def post(mod, inputs, output):
         if mod is model:
             output_fns.update(t.grad_fn for t in _tensors(output))
-        if type(mod) in customized and isinstance(output, torch.Tensor):
+        if isinstance(mod, PadShortcut) and isinstance(output, torch.Tensor):
             _collect_internal(output.grad_fn, pending_inputs.pop(mod, set()), internal)
             internal.discard(output.grad_fn)  # the module's own node is judged by its type, not as an op
 
@@ -400,11 +401,20 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
                 covered.setdefault(name, set()).update(i for v in per_root.values() for i in v)
         for first, size, starts in _segments(todo, maps):
             members = [Member(name, role, off) for (name, role), off in starts.items()]
-            groups.append(ChannelGroup("", size, members, not problems, "; ".join(problems)))
+            groups.append(ChannelGroup("", size, members, not problems, _summarise(problems)))
     _check_widths(model, groups)
     _check_overlaps(groups)
     _name_and_sort(model, groups, tr.order)
     return groups
+
+
+def _summarise(problems: list[str]) -> str:
+    shared = [p.split(" runs ")[0] for p in problems if p.endswith("(shared weights)")]
+    rest = [p for p in problems if not p.endswith("(shared weights)")]
+    if shared:
+        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        rest.append(f"{', '.join(shared[:3])}{more} run several times per forward (shared weights)")
+    return "; ".join(rest)
 
 
 def _check_widths(model: nn.Module, groups: list[ChannelGroup]) -> None:
