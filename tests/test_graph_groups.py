@@ -10,15 +10,6 @@ from slimcnn.graph import ChannelGroup, Member, channel_groups, register_unpruna
 from slimcnn.models import create
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: one intra-op thread is several times faster than two competing ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def by_key(groups: list[ChannelGroup]) -> dict[str, ChannelGroup]:
     return {g.key: g for g in groups}
 

@@ -17,14 +17,6 @@ MODELS = [("cifar_resnet20", {"shortcut": "A"}, 32), ("cifar_resnet20", {"shortc
 IDS = [f"{n}{kw.get('shortcut', '')}" for n, kw, _ in MODELS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial BN statistics, so that a channel mix-up shows in the outputs."""
     g = torch.Generator().manual_seed(seed)
@@ -60,13 +52,14 @@ def test_remove_and_merge_hit_macs_targets(name, kw, size):
         small = prune_to_target(model, x, scores, target, mode=mode)
         assert small(x).shape == out_shape
         assert abs(profile(small, example_input=x).macs / base - target) <= 0.01 * target
-    # merging to the same widths gives the same MACs as removing
-    widths = allocate_widths(model, x, 0.5, groups=groups)
-    clusters = {k: [c.tolist() for c in torch.arange(g.size).tensor_split(widths[k])] for k, g in
-                ((g.key, g) for g in groups if g.key in widths)}
-    merged = merge_channels(model, x, clusters, groups=groups)
-    assert merged(x).shape == out_shape
-    assert abs(profile(merged, example_input=x).macs / base - 0.5) <= 0.005
+    # merging contiguous clusters down to the allocated widths lands on the target too
+    for target in (0.3, 0.5):
+        widths = allocate_widths(model, x, target, groups=groups)
+        clusters = {k: [c.tolist() for c in torch.arange(g.size).tensor_split(widths[k])]
+                    for k, g in ((g.key, g) for g in groups if g.key in widths)}
+        merged = merge_channels(model, x, clusters, groups=groups)
+        assert merged(x).shape == out_shape
+        assert abs(profile(merged, example_input=x).macs / base - target) <= 0.01 * target
     after = state(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 

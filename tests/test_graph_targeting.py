@@ -13,14 +13,6 @@ from slimcnn.models import create
 from slimcnn.profile import profile
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)

@@ -46,18 +46,10 @@ def remove_channels(model: nn.Module, example_input: torch.Tensor, keep: Mapping
     >>> small.layer1[0].conv1.out_channels
     3
     """
-    groups = groups if groups is not None else channel_groups(model, example_input)
-    by_key = groups_by_key(groups)
-    plan: dict[str, Clusters] = {}
-    for key, kept in keep.items():
-        g = _group(by_key, key, "remove_channels")
-        idx = _indices(kept, g, "remove_channels")
-        if len(set(idx)) != len(idx):
-            raise SurgeryError(f"remove_channels: group {key!r}: kept indices repeat: {sorted(idx)}")
-        plan[key] = [[i] for i in sorted(idx)]
+    by_key, plan = _plan(model, example_input, groups, keep, _kept_as_clusters, "remove_channels")
     ref = reference_output(model, example_input)
     new = _apply(model, by_key, plan)
-    what = "remove_channels(" + ", ".join(f"{k}: {len(v)}/{by_key[k].size}" for k, v in plan.items()) + ")"
+    what = _describe("remove_channels", by_key, plan)
     got = validate(new, example_input, ref, what)
     _check_against_masked(model, got, example_input, by_key, plan, tol)
     return new
@@ -77,23 +69,10 @@ def merge_channels(model: nn.Module, example_input: torch.Tensor, clusters: Mapp
     >>> m.layer1[0].conv1.out_channels
     14
     """
-    groups = groups if groups is not None else channel_groups(model, example_input)
-    by_key = groups_by_key(groups)
-    plan: dict[str, Clusters] = {}
-    for key, cl in clusters.items():
-        g = _group(by_key, key, "merge_channels")
-        if not cl or any(len(c) == 0 for c in cl):
-            raise SurgeryError(f"merge_channels: group {key!r} has an empty cluster (or no cluster at all)")
-        plan[key] = [_indices(c, g, "merge_channels") for c in cl]
-        flat = sorted(i for c in plan[key] for i in c)
-        if flat != list(range(g.size)):
-            missing = sorted(set(range(g.size)) - set(flat))
-            dup = sorted({i for i in flat if flat.count(i) > 1})
-            raise SurgeryError(f"merge_channels: the clusters of group {key!r} must partition its {g.size} channels "
-                               f"(missing {missing}, repeated {dup})")
+    by_key, plan = _plan(model, example_input, groups, clusters, _partition, "merge_channels")
     ref = reference_output(model, example_input)
     new = _apply(model, by_key, plan)
-    what = "merge_channels(" + ", ".join(f"{k}: {by_key[k].size}->{len(v)}" for k, v in plan.items()) + ")"
+    what = _describe("merge_channels", by_key, plan)
     try:
         validate(new, example_input, ref, what, lossless_tol)
     except SurgeryError as e:
@@ -129,6 +108,37 @@ def equalize_clusters(model: nn.Module, groups: list[ChannelGroup], clusters: Ma
 
 # ---------------------------------------------------------------------------------------------------------------
 # Input checks
+
+
+def _plan(model: nn.Module, x: torch.Tensor, groups: list[ChannelGroup] | None, spec: Mapping,
+          to_clusters, op: str) -> tuple[dict[str, ChannelGroup], dict[str, Clusters]]:
+    groups = groups if groups is not None else channel_groups(model, x)
+    by_key = groups_by_key(groups)
+    return by_key, {key: to_clusters(_group(by_key, key, op), value) for key, value in spec.items()}
+
+
+def _kept_as_clusters(g: ChannelGroup, kept: Sequence[int]) -> Clusters:
+    idx = _indices(kept, g, "remove_channels")
+    if len(set(idx)) != len(idx):
+        raise SurgeryError(f"remove_channels: group {g.key!r}: kept indices repeat: {sorted(idx)}")
+    return [[i] for i in sorted(idx)]
+
+
+def _partition(g: ChannelGroup, clusters: Sequence[Sequence[int]]) -> Clusters:
+    if not clusters or any(len(c) == 0 for c in clusters):
+        raise SurgeryError(f"merge_channels: group {g.key!r} has an empty cluster (or no cluster at all)")
+    plan = [_indices(c, g, "merge_channels") for c in clusters]
+    flat = sorted(i for c in plan for i in c)
+    if flat != list(range(g.size)):
+        missing = sorted(set(range(g.size)) - set(flat))
+        dup = sorted({i for i in flat if flat.count(i) > 1})
+        raise SurgeryError(f"merge_channels: the clusters of group {g.key!r} must partition its {g.size} channels "
+                           f"(missing {missing}, repeated {dup})")
+    return plan
+
+
+def _describe(op: str, by_key: dict[str, ChannelGroup], plan: Mapping[str, Clusters]) -> str:
+    return f"{op}(" + ", ".join(f"{k}: {by_key[k].size}->{len(v)}" for k, v in plan.items()) + ")"
 
 
 def _group(by_key: dict[str, ChannelGroup], key: str, op: str) -> ChannelGroup:
