@@ -122,9 +122,10 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
                        "ratio": [round(c / b, 4) for b, c in zip(lat_base, lat_comp)]},
         "finalize_key": finalize_key, finalize_key: {**fin_extra, **finalize},
         "epoch_budget": {"method_epochs": cfg.method_epochs, "finetune_epochs": cfg.epochs},
-        "test_images": len(labels), "config": asdict(cfg), "method_report": method_report,
-        "environment": environment(), **(info or {}),
+        "test_images": len(labels), "config": asdict(cfg), "environment": environment(), **(info or {}),
     }
+    # the method's own figures (TRP's layers, Dagger's gates, ...) sit at the top level of the report
+    report.update({k: v for k, v in method_report.items() if k not in report})
     report["wall_s"] = round(time.time() - t0, 1)
     if out:
         from .io import save

@@ -141,12 +141,11 @@ def write_report(report: dict[str, Any], out_dir: Path, widths_before: dict[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = {"widths": plot_widths(widths_before, widths_after, out_dir / "widths.png",
                                   f"{report['method']} on {report['model']}: per-layer widths").name}
-    extra = report.get("method_report", {})
-    if isinstance(extra.get("gates"), dict) and extra["gates"]:
-        pngs["gates"] = plot_gates(extra["gates"], out_dir / "gates.png").name
-    if isinstance(extra.get("soft_macs"), list) and extra["soft_macs"]:
-        pngs["soft_macs"] = plot_series(extra["soft_macs"], out_dir / "soft_macs.png", "soft MACs",
-                                        extra.get("target_macs_abs")).name
+    if isinstance(report.get("gates"), dict) and report["gates"]:
+        pngs["gates"] = plot_gates(report["gates"], out_dir / "gates.png").name
+    if isinstance(report.get("soft_macs"), list) and report["soft_macs"]:
+        pngs["soft_macs"] = plot_series(report["soft_macs"], out_dir / "soft_macs.png", "soft MACs",
+                                        report.get("target_macs_abs")).name
     report["plots"] = pngs
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1, default=float))
     md = markdown(report) + "".join(f"\n![{k}]({v})\n" for k, v in pngs.items())
