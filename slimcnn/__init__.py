@@ -7,7 +7,7 @@
 >>> method = slimcnn.methods.create("l1", target_macs=0.5)        # doctest: +SKIP
 >>> slimcnn.save(model, "out/resnet56"); same = slimcnn.load("out/resnet56")  # doctest: +SKIP
 """
-from . import methods
+from . import gating, methods  # noqa: F401  (gating registers the rig/dig wrappers)
 from .io import export_onnx, export_torchscript, load, save
 from .models import create, list_models, load_checkpoint
 from .profile import profile

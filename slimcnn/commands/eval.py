@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_data_args, add_model_args, build_model
+from .common import add_data_args, add_model_args, build_model, parse_shape
 
 TASK_HELP = "classification (CIFAR-10 layout) or segmentation (CamVid layout, void label 11 ignored)"
 
@@ -20,6 +20,7 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="where to run (default: cuda if available, else cpu)")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 autocast); used only on cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--size", default=None, help="segmentation: resize CamVid to H,W (default: as stored, 180,240)")
 
 
 def add_parser(sub) -> None:
@@ -45,14 +46,10 @@ def data_loaders(args: argparse.Namespace, splits: tuple[str, ...], rank: int = 
                               test_limit=args.test_limit, seed=args.seed, rank=rank, world_size=world_size,
                               splits=splits)
     if args.task == "segmentation":
-        try:
-            from ..data.camvid import camvid_loaders
-        except ModuleNotFoundError as e:
-            if e.name != "slimcnn.data.camvid":
-                raise
-            from ..cli import UserError
+        from ..data.camvid import camvid_loaders
 
-            raise UserError("--task segmentation needs slimcnn.data.camvid, which this version does not have") from None
+        if args.size:
+            kw["size"] = tuple(parse_shape("3," + args.size)[1:])
         return camvid_loaders(args.data, **kw)
     from ..data import cifar10_loaders
 

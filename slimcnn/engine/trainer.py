@@ -274,8 +274,12 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
             method.before_forward(model, step)
             opt.zero_grad(set_to_none=True)
             with autocast(device, use_amp):
-                logits = logits_of(net(x))
-                loss = task_loss(cfg.task, logits, y) + method.loss(model)
+                out = net(x)
+                logits = logits_of(out)
+                if isinstance(out, (list, tuple)):  # an iterative model trained on every iteration's output
+                    loss = sum(task_loss(cfg.task, o, y) for o in out) / len(out) + method.loss(model)
+                else:
+                    loss = task_loss(cfg.task, logits, y) + method.loss(model)
             # every rank must agree to stop, or the others would wait forever in the next all-reduce
             seen = distributed.all_reduce_sum(loss.detach().float().reshape(1).clone())
             if not torch.isfinite(seen).all():

@@ -1,5 +1,5 @@
 """Model zoo. ``create(name, num_classes=10, **kw)``, ``list_models()``, ``load_checkpoint(model, path)``."""
-from . import cifar_resnet, cifar_vgg  # noqa: F401  (registers the builders)
+from . import cifar_resnet, cifar_vgg, seg  # noqa: F401  (registers the builders)
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from .cifar_resnet import CifarResNet, PadShortcut
 from .registry import create, default_input_size, list_models, register
