@@ -1,0 +1,46 @@
+import copy
+
+import pytest
+import torch
+
+import slimcnn
+from slimcnn.methods.tp_peer import TorchPruningPeer, shortcut_as_conv
+from slimcnn.models import PadShortcut
+from conftest import RESNET20
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    return slimcnn.load_checkpoint(slimcnn.create("cifar_resnet20"), RESNET20).eval()
+
+
+def test_shortcut_conv_is_exact():
+    sc = PadShortcut(16, 32, 2, src=[0, 5, 7], dst=[3, 31, 8])
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.equal(shortcut_as_conv(sc)(x), sc(x))
+
+
+def test_torch_pruning_alone_breaks_option_a(resnet20):
+    """Why the peer needs the conv form: Torch-Pruning 1.6.1 prunes without error and returns a broken net."""
+    import torch_pruning as tp
+
+    m, x = copy.deepcopy(resnet20), torch.randn(2, 3, 32, 32)
+    tp.pruner.BasePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.3,
+                         ignored_layers=[m.linear]).step()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        m(x)
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_peer_prunes_public_resnet20_to_target(resnet20, global_pruning):
+    x = torch.randn(2, 3, 32, 32)
+    peer = TorchPruningPeer(target_macs=0.5, global_pruning=global_pruning)
+    work = peer.prepare(copy.deepcopy(resnet20), x)
+    with torch.no_grad():
+        assert torch.allclose(work(x), resnet20(x), atol=1e-5)  # conversion is lossless
+    assert not any(isinstance(m, PadShortcut) for m in work.modules())
+    small = peer.finalize(work)
+    ratio = slimcnn.profile(small).macs / slimcnn.profile(resnet20).macs
+    # uniform per-layer ratios move MACs in steps; the peer reports how close it got
+    assert abs(ratio - 0.5) < 0.02 and small(x).shape == (2, 10)
+    assert peer.report()["tp"]["shortcuts_converted"] == 2
