@@ -7,6 +7,7 @@ time both models side by side -> report.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,7 +81,11 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
     base_top1 = top1(base_logits, labels)
     tqdm.write(f"base: top1 {base_top1:.2f}  MACs {base_prof.macs / 1e6:.2f}M  params {base_prof.params / 1e6:.3f}M")
 
-    work = method.prepare(copy.deepcopy(model), example.to(cfg.device))
+    budget = {"total_steps": len(train_loader) * cfg.method_epochs, "lr": cfg.method_lr or cfg.lr,
+              "schedule": cfg.schedule}
+    accepted = inspect.signature(method.prepare).parameters
+    work = method.prepare(copy.deepcopy(model), example.to(cfg.device),
+                          **{k: v for k, v in budget.items() if k in accepted and cfg.method_epochs > 0})
     if cfg.method_epochs > 0:
         work = _train(work, train_loader, cfg, cfg.method_epochs, cfg.method_lr or cfg.lr, method,
                       out / "method_ckpt" if out else None)

@@ -1,0 +1,203 @@
+"""Side-by-side benchmark: every method and the Torch-Pruning peer, same base, same MACs, same epoch budget.
+
+For each model: fine-tune the public checkpoint on the JPEG CIFAR-10 training set (cached under
+``<work>/bases``; the published checkpoints were trained on lossless CIFAR-10), then for each MACs target run
+every row through :func:`slimcnn.compress.compress` with the same total epoch budget, and collect top-1 (full
+test split unless the budget limits it), MACs, params, latency ratios and wall time into
+``benchmarks/results/<name>.json`` + ``.md`` + PNG plots.
+
+Budgets: ``smoke`` (a minute-long check on tiny subsets), ``cpu`` (sized for about 2 hours on 2 cores),
+``paper`` (the papers' longer recipes, for a GPU: ``--device cuda``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .compress import CompressConfig, compress
+from .report import atomic_write_text, environment
+
+WEIGHTS = {"cifar_resnet20": "cifar10-resnet20-12fca82f.th", "cifar_resnet56": "cifar10-resnet56-4bfd9763.th"}
+
+
+@dataclass
+class Row:
+    """One method at one setting. ``method_share`` of the epoch budget trains with the method attached; the
+    rest fine-tunes after finalize."""
+
+    label: str
+    method: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    method_share: float = 0.0
+
+
+ROWS = [Row("l1", "l1"), Row("tp-peer", "tp"), Row("dagger", "dagger", method_share=0.5),
+        Row("csgd", "csgd", method_share=1.0), Row("trp-channel", "trp", {"scheme": "channel"}, 1.0),
+        Row("trp-spatial", "trp", {"scheme": "spatial"}, 1.0)]
+
+
+@dataclass
+class Budget:
+    models: list[str]
+    targets: list[float]
+    base_epochs: int
+    epochs: int
+    lr: float = 0.01
+    base_lr: float = 0.02
+    train_limit: int | None = None
+    test_limit: int | None = None
+    batch_size: int = 128
+    latency_batches: list[int] = field(default_factory=lambda: [1, 128])
+
+
+BUDGETS = {
+    "smoke": Budget(["cifar_resnet20"], [0.5], base_epochs=0, epochs=1, train_limit=256, test_limit=200,
+                    batch_size=64, latency_batches=[1, 16]),
+    "cpu": Budget(["cifar_resnet20", "cifar_resnet56"], [0.5], base_epochs=1, epochs=2),
+    "paper": Budget(["cifar_resnet20", "cifar_resnet56"], [0.7, 0.5, 0.4], base_epochs=30, epochs=100, lr=0.05,
+                    base_lr=0.05),
+}
+
+
+def split_epochs(total: int, share: float) -> tuple[int, int]:
+    """(method epochs, fine-tune epochs) for a row; a method with a training phase gets at least one epoch."""
+    m = round(total * share)
+    if share > 0:
+        m = max(1, m)
+    return m, total - m
+
+
+def fine_tuned_base(model_name: str, weights_dir: Path, data: str, budget: Budget, work: Path, device: str,
+                    seed: int = 0):
+    """The public checkpoint fine-tuned for ``budget.base_epochs`` on the data (cached: trained once)."""
+    from .data import cifar10_loaders
+    from .engine import TrainConfig, train
+    from .io import load, save
+    from .models import create, load_checkpoint
+
+    key = f"{model_name}-ft{budget.base_epochs}e-lr{budget.base_lr}-n{budget.train_limit or 'all'}-s{seed}"
+    cached = work / "bases" / key
+    if (cached / "model.safetensors").is_file():
+        return load(cached), key
+    model = load_checkpoint(create(model_name), weights_dir / WEIGHTS[model_name])
+    if budget.base_epochs > 0:
+        loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed, splits=("train",))
+        cfg = TrainConfig(epochs=budget.base_epochs, lr=budget.base_lr, weight_decay=1e-4, seed=seed, device=device,
+                          out_dir=str(cached / "ckpt"))
+        model = train(model, loaders["train"], cfg).model
+        save(model, cached)
+    return model, key
+
+
+def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str | None = None,
+              rows: list[str] | None = None, models: list[str] | None = None, targets: list[float] | None = None,
+              work: str = "runs/bench", results: str = "benchmarks/results", device: str = "cpu",
+              seed: int = 0) -> dict[str, Any]:
+    from . import methods
+    from .data import cifar10_loaders
+
+    budget = BUDGETS[budget_name]
+    name = name or f"bench-{budget_name}"
+    work_dir = Path(work) / budget_name
+    out_json = Path(results) / f"{name}.json"
+    # resume a partly done benchmark: rows already measured with these settings are kept
+    done: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    records = {(r["model"], r["row"], r["target_macs"]): r for r in done.get("rows", [])
+               if r.get("budget") == budget_name}
+    selected = [r for r in ROWS if rows is None or r.label in rows]
+    loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed)
+    for model_name in models or budget.models:
+        base, base_key = fine_tuned_base(model_name, Path(weights_dir), data, budget, work_dir, device, seed)
+        for target in targets or budget.targets:
+            for row in selected:
+                if (model_name, row.label, target) in records:
+                    continue
+                m_epochs, ft_epochs = split_epochs(budget.epochs, row.method_share)
+                method = methods.create(row.method, target_macs=target, **row.kwargs)
+                cfg = CompressConfig(target_macs=target, method_epochs=m_epochs, epochs=ft_epochs, lr=budget.lr,
+                                     seed=seed, device=device, latency_batches=budget.latency_batches,
+                                     out_dir=str(work_dir / model_name / f"{row.label}-{target}"))
+                t0 = time.time()
+                _, rep = compress(base, method, loaders["train"], loaders["test"], (3, 32, 32), cfg, model_name,
+                                  {"command": f"slimcnn bench --budget {budget_name}", "base_checkpoint": base_key})
+                records[(model_name, row.label, target)] = {
+                    "model": model_name, "row": row.label, "method": row.method, "budget": budget_name,
+                    "target_macs": target, "method_epochs": m_epochs, "finetune_epochs": ft_epochs,
+                    "base_top1": rep["base"]["top1"], "top1": rep["compressed"]["top1"],
+                    "top1_change": rep["top1_change"], "macs": rep["compressed"]["macs"],
+                    "base_macs": rep["base"]["macs"], "macs_ratio": rep["macs_ratio"],
+                    "params": rep["compressed"]["params"], "base_params": rep["base"]["params"],
+                    "latency_ratio": dict(zip(map(str, rep["latency_ms"]["batch"]), rep["latency_ms"]["ratio"])),
+                    "finalize": rep.get(rep["finalize_key"]), "wall_s": round(time.time() - t0, 1),
+                    "test_images": rep["test_images"]}
+                write_results(records, budget_name, budget, out_json, name)
+    return write_results(records, budget_name, budget, out_json, name)
+
+
+def write_results(records: dict, budget_name: str, budget: Budget, out_json: Path, name: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    result = {"name": name, "budget": budget_name, "settings": asdict(budget), "rows": list(records.values()),
+              "environment": environment(),
+              "notes": "Top-1 on the JPEG copy of CIFAR-10 (not comparable with published lossless figures). "
+                       "Every row starts from the same fine-tuned base; MACs by slimcnn's op-level counter "
+                       "(conv+linear); the tp-peer row runs on option-A shortcuts converted to 1x1 convs (+MACs, counted)."}
+    atomic_write_text(out_json, json.dumps(result, indent=1))
+    atomic_write_text(out_json.with_suffix(".md"), results_markdown(result))
+    if result["rows"]:
+        plot_results(result, out_json.with_suffix(""))
+    return result
+
+
+def results_markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    lines = [f"# {result['name']}", "",
+             f"Budget `{result['budget']}`: base fine-tune {s['base_epochs']} epoch(s); {s['epochs']} epoch(s) per row "
+             f"(method + fine-tune); train images {s['train_limit'] or 'all 50,000'}, test images "
+             f"{s['test_limit'] or 'all 10,000'}. {result['notes']}", "",
+             "| model | row | target | epochs (method+ft) | base top-1 | top-1 | change | MACs | MACs ratio | params | "
+             "latency ratio b1 | latency ratio (large b) | wall s |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(result["rows"], key=lambda r: (r["model"], -r["target_macs"], r["row"])):
+        lat = list(r["latency_ratio"].values())
+        lines.append(f"| {r['model']} | {r['row']} | {r['target_macs']} | {r['method_epochs']}+{r['finetune_epochs']} | "
+                     f"{r['base_top1']:.2f} | {r['top1']:.2f} | {r['top1_change']:+.2f} | {r['macs'] / 1e6:.2f}M | "
+                     f"{r['macs_ratio']:.3f} | {r['params'] / 1e6:.3f}M | {lat[0]:.3f} | {lat[-1]:.3f} | {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(result: dict[str, Any], stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for model in sorted({r["model"] for r in rows}):
+        for label in sorted({r["row"] for r in rows}):
+            pts = sorted((r["macs_ratio"], r["top1"]) for r in rows if r["model"] == model and r["row"] == label)
+            if pts:
+                axes[0].plot(*zip(*pts), marker="o", label=f"{model.replace('cifar_', '')} {label}")
+        base = next(r["base_top1"] for r in rows if r["model"] == model)
+        axes[0].axhline(base, ls=":", lw=1, color="grey")
+    axes[0].set_xlabel("MACs ratio (compressed / base)")
+    axes[0].set_ylabel("top-1 (%)")
+    axes[0].set_title("accuracy vs MACs (dotted: base)", fontsize=9)
+    axes[0].legend(fontsize=6)
+    for r in rows:
+        for b, v in r["latency_ratio"].items():
+            axes[1].scatter(r["macs_ratio"], v, marker="o" if b == "1" else "s", s=18)
+            axes[1].annotate(f"{r['row']} b{b}", (r["macs_ratio"], v), fontsize=5)
+    axes[1].plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="ideal (latency ratio = MACs ratio)")
+    axes[1].set_xlabel("MACs ratio")
+    axes[1].set_ylabel("CPU latency ratio")
+    axes[1].set_title("latency ratio vs MACs ratio", fontsize=9)
+    axes[1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(f"{stem}.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,37 @@
+"""``slimcnn bench``: every method vs the Torch-Pruning peer, same base, same MACs, same epochs."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    from ..bench import BUDGETS, ROWS
+
+    p = sub.add_parser("bench", help="side-by-side benchmark of every method and the Torch-Pruning peer",
+                       description="Fine-tune the public checkpoints on the data (cached), then compress with every "
+                                   "method and the peer at the same MACs targets and epoch budget; writes "
+                                   "benchmarks/results/<name>.{json,md,png}. Rows already measured are kept (resume).")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="smoke",
+                   help="smoke: a minute-long check; cpu: ~2 h on 2 cores; paper: long recipes for a GPU")
+    p.add_argument("--data", required=True, help="CIFAR-10 root (image folder or pickle layout)")
+    p.add_argument("--weights-dir", required=True, help="folder with the public cifar10-resnet*.th checkpoints")
+    p.add_argument("--rows", default=None, help=f"comma list of rows (default all: {', '.join(r.label for r in ROWS)})")
+    p.add_argument("--models", default=None, help="comma list of models (default: the budget's)")
+    p.add_argument("--targets", default=None, help="comma list of MACs ratios (default: the budget's)")
+    p.add_argument("--name", default=None, help="results name (default bench-<budget>)")
+    p.add_argument("--work", default="runs/bench", help="folder for bases, models and per-row reports")
+    p.add_argument("--results", default="benchmarks/results", help="folder for the JSON/markdown/PNG results")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import run_bench
+
+    split = lambda s: [v.strip() for v in s.split(",") if v.strip()] if s else None  # noqa: E731
+    result = run_bench(args.data, args.weights_dir, args.budget, args.name, split(args.rows), split(args.models),
+                       [float(t) for t in split(args.targets)] if args.targets else None, args.work, args.results,
+                       args.device, args.seed)
+    print(open(f"{args.results}/{result['name']}.md").read())
+    return 0
