@@ -468,8 +468,9 @@ class CSGD(Method):
             try:
                 coarse = partitioned_clusters(k, classes, feats, self.seed)
             except ValueError as e:
-                raise ValueError(f"C-SGD cannot cut group {key!r} to {k} channels: {e} (a zero-pad shortcut feeds "
-                                 "it: keep more channels here, or cut the stream that feeds the shortcut too)") from None
+                raise ValueError(f"C-SGD cannot cut group {key!r} to {k} channels: {e} (a zero-pad shortcut "
+                                 "feeds it: keep more channels here, or cut the stream that feeds the shortcut "
+                                 "too)") from None
             out[key] = canonical_ids(coarse[prev])
         return _broadcast_ids(out, model)
 
