@@ -21,6 +21,8 @@ def add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--num-classes", type=int, default=None,
                    help="number of output classes (default: 10, or 11 for --task segmentation on CamVid)")
     p.add_argument("--shortcut", choices=["A", "B"], default=None, help="CIFAR ResNet shortcut type (default A)")
+    p.add_argument("--width", type=float, default=None,
+                   help="CIFAR ResNet width multiplier (e.g. 1.5 to train wide, then `compress --method csgd --squeeze`)")
     p.add_argument("--input", type=parse_shape, default=None, help="input C,H,W (default: the model's own)")
     if weights:
         p.add_argument("--weights", default=None, help="checkpoint: a public .th file, or a slimcnn save (dir or .safetensors)")
@@ -55,7 +57,7 @@ def build_model(args: argparse.Namespace):
     kw = {}
     if args.shortcut:
         kw["shortcut"] = args.shortcut
-    for key in ("gating", "iterations", "gate_type", "variant", "gate_source"):
+    for key in ("width", "gating", "iterations", "gate_type", "variant", "gate_source"):
         if getattr(args, key, None) is not None:
             kw[key] = getattr(args, key)
     model = create(args.model, num_classes=num_classes(args), **kw)
