@@ -7,7 +7,7 @@
 >>> scores = {g.key: torch.rand(g.size) for g in channel_groups(model, x) if g.prunable}
 >>> small = prune_to_target(model, x, scores, target=0.5)     # real MACs within 1% of half
 """
-from .costs import LayerCost, layer_costs
+from .costs import LayerCost, cost_model, layer_costs
 from .groups import ChannelGroup, Member, channel_groups, register_unprunable
 from .replace import replace_modules, set_submodule
 from .surgery import equalize_clusters, merge_channels, remove_channels
@@ -16,5 +16,5 @@ from .validate import SurgeryError, first_output, reference_output, validate
 
 __all__ = ["ChannelGroup", "Member", "channel_groups", "register_unprunable", "remove_channels", "merge_channels",
            "equalize_clusters",
-           "replace_modules", "set_submodule", "layer_costs", "LayerCost", "allocate_widths", "select_channels",
+           "replace_modules", "set_submodule", "layer_costs", "LayerCost", "cost_model", "allocate_widths", "select_channels",
            "prune_to_target", "TargetError", "SurgeryError", "validate", "reference_output", "first_output"]

@@ -280,7 +280,7 @@ class Dagger(Method):
         ("--final-temperature", dict(dest="final_temperature", type=float, default=None,
                                      help="temperature at the end of annealing (default 0.1)")),
         ("--anneal-steps", dict(dest="anneal_steps", type=int, default=None,
-                                help="optimiser steps over which T anneals (default 2000)")),
+                                help="optimiser steps over which T anneals (default: the whole search under compress, else 2000)")),
         ("--reg", dict(dest="reg", choices=["square", "hinge"], default=None,
                        help="regulariser form: (F/F_t - 1)^2 or max(0, F/F_t - 1) (default square)")),
         ("--polarize", dict(dest="polarize", type=float, default=None,
@@ -289,7 +289,7 @@ class Dagger(Method):
 
     def __init__(self, target_macs: float | None = None, search_lr: float | None = None, lambda_flops: float = 10.0,
                  gate: str = "ste", temperature: float = 1.0, final_temperature: float = 0.1,
-                 anneal: str = "exp", anneal_steps: int = 2000, reg: str = "square", polarize: float = 1.0,
+                 anneal: str = "exp", anneal_steps: int | None = None, reg: str = "square", polarize: float = 1.0,
                  features: Sequence[str] = FEATURES, normalize: str = "zscore", hidden: int = 16,
                  embed_dim: int = 4, init_gate: float = 0.95, prior: str | None = "l1", prior_scale: float = 1.0,
                  detach_weights: bool = True, clip_grad: float | None = 1.0, mode: str = "global",
@@ -304,7 +304,10 @@ class Dagger(Method):
         self.search_lr = search_lr
         self.lambda_flops = float(lambda_flops)
         self.gate = _choice("gate", gate, ("sigmoid", "ste"))
-        self.t_start, self.t_end, self.anneal_steps = float(temperature), float(final_temperature), int(anneal_steps)
+        # anneal over the whole search when the caller tells prepare() its length; 2000 steps otherwise
+        self._anneal_given = anneal_steps is not None
+        self.t_start, self.t_end = float(temperature), float(final_temperature)
+        self.anneal_steps = int(anneal_steps) if anneal_steps is not None else 2000
         self.anneal = _choice("anneal", anneal, ("exp", "linear", "constant"))
         self.reg = _choice("reg", reg, ("square", "hinge"))
         self.polarize = float(polarize)
@@ -401,7 +404,11 @@ class Dagger(Method):
         self._handles = []
 
     # ------------------------------------------------------------------ Method interface
-    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    def prepare(self, model: nn.Module, example_input: torch.Tensor, total_steps: int | None = None) -> nn.Module:
+        """Attach the gates. ``total_steps`` (the search length, passed by ``slimcnn compress``) sets the
+        annealing length unless ``anneal_steps`` was given."""
+        if total_steps and not self._anneal_given:
+            self.anneal_steps = int(total_steps)
         self._detach_hooks()  # prepared twice: trace the clean model
         self.example_input = example_input
         self.step, self.trajectory, self.widths, self.final_gates = 0, [], {}, {}
