@@ -6,7 +6,8 @@ every row through :func:`slimcnn.compress.compress` with the same total epoch bu
 test split unless the budget limits it), MACs, params, latency ratios and wall time into
 ``benchmarks/results/<name>.json`` + ``.md`` + PNG plots.
 
-Budgets: ``smoke`` (a minute-long check on tiny subsets), ``cpu`` (sized for about 2 hours on 2 cores),
+Budgets: ``smoke`` (a minute-long check on tiny subsets), ``cpu`` (sized for about 2 hours on 2 cores: epochs
+over a fixed class-balanced 25,000-image half of the training set, test on all 10,000),
 ``paper`` (the papers' longer recipes, for a GPU: ``--device cuda``).
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ class Budget:
 BUDGETS = {
     "smoke": Budget(["cifar_resnet20"], [0.5], base_epochs=0, epochs=1, train_limit=256, test_limit=200,
                     batch_size=64, latency_batches=[1, 16]),
-    "cpu": Budget(["cifar_resnet20", "cifar_resnet56"], [0.5], base_epochs=1, epochs=2),
+    # ~2 h on 2 cores: epochs over a fixed class-balanced half of the training set (25,000 images)
+    "cpu": Budget(["cifar_resnet20", "cifar_resnet56"], [0.5], base_epochs=1, epochs=2, train_limit=25000),
     "paper": Budget(["cifar_resnet20", "cifar_resnet56"], [0.7, 0.5, 0.4], base_epochs=30, epochs=100, lr=0.05,
                     base_lr=0.05),
 }
@@ -177,27 +179,39 @@ def plot_results(result: dict[str, Any], stem: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for model in sorted({r["model"] for r in rows}):
-        for label in sorted({r["row"] for r in rows}):
+    labels = sorted({r["row"] for r in rows})
+    colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(labels)}
+    models = sorted({r["model"] for r in rows})
+    markers = dict(zip(models, "oD^v"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for model in models:
+        base = next(r["base_top1"] for r in rows if r["model"] == model)
+        axes[0].scatter([1.0], [base], marker="*", s=90, color="black")
+        axes[0].annotate(f"{model.replace('cifar_', '')} base", (1.0, base), fontsize=7, xytext=(-60, 5),
+                         textcoords="offset points")
+        for label in labels:
             pts = sorted((r["macs_ratio"], r["top1"]) for r in rows if r["model"] == model and r["row"] == label)
             if pts:
-                axes[0].plot(*zip(*pts), marker="o", label=f"{model.replace('cifar_', '')} {label}")
-        base = next(r["base_top1"] for r in rows if r["model"] == model)
-        axes[0].axhline(base, ls=":", lw=1, color="grey")
+                axes[0].plot(*zip(*pts), marker=markers[model], color=colors[label], ls="-",
+                             label=f"{model.replace('cifar_', '')} {label}")
+    axes[0].set_xlim(0, 1.08)
     axes[0].set_xlabel("MACs ratio (compressed / base)")
     axes[0].set_ylabel("top-1 (%)")
-    axes[0].set_title("accuracy vs MACs (dotted: base)", fontsize=9)
-    axes[0].legend(fontsize=6)
+    axes[0].set_title("accuracy vs MACs (same epochs for every row)", fontsize=9)
+    axes[0].legend(fontsize=6, ncol=2)
     for r in rows:
-        for b, v in r["latency_ratio"].items():
-            axes[1].scatter(r["macs_ratio"], v, marker="o" if b == "1" else "s", s=18)
-            axes[1].annotate(f"{r['row']} b{b}", (r["macs_ratio"], v), fontsize=5)
-    axes[1].plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="ideal (latency ratio = MACs ratio)")
+        for i, (b, v) in enumerate(r["latency_ratio"].items()):
+            axes[1].scatter(r["macs_ratio"], v, color=colors[r["row"]], marker="o" if i == 0 else "s", s=22,
+                            label=f"{r['row']} b={b}")
+    axes[1].plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="ideal: latency ratio = MACs ratio")
+    handles, names = axes[1].get_legend_handles_labels()
+    uniq = dict(zip(names, handles))
+    axes[1].legend(uniq.values(), uniq.keys(), fontsize=6, ncol=2)
+    axes[1].set_xlim(0, 1.05)
+    axes[1].set_ylim(0, max([1.05] + [v * 1.05 for r in rows for v in r["latency_ratio"].values()]))
     axes[1].set_xlabel("MACs ratio")
-    axes[1].set_ylabel("CPU latency ratio")
-    axes[1].set_title("latency ratio vs MACs ratio", fontsize=9)
-    axes[1].legend(fontsize=6)
+    axes[1].set_ylabel("CPU latency ratio (compressed / base)")
+    axes[1].set_title("latency vs MACs (o: batch 1, s: large batch)", fontsize=9)
     fig.tight_layout()
     fig.savefig(f"{stem}.png", dpi=110)
     plt.close(fig)
