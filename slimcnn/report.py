@@ -112,11 +112,15 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
 
+def _epochs(budget: dict[str, Any]) -> str:
+    return f"{budget.get('method_epochs', 0)} with the method attached + {budget.get('finetune_epochs', 0)} fine-tune"
+
+
 def markdown(report: dict[str, Any]) -> str:
     b, c = report["base"], report["compressed"]
     lat = report.get("latency_ms") or {}
     lines = [f"# slimcnn compress: {report['method']} on {report['model']}", "",
-             f"Target MACs: {report.get('target_macs')}. Epochs: {report.get('epoch_budget')}. "
+             f"Target MACs: {report.get('target_macs')}. Epochs: {_epochs(report.get('epoch_budget') or {})}. "
              f"Top-1 on {report.get('test_images')} test images ({report.get('data')}).", "",
              "| | MACs | params | top-1 |" + "".join(f" latency b={n} (ms) |" for n in lat.get("batch", [])),
              "|---|---:|---:|---:|" + "---:|" * len(lat.get("batch", []))]
@@ -129,9 +133,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("Latency ratio compressed/base: " + ", ".join(
             f"batch {n}: {r:.3f}" for n, r in zip(lat["batch"], lat["ratio"])) + ".")
     fin = report.get(report.get("finalize_key", "finalize"))
-    if isinstance(fin, dict) and "top1_before" in fin:
+    if isinstance(fin, dict) and fin.get("top1_before") is not None:
         lines.append(f"At {report.get('finalize_key', 'finalize')}: top-1 {_fmt(fin['top1_before'])} -> "
                      f"{_fmt(fin['top1_after'])}, max |logit change| {_fmt(fin.get('max_logit_change'), 6)}.")
+    elif isinstance(fin, dict) and fin.get("top1_after") is not None:
+        lines.append(f"Top-1 right after {report.get('finalize_key', 'finalize')}, before fine-tuning: "
+                     f"{_fmt(fin['top1_after'])}.")
     lines += ["", f"Command: `{report.get('command')}`", "", f"Wall time: {report.get('wall_s', 0):.0f} s.", ""]
     return "\n".join(lines)
 
