@@ -135,6 +135,7 @@ def _resnet20() -> nn.Module:
 def _no_traces(model: nn.Module) -> None:
     for name, mod in model.named_modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks, f"hook left on {name!r}"
+        assert "forward" not in mod.__dict__, f"folded gate left on {name!r}"
         assert not isinstance(mod, DaggerNet)
 
 
@@ -242,6 +243,7 @@ def test_finalize_hits_the_target_and_leaves_no_trace(arch):
     m = Dagger(target_macs=0.5)
     hooked = m.prepare(model, X)
     assert hooked is model and any(mod._forward_pre_hooks for mod in model.modules())
+    assert any("forward" in mod.__dict__ for mod in model.modules())  # convs gate through their weights
     assert not any(isinstance(mod, DaggerNet) for mod in model.modules())
     hooked(X)
     compact = m.finalize(hooked)
@@ -269,8 +271,9 @@ def test_state_dict_round_trip_before_prepare(r20_prepared):
     fresh = Dagger(target_macs=0.5, seed=7)
     fresh.load_state_dict(state)
     model2 = copy.deepcopy(model)
-    for mod in model2.modules():  # the deep copy shares m's hooks: drop them, prepare attaches its own
+    for mod in model2.modules():  # the deep copy shares m's hooks and folded gates: drop them, prepare attaches its own
         mod._forward_pre_hooks.clear()
+        mod.__dict__.pop("forward", None)
     fresh.prepare(model2, X)
     assert fresh.temperature == m.temperature and fresh.step == 2
     a, b = m.logits(model), fresh.logits(model2)

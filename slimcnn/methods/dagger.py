@@ -70,6 +70,8 @@ Design:
 """
 from __future__ import annotations
 
+import types
+
 import math
 from typing import Any, Callable, Sequence
 
@@ -395,8 +397,12 @@ class Dagger(Method):
                     slices.setdefault(m.module, []).append((g.key, m.offset, g.size))
         for name, parts in slices.items():
             module = model.get_submodule(name)
-            self._handles.append(module.register_forward_pre_hook(_consumer_hook(method, sorted(parts, key=lambda p: p[1]),
-                                                                                 isinstance(module, nn.Linear))))
+            parts = sorted(parts, key=lambda p: p[1])
+            if _foldable(module):
+                self._handles.append(_FoldedGate(module, method, parts))
+            else:
+                self._handles.append(module.register_forward_pre_hook(_consumer_hook(method, parts,
+                                                                                     isinstance(module, nn.Linear))))
 
     def _detach_hooks(self) -> None:
         for h in self._handles:
@@ -535,6 +541,19 @@ class Dagger(Method):
         self.trajectory = list(state.get("trajectory", []))
 
 
+def _gate_vector(method: Dagger, parts: list[tuple[str, int, int]], n: int, like: torch.Tensor) -> torch.Tensor:
+    """The gate of each of a consumer's ``n`` input channels (1 where no gated group feeds it)."""
+    pieces, pos = [], 0
+    for key, offset, size in parts:
+        if offset > pos:
+            pieces.append(like.new_ones(offset - pos))
+        pieces.append(method._gates[0][key].to(like.dtype))
+        pos = offset + size
+    if pos < n:
+        pieces.append(like.new_ones(n - pos))
+    return torch.cat(pieces)
+
+
 def _consumer_hook(method: Dagger, parts: list[tuple[str, int, int]], linear: bool) -> Callable:
     """Forward pre-hook multiplying a consumer's input channels by the gates of the groups feeding them."""
 
@@ -543,17 +562,43 @@ def _consumer_hook(method: Dagger, parts: list[tuple[str, int, int]], linear: bo
             return None
         x = args[0]
         dim = x.dim() - 1 if linear else 1
-        n = x.shape[dim]
-        pieces, pos = [], 0
-        for key, offset, size in parts:
-            if offset > pos:
-                pieces.append(x.new_ones(offset - pos))
-            pieces.append(method._gates[0][key].to(x.dtype))
-            pos = offset + size
-        if pos < n:
-            pieces.append(x.new_ones(n - pos))
         shape = [1] * x.dim()
-        shape[dim] = n
-        return (x * torch.cat(pieces).view(shape), *args[1:])
+        shape[dim] = x.shape[dim]
+        return (x * _gate_vector(method, parts, x.shape[dim], x).view(shape), *args[1:])
 
     return hook
+
+
+def _foldable(module: nn.Module) -> bool:
+    """Consumers whose input gating can move onto the weight: ungrouped convs (zero padding or any per-channel
+    padding commutes with a per-channel scale) and linears."""
+    return (type(module) is nn.Conv2d and module.groups == 1) or type(module) is nn.Linear
+
+
+class _FoldedGate:
+    """Gate a consumer by scaling its weight's input slices instead of its input activation.
+
+    ``conv(x * g) == conv_{W * g}(x)`` exactly, and W is far smaller than x: this keeps the search step close to a
+    plain step (multiplying every activation cost ~30% on ResNet-56 on CPU). The module's ``forward`` is shadowed
+    by a bound method (a deep copy of the module rebinds it to the copy, and shares this method object as the
+    activation hooks' closures do) and restored by ``remove()``.
+    """
+
+    def __init__(self, module: nn.Module, method: Dagger, parts: list[tuple[str, int, int]]) -> None:
+        self.module = module
+        module.forward = types.MethodType(_folded_forward(method, parts), module)
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+def _folded_forward(method: Dagger, parts: list[tuple[str, int, int]]) -> Callable:
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if method._gates is None:
+            return type(self).forward(self, x)
+        g = _gate_vector(method, parts, self.weight.shape[1], self.weight)
+        if isinstance(self, nn.Linear):
+            return F.linear(x, self.weight * g.view(1, -1), self.bias)
+        return self._conv_forward(x, self.weight * g.view(1, -1, 1, 1), self.bias)
+
+    return forward
