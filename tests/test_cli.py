@@ -56,6 +56,9 @@ def test_compress_l1_then_export(tmp_path):
 def test_demo_runs_on_embedded_default(tmp_path):
     r = run_cli("demo", "--epochs", "1", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr
-    assert "compressed" in r.stdout and (tmp_path / "demo" / "l1" / "widths.png").is_file()
-    rep = json.loads((tmp_path / "demo" / "l1" / "report.json").read_text())
-    assert rep["base"]["top1"] > 70  # public ResNet-20 on the embedded JPEG subset
+    assert "side by side" in r.stdout
+    for method in ["l1", "tp", "csgd", "dagger", "trp"]:
+        assert (tmp_path / "demo" / method / "widths.png").is_file()
+        rep = json.loads((tmp_path / "demo" / method / "report.json").read_text())
+        assert rep["base"]["top1"] > 70  # public ResNet-20 on the embedded JPEG subset
+        assert abs(rep["macs_ratio"] - 0.5) < 0.02

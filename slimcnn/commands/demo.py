@@ -11,8 +11,10 @@ import argparse
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the main job on the embedded default (ResNet-20, CIFAR-10 subset)",
                        description="Evaluate the public ResNet-20 on an embedded CIFAR-10 subset, compress it to "
-                                   "50%% MACs, fine-tune briefly, print before/after and write a PNG. ~1-3 min on 2 cores.")
-    p.add_argument("--methods", default="l1", help="comma list of methods to run side by side (default: l1)")
+                                   "50%% MACs with every method, fine-tune briefly, print before/after tables and write "
+                                   "PNGs. About 2 minutes on 2 idle cores.")
+    p.add_argument("--methods", default="l1,tp,csgd,dagger,trp",
+                   help="comma list of methods to run side by side (default: every method and the Torch-Pruning peer)")
     p.add_argument("--target-macs", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=4, help="fine-tune epochs on the 1,500 embedded training images")
     p.add_argument("--out", default="runs/demo", help="output folder (reports, models, PNG)")
@@ -33,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     train = Loader(load_demo("train"), batch_size=64, shuffle=True, augment=True, seed=0)
     test = Loader(load_demo("test"), batch_size=250)
     print("slimcnn demo: public CIFAR-10 ResNet-20, embedded subset (1,500 train / 1,000 test JPEG images)")
+    summary = []
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         method = methods.create(name, target_macs=args.target_macs)
         cfg = CompressConfig(target_macs=args.target_macs, epochs=args.epochs, lr=0.01,
@@ -44,4 +47,14 @@ def run(args: argparse.Namespace) -> int:
               f"fine-tune epochs (top-1 on the 1,000 embedded test images)")
         print_summary(report)
         print(f"report: {Path(args.out) / name / 'report.md'}  plot: {Path(args.out) / name / 'widths.png'}")
+        summary.append(report)
+    if len(summary) > 1:
+        print(f"\n== side by side (same base, {args.target_macs:.0%} MACs target, 1,000 embedded test images; "
+              "a tiny budget: see benchmarks/ for full-data results)")
+        print(f"{'method':<10}{'MACs':>10}{'top-1':>8}{'change':>8}{'latency b=1':>13}{'b=128':>8}")
+        for r in summary:
+            lat = r["latency_ms"]["ratio"]
+            print(f"{r['method']:<10}{r['compressed']['macs'] / 1e6:>9.2f}M{r['compressed']['top1']:>8.2f}"
+                  f"{r['top1_change']:>+8.2f}{lat[0]:>13.3f}{lat[-1]:>8.3f}")
+        print(f"base      {summary[0]['base']['macs'] / 1e6:>9.2f}M{summary[0]['base']['top1']:>8.2f}")
     return 0
