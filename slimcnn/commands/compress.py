@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import shlex
 import sys
 
@@ -11,18 +10,11 @@ from .common import add_data_args, add_model_args, build_model, input_shape
 
 def _method_options() -> list[tuple[str, dict]]:
     """Every method's own CLI options (first declaration of a flag wins: shared flags mean the same)."""
-    from ..methods import _METHODS
+    from ..methods import list_methods, method_class
 
     seen: dict[str, dict] = {}
-    for target in _METHODS.values():
-        mod, cls = target.split(":")
-        try:
-            klass = getattr(importlib.import_module(mod), cls)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue  # that method is not built yet
-            raise
-        for flag, kw in klass.cli_args:
+    for name in list_methods():
+        for flag, kw in method_class(name).cli_args:
             seen.setdefault(flag, kw)
     return list(seen.items())
 
@@ -59,11 +51,9 @@ def method_kwargs(args: argparse.Namespace, method: str) -> dict:
     """The options of ``args`` that ``method``'s constructor takes and the user set."""
     import inspect
 
-    from .. import methods
+    from ..methods import method_class
 
-    klass = getattr(importlib.import_module(methods._METHODS[method].split(":")[0]),
-                    methods._METHODS[method].split(":")[1])
-    params = inspect.signature(klass.__init__).parameters
+    params = inspect.signature(method_class(method).__init__).parameters
     kw = {k: v for k, v in vars(args).items() if k in params and k != "self" and v is not None}
     kw["target_macs"] = args.target_macs
     return kw

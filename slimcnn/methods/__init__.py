@@ -28,12 +28,17 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def create(name: str, **kwargs: Any) -> Method:
-    """Build method ``name`` (see :func:`list_methods`) with its options."""
+def method_class(name: str) -> type[Method]:
+    """The class registered as method ``name`` (imported on first use)."""
     if name not in _METHODS:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
     mod, cls = _METHODS[name].split(":")
-    return getattr(importlib.import_module(mod), cls)(**kwargs)
+    return getattr(importlib.import_module(mod), cls)
 
 
-__all__ = ["Method", "create", "list_methods", "register"]
+def create(name: str, **kwargs: Any) -> Method:
+    """Build method ``name`` (see :func:`list_methods`) with its options."""
+    return method_class(name)(**kwargs)
+
+
+__all__ = ["Method", "create", "list_methods", "method_class", "register"]
