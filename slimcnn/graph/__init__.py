@@ -11,10 +11,10 @@ from .costs import LayerCost, cost_model, layer_costs
 from .groups import ChannelGroup, Member, channel_groups, register_unprunable
 from .replace import replace_modules, set_submodule
 from .surgery import equalize_clusters, merge_channels, remove_channels
-from .targeting import TargetError, allocate_widths, prune_to_target, select_channels
+from .targeting import TargetError, allocate_widths, prune_to_target, select_and_prune, select_channels
 from .validate import SurgeryError, first_output, reference_output, validate
 
 __all__ = ["ChannelGroup", "Member", "channel_groups", "register_unprunable", "remove_channels", "merge_channels",
-           "equalize_clusters",
-           "replace_modules", "set_submodule", "layer_costs", "LayerCost", "cost_model", "allocate_widths", "select_channels",
-           "prune_to_target", "TargetError", "SurgeryError", "validate", "reference_output", "first_output"]
+           "replace_modules", "set_submodule", "layer_costs", "LayerCost", "cost_model", "allocate_widths",
+           "select_channels", "prune_to_target", "select_and_prune", "TargetError", "SurgeryError", "validate",
+           "reference_output", "first_output"]

@@ -68,6 +68,14 @@ def select_channels(model: nn.Module, example_input: torch.Tensor, scores: Score
     return _select(model, example_input, scores, target, mode, groups, tol, normalize)[0]
 
 
+def select_and_prune(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
+                     mode: str = "global", *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
+                     normalize: str = "max") -> tuple[dict[str, list[int]], nn.Module]:
+    """Both results of one search: the kept channels (as :func:`select_channels`) and the validated pruned copy
+    (as :func:`prune_to_target`), for callers that need the two without doing the surgery twice."""
+    return _select(model, example_input, scores, target, mode, groups, tol, normalize)
+
+
 def prune_to_target(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
                     mode: str = "global", *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
                     normalize: str = "max") -> nn.Module:

@@ -64,8 +64,8 @@ Design:
   expected MACs 0.61 of the base for a 0.5 target, lambda 10 held 0.52; top-1 after finalize without fine-tuning,
   500 test images: 22% vs 55%, L1-norm pruning 15%).
 - **Finalize.** Channels are ranked globally by their gate logit ``s_c / T`` (same order as the gate, but never
-  tied by float saturation), :func:`slimcnn.graph.select_channels` keeps enough of them that the measured MACs
-  land within 1% of the target, :func:`slimcnn.graph.remove_channels` builds the validated compact copy, and all
+  tied by float saturation), :func:`slimcnn.graph.select_and_prune` keeps enough of them that the measured MACs
+  land within 1% of the target and builds the validated compact copy in the same search, and all
   hooks come off the model. The compact model holds no Dagger module and no hooks.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import channel_groups, remove_channels, select_channels
+from ..graph import channel_groups, select_and_prune
 from ..graph.costs import cost_model
 from .base import Method
 
@@ -498,9 +498,9 @@ class Dagger(Method):
         with torch.no_grad():
             scores = {k: v.float().cpu() for k, v in self.logits(model).items()}
         self.final_gates = {k: torch.sigmoid(v).tolist() for k, v in scores.items()}
-        keep = select_channels(model, self.example_input, scores=scores, target=self.target_macs, mode=self.mode,
-                               normalize="none")  # logits are comparable across groups as they are
-        compact = remove_channels(model, self.example_input, keep)
+        # logits are comparable across groups as they are
+        keep, compact = select_and_prune(model, self.example_input, scores=scores, target=self.target_macs,
+                                         mode=self.mode, normalize="none")
         self.widths = {k: len(v) for k, v in keep.items()}
         return compact
 
