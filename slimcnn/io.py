@@ -5,23 +5,27 @@ recipe plus every module that surgery changed (a pruned conv, a factorised conv,
 JSON; loading rebuilds the base model, swaps those modules in and loads the weights strictly. So a pruned or
 decomposed network loads in a fresh process with no Python objects unpickled.
 
+A spec is data read from a file, so loading never lets it choose what code runs: every layer it names must be in
+an explicit registry (the torch layers surgery produces, plus slimcnn layers marked with :func:`register_layer`),
+and a base model built by a user's import path (``file.py:factory``, ``package.module:factory``) is rebuilt only
+when the caller passes ``trust_builder=True``.
+
 >>> import slimcnn
 >>> slimcnn.save(model, "out/model")          # writes out/model/model.json + out/model/model.safetensors  # doctest: +SKIP
 >>> same = slimcnn.load("out/model")                                                                      # doctest: +SKIP
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from .models import create
-from .models.checkpoint import CheckpointError
+# slimcnn.models (and the other layer modules) import this module to register their layers, so it must not
+# import them at module level: create, CheckpointError and set_submodule are imported where they are used.
 
 FORMAT = "slimcnn-model/1"
 
@@ -34,16 +38,51 @@ _TORCH_LAYERS: dict[type, tuple[str, ...]] = {
     nn.Linear: ("in_features", "out_features"),
     nn.BatchNorm1d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
     nn.BatchNorm2d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+    nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"),
+    nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+    nn.AdaptiveAvgPool2d: ("output_size",),
+    nn.AdaptiveMaxPool2d: ("output_size", "return_indices"),
 }
 _PLAIN = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Flatten, nn.Dropout)
 
 
 class SpecError(ValueError):
-    """A model cannot be described by a JSON spec (or a spec cannot be rebuilt)."""
+    """A model cannot be described by a JSON spec (or a spec cannot be rebuilt, or would run untrusted code)."""
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _qualname(m: nn.Module) -> str:
-    return f"{type(m).__module__}:{type(m).__qualname__}"
+    return _type_name(type(m))
+
+
+# The only classes a spec may name, keyed by the type string module_spec writes. Resolving a spec's type by
+# import instead would let a hand-edited file call anything importable (slimcnn's own CLI entry point included).
+_LAYERS: dict[str, type[nn.Module]] = {}
+for _cls in (*_TORCH_LAYERS, *_PLAIN, nn.Sequential):
+    _LAYERS[_type_name(_cls)] = _cls
+    _LAYERS[f"torch.nn:{_cls.__name__}"] = _cls  # the short public spelling, stable across torch versions
+del _cls
+
+_L = TypeVar("_L", bound=type)
+
+
+def register_layer(cls: _L) -> _L:
+    """Class decorator: let saved specs name ``cls``, a layer that surgery can put into a model.
+
+    Loading builds only registered types, so a layer that is not registered cannot be saved either (saving
+    checks the same registry, so every file slimcnn writes loads again). The layer needs ``get_config()``,
+    returning the keyword arguments of its constructor. Register at import time of the layer's module, and make
+    sure ``import slimcnn`` imports that module: loading never imports anything a spec names.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_layer expects an nn.Module subclass, got {cls!r}")
+    if not callable(getattr(cls, "get_config", None)):
+        raise TypeError(f"{cls.__qualname__} needs get_config() (its constructor keywords) to be saved in a spec")
+    _LAYERS[_type_name(cls)] = cls
+    return cls
 
 
 def _config(m: nn.Module) -> dict[str, Any] | None:
@@ -69,6 +108,9 @@ def module_spec(m: nn.Module) -> dict[str, Any]:
     if cfg is None:
         raise SpecError(f"cannot describe module of type {type(m).__name__} as JSON: give it get_config() "
                         "(and a constructor taking those keywords)")
+    if _LAYERS.get(_qualname(m)) is not type(m):
+        raise SpecError(f"cannot save a module of type {_qualname(m)}: it is not a registered layer type, so the "
+                        "file would not load (mark the class with slimcnn.io.register_layer)")
     spec = {"type": _qualname(m), "config": cfg}
     if hasattr(m, "get_config"):
         return spec  # a get_config module builds its own children
@@ -78,18 +120,27 @@ def module_spec(m: nn.Module) -> dict[str, Any]:
 
 
 def build_module(spec: dict[str, Any]) -> nn.Module:
-    mod_name, _, cls_name = spec["type"].partition(":")
-    if not (mod_name == "torch.nn" or mod_name.startswith("torch.nn.") or mod_name.startswith("slimcnn.")):
-        raise SpecError(f"refusing to build {spec['type']!r}: only torch.nn and slimcnn modules are allowed")
-    cls = importlib.import_module(mod_name)
-    for part in cls_name.split("."):
-        cls = getattr(cls, part)
+    """Rebuild one layer (fresh weights) from its JSON description.
+
+    The type is looked up in the layer registry, never imported: the spec comes from a file, and "any class in
+    torch.nn or slimcnn" includes functions and entry points that act when called.
+    """
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    cls = _LAYERS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise SpecError(f"refusing to build {kind!r}: not a registered layer type (a spec may name only the torch "
+                        "layers surgery produces and slimcnn layers marked with register_layer)")
     if cls is nn.Sequential:
+        children = spec.get("children", [])
+        if not isinstance(children, list) or not all(isinstance(c, list) and len(c) == 2 for c in children):
+            raise SpecError("a Sequential spec needs 'children': a list of [name, spec] pairs")
         seq = nn.Sequential()
-        for name, child in spec["children"]:
-            seq.add_module(name, build_module(child))
+        for name, child in children:
+            seq.add_module(str(name), build_module(child))
         return seq
-    cfg = dict(spec.get("config", {}))
+    cfg = spec.get("config", {})
+    if not isinstance(cfg, dict):
+        raise SpecError(f"the config of {kind!r} must be a JSON object, got {type(cfg).__name__}")
     return cls(**cfg)
 
 
@@ -115,6 +166,8 @@ def _diff(saved: nn.Module, base: nn.Module, prefix: str, out: dict[str, Any]) -
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
     """The JSON architecture spec of ``model``: its recipe plus every module surgery changed."""
+    from .models import create
+
     recipe = getattr(model, "slimcnn_spec", None)
     if recipe is None:
         raise SpecError("this model was not built by slimcnn.create(), so it has no recipe to save; "
@@ -127,15 +180,57 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     return {"format": FORMAT, "recipe": recipe, "modules": overrides}
 
 
-def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+# Base models slimcnn itself knows how to build; any other name with a colon is a user's import path.
+_LIBRARY_PREFIXES = ("tv:", "timm:")
+
+
+def import_path_builder(name: str) -> str | None:
+    """``name`` if it names a user's builder by import path (``file.py:factory``, ``package.module:factory``,
+    or any path-like name), else None for zoo, torchvision (``tv:``) and timm (``timm:``) names.
+
+    Such a builder is the user's own code: rebuilding the base model runs it, so a file naming one is trusted
+    only on request. Path-like names without a colon count too, so no spelling of a file slips through.
+    """
+    if name.startswith(_LIBRARY_PREFIXES):
+        return None
+    if ":" in name or "/" in name or "\\" in name or name.endswith(".py"):
+        return name
+    return None
+
+
+def _build_base(recipe: dict[str, Any], trust_builder: bool) -> nn.Module:
+    """The base model a recipe names, with fresh weights. Every way a spec names its base goes through here,
+    so an import-path builder is refused in one place however it is recorded."""
+    from .models import create
+
+    name = recipe["name"]
+    if not isinstance(name, str):
+        raise SpecError(f"the recipe's model name must be a string, got {type(name).__name__}")
+    builder = import_path_builder(name)
+    if builder is not None and not trust_builder:
+        raise SpecError(f"this file's base model is built by {builder!r}, which is code outside slimcnn; loading "
+                        "it runs that code. If you trust the file, load it with trust_builder=True "
+                        "(CLI: --trust-builder)")
+    kwargs = recipe.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise SpecError(f"the recipe's kwargs must be a JSON object, got {type(kwargs).__name__}")
+    return create(name, num_classes=recipe["num_classes"], **kwargs)
+
+
+def build_from_spec(spec: dict[str, Any], trust_builder: bool = False) -> nn.Module:
+    """Rebuild the architecture a spec describes (fresh weights). ``trust_builder`` allows a base model built
+    by a user's import path; see :func:`import_path_builder`."""
     from .graph.replace import set_submodule
 
-    if spec.get("format") != FORMAT:
-        raise SpecError(f"not a slimcnn model spec (format {spec.get('format')!r}, expected {FORMAT!r})")
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise SpecError(f"not a slimcnn model spec (format {found!r}, expected {FORMAT!r})")
     recipe = spec["recipe"]
-    model = create(recipe["name"], num_classes=recipe["num_classes"], **recipe.get("kwargs", {}))
+    # Check every layer before the base is built: a refused spec must not run anything, the builder included.
+    modules = {path: build_module(sub) for path, sub in spec["modules"].items()}
+    model = _build_base(recipe, trust_builder)
     for path in sorted(spec["modules"], key=lambda p: p.count(".")):
-        set_submodule(model, path, build_module(spec["modules"][path]))
+        set_submodule(model, path, modules[path])
     model.slimcnn_spec = recipe
     return model
 
@@ -169,10 +264,17 @@ def save(model: nn.Module, path: str | Path) -> Path:
     return st_path
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a model saved by :func:`save` (folder or ``.safetensors`` file). No pickle involved."""
+def load(path: str | Path, map_location: str | torch.device = "cpu", trust_builder: bool = False) -> nn.Module:
+    """Load a model saved by :func:`save` (folder or ``.safetensors`` file). No pickle involved.
+
+    The spec (from the safetensors metadata, else ``model.json`` beside the weights) may name only registered
+    layer types. A base model built by a user's import path runs that user's code, so it loads only with
+    ``trust_builder=True``; zoo, torchvision and timm bases need no opt-in.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from .models.checkpoint import CheckpointError
 
     json_path, st_path = _paths(path)
     if not st_path.is_file():
@@ -187,7 +289,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
     if text is None:
         raise CheckpointError(f"{st_path} has no slimcnn spec (not saved by slimcnn.save?)")
     try:
-        model = build_from_spec(json.loads(text))
+        model = build_from_spec(json.loads(text), trust_builder=trust_builder)
     except (KeyError, TypeError, json.JSONDecodeError, AttributeError, ImportError) as e:
         raise CheckpointError(f"corrupt model spec in {st_path}: {type(e).__name__}: {e}") from None
     own = model.state_dict()

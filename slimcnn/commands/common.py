@@ -16,6 +16,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+TRUST_HELP = ("load a slimcnn save whose base model is built by an import path (file.py:factory): this runs "
+              "the code that path names, so use it only for files you trust")
+
+
 def add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--model", required=True, help="zoo name (see `slimcnn profile --list`), or tv:<torchvision name>")
     p.add_argument("--num-classes", type=int, default=None,
@@ -26,6 +30,7 @@ def add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--input", type=parse_shape, default=None, help="input C,H,W (default: the model's own)")
     if weights:
         p.add_argument("--weights", default=None, help="checkpoint: a public .th file, or a slimcnn save (dir or .safetensors)")
+        p.add_argument("--trust-builder", action="store_true", help=TRUST_HELP)
     g = p.add_argument_group("feedback gating (RIGNet / DIGNet wrappers around a staged backbone)")
     g.add_argument("--gating", choices=["rig", "dig"], default=None, help="wrap the model in feedback gating")
     g.add_argument("--iterations", type=int, default=None, help="gating: iterations T (default 2)")
@@ -53,7 +58,7 @@ def build_model(args: argparse.Namespace):
     if weights and (Path(weights).is_dir() or str(weights).endswith(".safetensors")):
         from ..io import load
 
-        return load(weights)
+        return load(weights, trust_builder=getattr(args, "trust_builder", False))
     kw = {}
     if args.shortcut:
         kw["shortcut"] = args.shortcut

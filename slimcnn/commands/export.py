@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import parse_shape
+from .common import TRUST_HELP, parse_shape
 
 
 def add_parser(sub) -> None:
@@ -14,6 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--torchscript", default=None, help="write a traced TorchScript module here")
     p.add_argument("--input", type=parse_shape, default=None, help="input C,H,W (default: the model's own)")
     p.add_argument("--check", action="store_true", help="run the ONNX file in onnxruntime and compare with PyTorch")
+    p.add_argument("--trust-builder", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=run)
 
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.onnx and not args.torchscript:
         raise UserError("nothing to do: give --onnx PATH and/or --torchscript PATH")
-    model = load(args.model)
+    model = load(args.model, trust_builder=args.trust_builder)
     shape = tuple(args.input) if args.input else default_input_size(model.slimcnn_spec["name"])
     x = torch.randn(2, *shape)
     if args.onnx:

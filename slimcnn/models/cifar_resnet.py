@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import register_layer
 from .registry import register
 
 
+@register_layer
 class PadShortcut(nn.Module):
     """Option-A shortcut: subsample by ``stride`` and place the input channels into a wider, zero-filled output.
 
