@@ -37,7 +37,7 @@ class Row:
 
 ROWS = [Row("l1", "l1"), Row("tp-peer", "tp"), Row("dagger", "dagger", method_share=0.5),
         Row("csgd", "csgd", method_share=1.0), Row("trp-channel", "trp", {"scheme": "channel"}, 1.0),
-        Row("trp-spatial", "trp", {"scheme": "spatial"}, 1.0)]
+        Row("trp-spatial", "trp", {"scheme": "spatial"}, 1.0), Row("modelopt-peer", "modelopt")]
 
 
 @dataclass
@@ -130,7 +130,7 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                     "target_macs": target, "method_epochs": m_epochs, "finetune_epochs": ft_epochs,
                     "base_top1": rep["base"]["top1"], "top1": rep["compressed"]["top1"],
                     "top1_change": rep["top1_change"], "macs": rep["compressed"]["macs"],
-                    "base_macs": rep["base"]["macs"], "macs_ratio": rep["macs_ratio"],
+                    "base_macs": rep["base"]["macs"], "macs_ratio": rep["macs_ratio"], "within_tol": rep["within_tol"],
                     "params": rep["compressed"]["params"], "base_params": rep["base"]["params"],
                     "latency_ratio": dict(zip(map(str, rep["latency_ms"]["batch"]), rep["latency_ms"]["ratio"])),
                     "finalize": rep.get(rep["finalize_key"]), "wall_s": round(time.time() - t0, 1),
@@ -161,15 +161,34 @@ def results_markdown(result: dict[str, Any]) -> str:
              f"Budget `{result['budget']}`: base fine-tune {s['base_epochs']} epoch(s); {s['epochs']} epoch(s) per row "
              f"(method + fine-tune); train images {s['train_limit'] or 'all 50,000'}, test images "
              f"{s['test_limit'] or 'all 10,000'}. {result['notes']}", "",
-             "| model | row | target | epochs (method+ft) | base top-1 | top-1 | change | MACs | MACs ratio | params | "
-             "latency ratio b1 | latency ratio (large b) | wall s |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | row | target | epochs (method+ft) | base top-1 | top-1 | change | MACs | MACs ratio | within 1% | "
+             "params | latency ratio b1 | latency ratio (large b) | at finalize | wall s |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
     for r in sorted(result["rows"], key=lambda r: (r["model"], -r["target_macs"], r["row"])):
         lat = list(r["latency_ratio"].values())
         lines.append(f"| {r['model']} | {r['row']} | {r['target_macs']} | {r['method_epochs']}+{r['finetune_epochs']} | "
                      f"{r['base_top1']:.2f} | {r['top1']:.2f} | {r['top1_change']:+.2f} | {r['macs'] / 1e6:.2f}M | "
-                     f"{r['macs_ratio']:.3f} | {r['params'] / 1e6:.3f}M | {lat[0]:.3f} | {lat[-1]:.3f} | {r['wall_s']:.0f} |")
+                     f"{r['macs_ratio']:.3f} | {_yes(r.get('within_tol'))} | {r['params'] / 1e6:.3f}M | {lat[0]:.3f} | "
+                     f"{lat[-1]:.3f} | {finalize_cell(r.get('finalize'))} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _yes(v: bool | None) -> str:
+    return "?" if v is None else ("yes" if v else "**no**")
+
+
+def finalize_cell(fin: dict[str, Any] | None) -> str:
+    """Top-1 around finalize: trained-with-method -> right after finalize -> after BN recalibration."""
+    if not fin:
+        return ""
+    parts = [f"{fin['top1_before']:.2f}"] if fin.get("top1_before") is not None else []
+    parts.append(f"{fin['top1_after']:.2f}")
+    if fin.get("top1_recalibrated") is not None:
+        parts.append(f"{fin['top1_recalibrated']:.2f} (BN)")
+    cell = " -> ".join(parts)
+    if fin.get("lossless") is False:
+        cell += " lossy merge"
+    return cell
 
 
 def plot_results(result: dict[str, Any], stem: Path) -> None:

@@ -1,8 +1,9 @@
 """The compression pipeline behind ``slimcnn compress`` and ``slimcnn demo``.
 
 evaluate base -> ``method.prepare`` -> train with the method's hooks (``method_epochs``) -> evaluate ->
-``method.finalize`` (physically smaller model) -> evaluate -> fine-tune (``epochs``) -> evaluate, profile and
-time both models side by side -> report.
+``method.finalize`` (physically smaller model) -> evaluate -> BatchNorm recalibration (``bn_recalib`` batches,
+the same for every method and peer) -> evaluate -> fine-tune (``epochs``) -> evaluate, profile and time both
+models side by side -> report.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class CompressConfig:
     out_dir: str | None = None
     latency_batches: list[int] = field(default_factory=lambda: [1, 128])
     latency_repeats: int = 12
+    bn_recalib: int = 100           # batches of BatchNorm recalibration after finalize (0: none)
 
 
 @torch.no_grad()
@@ -56,6 +58,15 @@ def predict(model: nn.Module, loader, device: str = "cpu", desc: str = "eval") -
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return round((logits.argmax(1) == labels).float().mean().item() * 100, 2)
+
+
+def within_tol(macs: float, base_macs: float, target: float | None, tol: float = 0.01) -> bool | None:
+    """Whether ``macs`` is within ``tol`` (relative) of the target (a ratio of ``base_macs`` if <= 1, else absolute
+    MACs); None without a target."""
+    if target is None:
+        return None
+    goal = target * base_macs if target <= 1 else target
+    return abs(macs - goal) <= tol * goal
 
 
 def _train(model: nn.Module, loader, cfg: CompressConfig, epochs: int, lr: float, method: Method | None,
@@ -85,7 +96,8 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
               "schedule": cfg.schedule}
     accepted = inspect.signature(method.prepare).parameters
     work = method.prepare(copy.deepcopy(model), example.to(cfg.device),
-                          **{k: v for k, v in budget.items() if k in accepted and cfg.method_epochs > 0})
+                          **{k: v for k, v in budget.items() if k in accepted and cfg.method_epochs > 0},
+                          **({"train_loader": train_loader} if "train_loader" in accepted else {}))  # data-scored peers
     if cfg.method_epochs > 0:
         work = _train(work, train_loader, cfg, cfg.method_epochs, cfg.method_lr or cfg.lr, method,
                       out / "method_ckpt" if out else None)
@@ -99,6 +111,17 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
     finalize = {"top1_before": before_top1, "top1_after": top1(after_logits, labels),
                 "max_logit_change": (after_logits - before_logits).abs().max().item()
                 if before_logits is not None else None}
+    if before_top1 is not None:
+        finalize["gap"] = round(finalize["top1_after"] - before_top1, 2)
+    fin_warning = (method.report().get(finalize_key) or {}).get("warning") if method.trains_before_finalize else None
+    if fin_warning:
+        tqdm.write(f"warning: {fin_warning}")
+    from .engine.recalibrate import recalibrate_bn
+
+    finalize["bn_recalib_batches"] = recalibrate_bn(compact, train_loader, cfg.bn_recalib, cfg.device)
+    if finalize["bn_recalib_batches"]:
+        after_logits, _ = predict(compact, test_loader, cfg.device, "eval after BN recalibration")
+        finalize["top1_recalibrated"] = top1(after_logits, labels)
     if cfg.epochs > 0:
         compact = _train(compact, train_loader, cfg, cfg.epochs, cfg.lr, None, out / "finetune_ckpt" if out else None)
         final_logits, _ = predict(compact, test_loader, cfg.device, "eval compressed")
@@ -122,6 +145,7 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
         "base": {"macs": base_prof.macs, "params": base_prof.params, "top1": base_top1},
         "compressed": {"macs": comp_prof.macs, "params": comp_prof.params, "top1": comp_top1},
         "macs_ratio": comp_prof.macs / base_prof.macs, "speedup": base_prof.macs / comp_prof.macs,
+        "within_tol": within_tol(comp_prof.macs, base_prof.macs, cfg.target_macs),
         "params_ratio": comp_prof.params / base_prof.params, "top1_change": round(comp_top1 - base_top1, 2),
         "latency_ms": {"batch": list(cfg.latency_batches), "base": lat_base, "compressed": lat_comp,
                        "ratio": [round(c / b, 4) for b, c in zip(lat_base, lat_comp)]},
@@ -131,6 +155,8 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
     }
     # the method's own figures (TRP's layers, Dagger's gates, ...) sit at the top level of the report
     report.update({k: v for k, v in method_report.items() if k not in report})
+    if report["within_tol"] is False:
+        tqdm.write(f"warning: MACs ratio {report['macs_ratio']:.4f} is more than 1% off the target {cfg.target_macs}")
     report["wall_s"] = round(time.time() - t0, 1)
     if out:
         from .io import save

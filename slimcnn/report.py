@@ -139,6 +139,14 @@ def markdown(report: dict[str, Any]) -> str:
     elif isinstance(fin, dict) and fin.get("top1_after") is not None:
         lines.append(f"Top-1 right after {report.get('finalize_key', 'finalize')}, before fine-tuning: "
                      f"{_fmt(fin['top1_after'])}.")
+    if isinstance(fin, dict) and fin.get("top1_recalibrated") is not None:
+        lines.append(f"After BatchNorm recalibration ({fin['bn_recalib_batches']} batches): "
+                     f"top-1 {_fmt(fin['top1_recalibrated'])}.")
+    if isinstance(fin, dict) and fin.get("lossless") is False:
+        lines.append(f"**The merge was not lossless**: {fin.get('warning', '')}")
+    if report.get("within_tol") is False:
+        lines.append(f"**MACs missed the target**: ratio {report['macs_ratio']:.4f} vs target {report.get('target_macs')} "
+                     "(more than 1% off).")
     lines += ["", f"Command: `{report.get('command')}`", "", f"Wall time: {report.get('wall_s', 0):.0f} s.", ""]
     return "\n".join(lines)
 

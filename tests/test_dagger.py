@@ -305,3 +305,35 @@ def test_search_with_the_engine_on_real_cifar(cifar_root, tmp_path):
     compact = m.finalize(model)
     assert abs(slimcnn.profile(compact, example_input=X).macs / m.base_macs - 0.6) <= 0.006
     _no_traces(compact)
+
+
+@pytest.mark.slow
+def test_dual_ascent_reaches_the_target_during_the_search_on_trained_weights(cifar_root):
+    """Trained weights, a short search: the hard-gate MACs reach the target within 1% before the search ends,
+    and finalize then keeps (almost) exactly the channels the search chose."""
+    from slimcnn.data import cifar10_loaders
+    from slimcnn.engine import TrainConfig, train
+
+    loader = cifar10_loaders(cifar_root, batch_size=32, train_limit=1280, splits=("train",))["train"]
+    m = Dagger(target_macs=0.5)
+    model = m.prepare(_resnet20(), X, total_steps=40)
+    train(model, loader, TrainConfig(epochs=1, lr=0.01, progress=False), method=m)
+    rep = m.report()
+    assert len(rep["hard_macs"]) == 40
+    assert rep["lambdas"][0] == 10.0 and max(rep["lambdas"]) > 10.0  # above target at first: lambda rises
+    assert abs(rep["hard_macs"][-1] / m.target_abs - 1) <= 0.01, rep["hard_macs"][-5:]
+    compact = m.finalize(model)
+    assert abs(slimcnn.profile(compact, example_input=X).macs / m.base_macs - 0.5) <= 0.005
+    total = sum(m.report()["base_widths"].values())
+    assert m.report()["channels_changed_at_finalize"] <= 0.02 * total
+
+
+def test_fixed_lambda_when_asked(r20_prepared):
+    m = Dagger(target_macs=0.5, lambda_lr=0.0)
+    model = m.prepare(_resnet20(), X)
+    model(X)
+    m.loss(model)
+    m.after_step(model, 0)
+    assert m.lambda_flops == 10.0
+    with pytest.raises(ValueError, match="lambda_lr"):
+        Dagger(target_macs=0.5, lambda_lr=-1)

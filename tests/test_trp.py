@@ -351,3 +351,37 @@ def test_decomposed_model_onnx_export(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = thin(x[:1]).numpy()
     assert abs(session.run(None, feed)[0] - expected).max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["spatial", "channel"])
+def test_target_on_trained_weights_holds_ranks_and_lands_within_one_percent(scheme: str, cifar_batches) -> None:
+    """Trained weights (where the energy cut used to ratchet ranks down every step): with a target the ranks are
+    planned at prepare, training truncates to them and never below, and the factorised net is within 1%."""
+    model = load_checkpoint(create("cifar_resnet20"), WEIGHTS)
+    x = cifar_batches[0][0]
+    base = profile(model).macs
+    method = create_method("trp", target_macs=0.5, scheme=scheme)
+    model = method.prepare(model, x)
+    planned = dict(method._fixed)
+    assert planned
+    steps = _train_steps(model, method, cifar_batches * 3)
+    assert method.truncations == steps == 6
+    assert all(method.training_ranks()[n] == r for n, r in planned.items())  # never below the plan
+    thin, ref = _finalize_truncated(model, method, steps, x)
+    with torch.no_grad():
+        assert (thin(x) - ref).abs().max().item() < 1e-3  # the truncated net, factorised exactly
+    assert abs(profile(thin).macs / base - 0.5) <= 0.005
+    assert {r["name"]: r["rank"] for r in method.report()["layers"] if r["applied"]} == planned
+
+
+def test_target_resume_keeps_the_planned_ranks() -> None:
+    torch.manual_seed(0)
+    model, x = create("cifar_resnet20"), torch.randn(1, 3, 32, 32)
+    a = TRP(target_macs=0.5, scheme="spatial")
+    a.prepare(model, x)
+    state = a.state_dict()
+    b = TRP(target_macs=0.5, scheme="spatial")
+    b.prepare(create("cifar_resnet20"), x)  # other weights: another plan
+    b.load_state_dict(state)
+    assert b._fixed == a._fixed and [p.rank for p in b._plans] == [p.rank for p in a._plans]

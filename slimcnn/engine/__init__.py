@@ -5,6 +5,7 @@
 >>> evaluate(result.model, loaders["test"])["top1"]                                   # doctest: +SKIP
 """
 from .evaluate import evaluate
+from .recalibrate import recalibrate_bn
 from .trainer import TrainConfig, TrainingDiverged, TrainResult, checkpoint_path, train
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "checkpoint_path", "evaluate", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "checkpoint_path", "evaluate", "recalibrate_bn", "train"]

@@ -10,6 +10,18 @@ count them, with our own counter, so the peer is measured on the same function a
 ``finalize`` runs ``torch_pruning.pruner.BasePruner`` with ``GroupMagnitudeImportance`` (L2 by default) and
 bisects its ``pruning_ratio`` until our MACs count lands within ``tol`` of the target (a ratio of the MACs of
 the model given to ``prepare``, or absolute MACs), then checks that the result still runs.
+
+Fairness (the peer gets exactly what our rows get, no more):
+
+- **MACs within 1% of the target.** One uniform ratio moves every layer of the same width at once (on ResNet-20
+  all 16-channel layers lose a channel at the same ratio), so the bisection alone landed at 0.506 of the base
+  for a 0.5 target. When it cannot get within ``tol``, the two ratios around the target are mixed through
+  Torch-Pruning's own ``pruning_ratio_dict``: the first ``k`` convs (in model order) take the higher ratio, the
+  rest the lower one, and ``k`` is bisected. Still off by more than ``tol``: :class:`SurgeryError`.
+- **Frozen shortcuts stay frozen.** Torch-Pruning re-wraps every pruned weight as a new ``nn.Parameter``, so the
+  frozen 1x1 shortcut convs came back trainable (~1.3k extra trainable weights on ResNet-20, worth ~1 point);
+  ``finalize`` freezes them again.
+- BatchNorm recalibration after finalize is done by :func:`slimcnn.compress.compress` for every row alike.
 """
 from __future__ import annotations
 
@@ -62,44 +74,76 @@ class TorchPruningPeer(Method):
             set_submodule(model, name, shortcut_as_conv(model.get_submodule(name)))
         validate(model, example_input, ref, "option-A shortcuts as 1x1 convs", lossless_tol=1e-5)
         self.result["shortcuts_converted"] = len(shortcuts)
+        self.shortcuts = shortcuts
         return model
 
-    def _prune(self, model: nn.Module, ratio: float) -> nn.Module:
+    def _prune(self, model: nn.Module, ratio: float, mix: tuple[float, int] | None = None) -> nn.Module:
+        """A pruned copy at ``ratio``; ``mix=(higher ratio, k)`` gives the first ``k`` convs the higher ratio."""
         import torch_pruning as tp
 
         m = copy.deepcopy(model)
         x = self.example_input
         out = reference_output(m, x)
         heads = [mod for mod in m.modules() if isinstance(mod, nn.Linear) and mod.out_features == out.shape[1]]
-        if ratio > 0:
+        per_layer = None
+        if mix is not None:
+            convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
+            per_layer = {mod: (mix[0] if i < mix[1] else ratio) for i, mod in enumerate(convs)}
+        if ratio > 0 or per_layer:
             pruner = tp.pruner.BasePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=self.p),
-                                          pruning_ratio=ratio, global_pruning=self.global_pruning,
-                                          ignored_layers=heads)
+                                          pruning_ratio=ratio, pruning_ratio_dict=per_layer,
+                                          global_pruning=self.global_pruning, ignored_layers=heads)
             pruner.step()
         return m
 
+    def _measure(self, model: nn.Module, ratio: float, mix: tuple[float, int] | None = None) -> tuple[nn.Module, int]:
+        try:
+            cand = self._prune(model, ratio, mix)
+            return cand, profile(cand, example_input=self.example_input[:1]).macs
+        except Exception as e:  # Torch-Pruning failing on this model is a finding, not a crash
+            raise SurgeryError(f"Torch-Pruning failed at pruning_ratio {ratio:.3f}: {type(e).__name__}: {e}") from None
+
     def finalize(self, model: nn.Module) -> nn.Module:
         target = self.target_macs * self.base_macs if self.target_macs <= 1 else self.target_macs
-        x1 = self.example_input[:1]
         ref = reference_output(model, self.example_input)
         lo, hi, best = 0.0, 0.95, None
         for _ in range(14):  # bisection on Torch-Pruning's channel ratio; MACs fall as the ratio grows
             mid = (lo + hi) / 2
-            try:
-                cand = self._prune(model, mid)
-                macs = profile(cand, example_input=x1).macs
-            except Exception as e:  # Torch-Pruning failing on this model is a finding, not a crash
-                raise SurgeryError(f"Torch-Pruning failed at pruning_ratio {mid:.3f}: {type(e).__name__}: {e}") from None
+            cand, macs = self._measure(model, mid)
             if best is None or abs(macs - target) < abs(best[1] - target):
-                best = (cand, macs, mid)
+                best = (cand, macs, mid, None)
             if abs(macs - target) <= self.tol * target:
                 break
             lo, hi = (mid, hi) if macs > target else (lo, mid)
-        cand, macs, ratio = best
+        if abs(best[1] - target) > self.tol * target:
+            # lo leaves too many MACs, hi too few: give the first k convs hi, bisect k
+            n_convs = sum(isinstance(mod, nn.Conv2d) for mod in model.modules())
+            k_lo, k_hi = 0, n_convs
+            while k_hi - k_lo > 1:
+                k = (k_lo + k_hi) // 2
+                cand, macs = self._measure(model, lo, (hi, k))
+                if abs(macs - target) < abs(best[1] - target):
+                    best = (cand, macs, lo, (hi, k))
+                if abs(macs - target) <= self.tol * target:
+                    break
+                k_lo, k_hi = (k, k_hi) if macs > target else (k_lo, k)
+        cand, macs, ratio, mix = best
+        if abs(macs - target) > self.tol * target:
+            raise SurgeryError(f"Torch-Pruning cannot land within {self.tol:.0%} of {target / 1e6:.2f}M MACs on this "
+                               f"model: closest {macs / 1e6:.2f}M at pruning_ratio {ratio:.3f}")
         validate(cand, self.example_input, ref, f"Torch-Pruning result at pruning_ratio {ratio:.3f}")
-        self.result.update({"pruning_ratio": ratio, "macs": macs, "target_macs_abs": target,
-                            "within_tol": abs(macs - target) <= self.tol * target})
+        frozen = self._refreeze(cand)
+        self.result.update({"pruning_ratio": ratio, "mixed_ratio": None if mix is None else
+                            {"higher_ratio": mix[0], "first_convs": mix[1]},
+                            "macs": macs, "target_macs_abs": target, "within_tol": True, "frozen_shortcuts": frozen})
         return cand
+
+    def _refreeze(self, model: nn.Module) -> int:
+        """Freeze the shortcut convs again: Torch-Pruning hands back every pruned weight as a new trainable
+        ``nn.Parameter``. Returns how many were frozen."""
+        for name in getattr(self, "shortcuts", []):
+            model.get_submodule(name).weight.requires_grad_(False)
+        return len(getattr(self, "shortcuts", []))
 
     def report(self) -> dict:
         return {"tp": dict(self.result)}
