@@ -17,6 +17,7 @@ _METHODS: dict[str, str] = {
     "csgd": "slimcnn.methods.csgd:CSGD",
     "trp": "slimcnn.methods.trp:TRP",
     "tp": "slimcnn.methods.tp_peer:TorchPruningPeer",
+    "modelopt": "slimcnn.methods.modelopt_peer:ModelOptPeer",
 }
 
 
