@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import channel_groups, select_and_prune
+from ..graph import allocate_widths, channel_groups, select_and_prune
 from ..graph.costs import cost_model
 from .base import Method
 
@@ -276,6 +276,8 @@ class Dagger(Method):
 
     name = "dagger"
     trains_before_finalize = True
+    method_share = 0.5  # its recipe: share of the epoch budget before finalize
+    method_phase = "gate search"
     cli_args = [
         ("--search-lr", dict(dest="search_lr", type=float, default=None,
                              help="dagger: learning rate of the Dagger module (default: 10x the training lr)")),
@@ -441,6 +443,8 @@ class Dagger(Method):
         # MACs no conv/linear layer accounts for (functional matmuls) do not change with widths: a constant.
         self.rest = float(costs.rest)
         self.target_abs = self.target_macs * self.base_macs if self.target_macs <= 1 else self.target_macs
+        # an unreachable target fails here, before any training, with the MACs that can be reached
+        allocate_widths(model, example_input, self.target_macs, groups=groups)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             init_logit = math.log(self.init_gate / (1 - self.init_gate)) * self.t_start
