@@ -1,7 +1,12 @@
-"""Options shared by several subcommands."""
+"""Options shared by several subcommands, and the one place that sets torch's thread count."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
 
 from ..models import default_input_size
 
@@ -16,20 +21,26 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-TRUST_HELP = ("load a slimcnn save whose base model is built by an import path (file.py:factory): this runs "
-              "the code that path names, so use it only for files you trust")
+TRUST_HELP = ("load a slimcnn-saved model whose base model is built by an import path (file.py:factory): this "
+              "runs the code that path names, so use it only for files you trust")
+
+MODEL_HELP = "zoo name or tv:<torchvision classifier name>; `slimcnn models` lists both"
 
 
-def add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
-    p.add_argument("--model", required=True, help="zoo name (see `slimcnn profile --list`), or tv:<torchvision name>")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="number of output classes (default: 10, or 11 for --task segmentation on CamVid)")
+def add_model_args(p: argparse.ArgumentParser, weights: bool = True, task: bool = False) -> None:
+    """The model options. ``task``: the command also has ``--task``, whose segmentation default (CamVid's 11
+    classes) the ``--num-classes`` help then mentions; other commands must not point at an option they lack."""
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    classes = "10, or 11 for --task segmentation on CamVid" if task else "10"
+    p.add_argument("--num-classes", type=int, default=None, help=f"number of output classes (default: {classes})")
     p.add_argument("--shortcut", choices=["A", "B"], default=None, help="CIFAR ResNet shortcut type (default A)")
     p.add_argument("--width", type=float, default=None,
                    help="CIFAR ResNet width multiplier (e.g. 1.5 to train wide, then `compress --method csgd --squeeze`)")
     p.add_argument("--input", type=parse_shape, default=None, help="input C,H,W (default: the model's own)")
     if weights:
-        p.add_argument("--weights", default=None, help="checkpoint: a public .th file, or a slimcnn save (dir or .safetensors)")
+        p.add_argument("--weights", default=None,
+                       help="checkpoint: a public .th file, or a model saved by slimcnn (its folder or .safetensors "
+                            "file, which brings its own architecture)")
         p.add_argument("--trust-builder", action="store_true", help=TRUST_HELP)
     g = p.add_argument_group("feedback gating (RIGNet / DIGNet wrappers around a staged backbone)")
     g.add_argument("--gating", choices=["rig", "dig"], default=None, help="wrap the model in feedback gating")
@@ -38,6 +49,77 @@ def add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     g.add_argument("--variant", choices=["cascaded", "same_stage", "previous_stage", "top_only", "none"], default=None,
                    help="dig: where feedback comes from (cascaded = DIGNet; none = feed-forward baseline)")
     g.add_argument("--gate-source", choices=["next", "top"], default=None, help="rig: gate from the next or the top stage")
+
+
+def available_cores() -> int:
+    """The cores this process may run on. Its CPU affinity, not ``os.cpu_count()``: a container, ``taskset``
+    or a cpuset can narrow it, and more threads than cores only makes them wait for each other."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """torch intra-op threads when ``--threads`` is not given.
+
+    ``OMP_NUM_THREADS`` wins when set: the user (or torchrun, which sets it to 1 for several local processes)
+    already chose. Otherwise the available cores, shared among torchrun's local processes
+    (``LOCAL_WORLD_SIZE``) so that DDP workers on one machine do not oversubscribe it.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    procs = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, available_cores() // procs)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads N``. The CLI adds it to every command (``slimcnn.cli.build_parser``), so no command sets
+    torch's thread count on its own."""
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch intra-op threads (default: OMP_NUM_THREADS if set, else the cores this process may "
+                        f"use, split among torchrun's local processes: {default_threads()} here)")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[int]:
+    """Run the body with ``n`` torch intra-op threads (``None``: :func:`default_threads`), then restore the
+    caller's setting, so that calling ``slimcnn.cli.main`` from Python (or a test) leaves its process as it was."""
+    import torch
+
+    n = n or default_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
+def require_extra(module: str, extra: str, feature: str) -> ModuleType:
+    """Import an optional package, or stop with one line that names the extra to install.
+
+    Without this a missing package surfaces as a traceback from deep inside a library (torch's ONNX exporter
+    raises ``Module onnx is not installed!``), which does not tell a user what to install.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        from ..cli import UserError
+
+        raise UserError(f'{feature} needs {module} ({e}): pip install -e ".[{extra}]"') from None
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:

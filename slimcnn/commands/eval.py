@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model on the test split: top-1/top-5 (or mIoU)",
                        description="Evaluate a model on the test split and print top-1/top-5 in percent "
                                    "(segmentation: mIoU and pixel accuracy).")
-    add_model_args(p)
+    add_model_args(p, task=True)
     add_data_args(p)
     p.add_argument("--limit", type=int, dest="test_limit", default=None, help="same as --test-limit")
     add_device_args(p)

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model (resumable; DDP under torchrun)",
                        description="Train with SGD, evaluate on the test split at the end and save the model. "
                                    "Under torchrun every process trains on its shard (--batch-size per process).")
-    add_model_args(p)
+    add_model_args(p, task=True)
     add_data_args(p)
     p.add_argument("--epochs", type=int, default=1, help="number of epochs (default 1)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
