@@ -1,6 +1,7 @@
 """Shared fixtures: paths to the real data and weights beside the repository (../shared)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ WEIGHTS = SHARED / "weights"
 RESNET20 = WEIGHTS / "cifar10-resnet20-12fca82f.th"
 RESNET56 = WEIGHTS / "cifar10-resnet56-4bfd9763.th"
 
-# Two pytest-xdist workers on two cores: one intra-op thread each avoids oversubscription.
+# Two pytest-xdist workers on two cores: one intra-op thread each avoids oversubscription (the CLI's --threads
+# default reads OMP_NUM_THREADS, so in-process CLI calls keep to one thread too).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
