@@ -9,6 +9,11 @@ test split unless the budget limits it), MACs, params, latency ratios and wall t
 Budgets: ``smoke`` (a minute-long check on tiny subsets), ``cpu`` (sized for about 2 hours on 2 cores: epochs
 over a fixed class-balanced 25,000-image half of the training set, test on all 10,000),
 ``paper`` (the papers' longer recipes, for a GPU: ``--device cuda``).
+
+Each row splits the budget by its method's own recipe (``Method.method_share``). A training recipe applies to
+every row alike, the peers included, so that the ranking of methods and the recipe's effect stay separate:
+``plain`` (cross-entropy) or ``distill`` (distillation from the uncompressed base). Rows are keyed by (model, row,
+target, recipe), so both recipes' rows live side by side in one results file.
 """
 from __future__ import annotations
 
@@ -18,26 +23,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compress import CompressConfig, compress
+from .compress import CompressConfig, compress, split_budget
 from .report import atomic_write_text, environment
 
 WEIGHTS = {"cifar_resnet20": "cifar10-resnet20-12fca82f.th", "cifar_resnet56": "cifar10-resnet56-4bfd9763.th"}
 
 
+#: training recipes a benchmark run applies to every row: cross-entropy alone, or distillation from the base
+RECIPES = ("plain", "distill")
+
+
 @dataclass
 class Row:
-    """One method at one setting. ``method_share`` of the epoch budget trains with the method attached; the
-    rest fine-tunes after finalize."""
+    """One method at one setting; how it spends the epoch budget is the method's own recipe
+    (``Method.method_share``), so the benchmark and ``slimcnn compress`` split it the same way."""
 
     label: str
     method: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    method_share: float = 0.0
+
+    @property
+    def method_share(self) -> float:
+        from .methods import method_class
+
+        return method_class(self.method).method_share
 
 
-ROWS = [Row("l1", "l1"), Row("tp-peer", "tp"), Row("dagger", "dagger", method_share=0.5),
-        Row("csgd", "csgd", method_share=1.0), Row("trp-channel", "trp", {"scheme": "channel"}, 1.0),
-        Row("trp-spatial", "trp", {"scheme": "spatial"}, 1.0), Row("modelopt-peer", "modelopt")]
+ROWS = [Row("l1", "l1"), Row("tp-peer", "tp"), Row("dagger", "dagger"), Row("csgd", "csgd"),
+        Row("trp-channel", "trp", {"scheme": "channel"}), Row("trp-spatial", "trp", {"scheme": "spatial"}),
+        Row("modelopt-peer", "modelopt")]
 
 
 @dataclass
@@ -52,6 +66,9 @@ class Budget:
     test_limit: int | None = None
     batch_size: int = 128
     latency_batches: list[int] = field(default_factory=lambda: [1, 128])
+    #: the distillation settings of the ``distill`` recipe (the same as ``slimcnn compress``'s defaults)
+    kd_alpha: float = 0.7
+    kd_temperature: float = 4.0
 
 
 BUDGETS = {
@@ -64,12 +81,9 @@ BUDGETS = {
 }
 
 
-def split_epochs(total: int, share: float) -> tuple[int, int]:
-    """(method epochs, fine-tune epochs) for a row; a method with a training phase gets at least one epoch."""
-    m = round(total * share)
-    if share > 0:
-        m = max(1, m)
-    return m, total - m
+def _recipe_of(record: dict[str, Any]) -> str:
+    """A stored row's recipe; rows written before recipes existed were plain."""
+    return record.get("recipe", "plain")
 
 
 def fine_tuned_base(model_name: str, weights_dir: Path, data: str, budget: Budget, work: Path, device: str,
@@ -97,17 +111,19 @@ def fine_tuned_base(model_name: str, weights_dir: Path, data: str, budget: Budge
 def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str | None = None,
               rows: list[str] | None = None, models: list[str] | None = None, targets: list[float] | None = None,
               work: str = "runs/bench", results: str = "benchmarks/results", device: str = "cpu",
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, recipe: str = "plain") -> dict[str, Any]:
     from . import methods
     from .data import cifar10_loaders
 
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     budget = BUDGETS[budget_name]
     name = name or f"bench-{budget_name}"
     work_dir = Path(work) / budget_name
     out_json = Path(results) / f"{name}.json"
     # resume a partly done benchmark: rows already measured with these settings are kept
     done: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    records = {(r["model"], r["row"], r["target_macs"]): r for r in done.get("rows", [])
+    records = {(r["model"], r["row"], r["target_macs"], _recipe_of(r)): r for r in done.get("rows", [])
                if r.get("budget") == budget_name}
     selected = [r for r in ROWS if rows is None or r.label in rows]
     loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed)
@@ -115,18 +131,24 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
         base, base_key = fine_tuned_base(model_name, Path(weights_dir), data, budget, work_dir, device, seed)
         for target in targets or budget.targets:
             for row in selected:
-                if (model_name, row.label, target) in records:
+                key = (model_name, row.label, target, recipe)
+                if key in records:
                     continue
-                m_epochs, ft_epochs = split_epochs(budget.epochs, row.method_share)
+                m_epochs, ft_epochs = split_budget(methods.method_class(row.method), budget.epochs)
                 method = methods.create(row.method, target_macs=target, **row.kwargs)
+                suffix = "" if recipe == "plain" else f"-{recipe}"  # plain keeps the folders it always had
                 cfg = CompressConfig(target_macs=target, method_epochs=m_epochs, epochs=ft_epochs, lr=budget.lr,
                                      seed=seed, device=device, latency_batches=budget.latency_batches,
-                                     out_dir=str(work_dir / model_name / f"{row.label}-{target}"))
+                                     out_dir=str(work_dir / model_name / f"{row.label}-{target}{suffix}"),
+                                     distill=recipe == "distill", kd_alpha=budget.kd_alpha,
+                                     kd_temperature=budget.kd_temperature)
                 t0 = time.time()
                 _, rep = compress(base, method, loaders["train"], loaders["test"], (3, 32, 32), cfg, model_name,
-                                  {"command": f"slimcnn bench --budget {budget_name}", "base_checkpoint": base_key})
-                records[(model_name, row.label, target)] = {
+                                  {"command": f"slimcnn bench --budget {budget_name} --recipe {recipe}",
+                                   "base_checkpoint": base_key})
+                records[key] = {
                     "model": model_name, "row": row.label, "method": row.method, "budget": budget_name,
+                    "recipe": recipe, "distill": rep.get("distill"),
                     "target_macs": target, "method_epochs": m_epochs, "finetune_epochs": ft_epochs,
                     "base_top1": rep["base"]["top1"], "top1": rep["compressed"]["top1"],
                     "top1_change": rep["top1_change"], "macs": rep["compressed"]["macs"],
@@ -160,13 +182,16 @@ def results_markdown(result: dict[str, Any]) -> str:
     lines = [f"# {result['name']}", "",
              f"Budget `{result['budget']}`: base fine-tune {s['base_epochs']} epoch(s); {s['epochs']} epoch(s) per row "
              f"(method + fine-tune); train images {s['train_limit'] or 'all 50,000'}, test images "
-             f"{s['test_limit'] or 'all 10,000'}. {result['notes']}", "",
-             "| model | row | target | epochs (method+ft) | base top-1 | top-1 | change | MACs | MACs ratio | within 1% | "
-             "params | latency ratio b1 | latency ratio (large b) | at finalize | wall s |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
-    for r in sorted(result["rows"], key=lambda r: (r["model"], -r["target_macs"], r["row"])):
+             f"{s['test_limit'] or 'all 10,000'}. Recipe: plain = cross-entropy; distill = distillation from the "
+             f"uncompressed base (alpha {s.get('kd_alpha', 0.7)}, T {s.get('kd_temperature', 4.0)}), in every row's "
+             f"training epochs. {result['notes']}", "",
+             "| model | row | recipe | target | epochs (method+ft) | base top-1 | top-1 | change | MACs | MACs ratio | "
+             "within 1% | params | latency ratio b1 | latency ratio (large b) | at finalize | wall s |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
+    for r in sorted(result["rows"], key=lambda r: (r["model"], -r["target_macs"], r["row"], _recipe_of(r))):
         lat = list(r["latency_ratio"].values())
-        lines.append(f"| {r['model']} | {r['row']} | {r['target_macs']} | {r['method_epochs']}+{r['finetune_epochs']} | "
+        lines.append(f"| {r['model']} | {r['row']} | {_recipe_of(r)} | {r['target_macs']} | "
+                     f"{r['method_epochs']}+{r['finetune_epochs']} | "
                      f"{r['base_top1']:.2f} | {r['top1']:.2f} | {r['top1_change']:+.2f} | {r['macs'] / 1e6:.2f}M | "
                      f"{r['macs_ratio']:.3f} | {_yes(r.get('within_tol'))} | {r['params'] / 1e6:.3f}M | {lat[0]:.3f} | "
                      f"{lat[-1]:.3f} | {finalize_cell(r.get('finalize'))} | {r['wall_s']:.0f} |")
@@ -198,8 +223,9 @@ def plot_results(result: dict[str, Any], stem: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    labels = sorted({r["row"] for r in rows})
-    colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(labels)}
+    series = lambda r: r["row"] if _recipe_of(r) == "plain" else f"{r['row']} ({_recipe_of(r)})"  # noqa: E731
+    labels = sorted({series(r) for r in rows})
+    colors = {k: plt.get_cmap("tab20" if len(labels) > 10 else "tab10")(i) for i, k in enumerate(labels)}
     models = sorted({r["model"] for r in rows})
     markers = dict(zip(models, "oD^v"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -209,7 +235,7 @@ def plot_results(result: dict[str, Any], stem: Path) -> None:
         axes[0].annotate(f"{model.replace('cifar_', '')} base", (1.0, base), fontsize=7, xytext=(-60, 5),
                          textcoords="offset points")
         for label in labels:
-            pts = sorted((r["macs_ratio"], r["top1"]) for r in rows if r["model"] == model and r["row"] == label)
+            pts = sorted((r["macs_ratio"], r["top1"]) for r in rows if r["model"] == model and series(r) == label)
             if pts:
                 axes[0].plot(*zip(*pts), marker=markers[model], color=colors[label], ls="-",
                              label=f"{model.replace('cifar_', '')} {label}")
@@ -220,8 +246,8 @@ def plot_results(result: dict[str, Any], stem: Path) -> None:
     axes[0].legend(fontsize=6, ncol=2)
     for r in rows:
         for i, (b, v) in enumerate(r["latency_ratio"].items()):
-            axes[1].scatter(r["macs_ratio"], v, color=colors[r["row"]], marker="o" if i == 0 else "s", s=22,
-                            label=f"{r['row']} b={b}")
+            axes[1].scatter(r["macs_ratio"], v, color=colors[series(r)], marker="o" if i == 0 else "s", s=22,
+                            label=f"{series(r)} b={b}")
     axes[1].plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="ideal: latency ratio = MACs ratio")
     handles, names = axes[1].get_legend_handles_labels()
     uniq = dict(zip(names, handles))

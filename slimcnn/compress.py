@@ -4,6 +4,16 @@ evaluate base -> ``method.prepare`` -> train with the method's hooks (``method_e
 ``method.finalize`` (physically smaller model) -> evaluate -> BatchNorm recalibration (``bn_recalib`` batches,
 the same for every method and peer) -> evaluate -> fine-tune (``epochs``) -> evaluate, profile and time both
 models side by side -> report.
+
+One budget: a user thinks "compress this in N epochs", so ``slimcnn compress --epochs N`` is the whole run and
+each method's recipe (:attr:`Method.method_share <slimcnn.methods.base.Method.method_share>`) decides how much of
+it trains with the method attached; :func:`split_budget` turns the two into ``method_epochs`` + ``epochs``
+(fine-tune), the fields this module works with. A method whose finalize needs training and is left with none
+is an error, never a silent finalize on untrained gates or clusters.
+
+Two optional levers, both off by default: distillation from the uncompressed base (``distill``; the teacher is
+a frozen copy of the base, used in the method phase and in the fine-tune) and a weight EMA in the fine-tune
+(``ema``; the averaged weights are what is evaluated and saved).
 """
 from __future__ import annotations
 
@@ -12,7 +22,7 @@ import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,12 +32,18 @@ from .methods.base import Method
 from .profile import compare_latency, profile
 from .report import environment, layer_widths, write_report
 
+if TYPE_CHECKING:
+    from .distill import Distiller
+
 #: report.json key under which a method's finalize figures go (the issues name them so)
 FINALIZE_KEYS = {"csgd": "merge", "trp": "decompose"}
 
 
 @dataclass
 class CompressConfig:
+    """Settings of one compression run. ``method_epochs + epochs`` is its whole epoch budget; build the two
+    from one total with :func:`split_budget`."""
+
     target_macs: float | None = 0.5
     method_epochs: int = 0          # training with the method's hooks before finalize (C-SGD, TRP, Dagger search)
     epochs: int = 0                 # fine-tune after finalize
@@ -43,6 +59,93 @@ class CompressConfig:
     latency_batches: list[int] = field(default_factory=lambda: [1, 128])
     latency_repeats: int = 12
     bn_recalib: int = 100           # batches of BatchNorm recalibration after finalize (0: none)
+    distill: bool = False           # distil from the uncompressed base in the method phase and the fine-tune
+    kd_alpha: float = 0.7           # weight of the distillation term (1 - kd_alpha: cross-entropy)
+    kd_temperature: float = 4.0
+    ema: float | None = None        # weight-EMA decay in the fine-tune (None: off)
+
+    def __post_init__(self) -> None:
+        if self.method_epochs < 0 or self.epochs < 0:
+            raise ValueError(f"epochs cannot be negative (method {self.method_epochs}, fine-tune {self.epochs})")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.ema is not None and not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
+
+    @property
+    def recipe(self) -> str:
+        """The training recipe's name, as the benchmark labels its rows: ``plain`` or ``distill``."""
+        return "distill" if self.distill else "plain"
+
+
+def _method_class(method: Method | type[Method]) -> type[Method]:
+    return method if isinstance(method, type) else type(method)
+
+
+def split_budget(method: Method | type[Method], total_epochs: int, method_epochs: int | None = None
+                 ) -> tuple[int, int]:
+    """(epochs with the method attached, fine-tune epochs) for a budget of ``total_epochs``.
+
+    The split follows the method's recipe (``method_share`` of the total, rounded, and at least one epoch for a
+    method with a share > 0) unless ``method_epochs`` overrides it; the fine-tune gets the rest, so the two always
+    add up to ``total_epochs``. Raises ValueError for a negative budget, an override larger than the budget, or
+    a method that needs training before its finalize left with none.
+
+    >>> from slimcnn.methods import method_class
+    >>> [split_budget(method_class(name), 3) for name in ("csgd", "l1", "dagger")]
+    [(3, 0), (0, 3), (2, 1)]
+    """
+    cls = _method_class(method)
+    if total_epochs < 0:
+        raise ValueError(f"the epoch budget cannot be negative, got {total_epochs}")
+    if method_epochs is not None:
+        if method_epochs < 0:
+            raise ValueError(f"--method-epochs cannot be negative, got {method_epochs}")
+        if method_epochs > total_epochs:
+            raise ValueError(f"--method-epochs {method_epochs} is more than the whole budget --epochs {total_epochs} "
+                             "(--epochs counts every epoch of the run, the method's included)")
+        m = method_epochs
+    else:
+        m = round(total_epochs * cls.method_share)
+        if cls.method_share > 0 and total_epochs > 0:
+            m = max(1, m)
+    if cls.trains_before_finalize and m < 1:
+        raise ValueError(_no_training_message(cls, total_epochs, method_epochs))
+    return m, total_epochs - m
+
+
+def _no_training_message(cls: type[Method], total: int, override: int | None) -> str:
+    given = f"--method-epochs {override}" if override is not None else f"--epochs {total}"
+    return (f"{cls.name} needs at least 1 epoch of {cls.method_phase} before it can finalize, and {given} leaves "
+            f"it none; give it a budget, e.g. --epochs 2")
+
+
+def recipe_text(method: Method | type[Method], cfg: CompressConfig) -> str:
+    """The run's plan in one sentence, for report.md and the console."""
+    cls = _method_class(method)
+    parts = []
+    if cfg.method_epochs:
+        parts.append(f"{cfg.method_epochs} epoch(s) of {cls.method_phase}")
+    parts.append("finalize")
+    if cfg.bn_recalib:
+        parts.append("BN recalibration")
+    parts.append(f"{cfg.epochs} fine-tune epoch(s)" + (f" with weight EMA {cfg.ema}" if cfg.ema is not None
+                                                        and cfg.epochs else ""))
+    text = ", then ".join(parts)
+    if cfg.distill:
+        text += (f"; distilled from the uncompressed base (alpha {cfg.kd_alpha}, T {cfg.kd_temperature}) in every "
+                 "training epoch")
+    return text
+
+
+def epoch_budget(method: Method | type[Method], cfg: CompressConfig) -> dict[str, Any]:
+    """report.json's ``epoch_budget``: the total, how it was split and by which recipe."""
+    cls = _method_class(method)
+    return {"total_epochs": cfg.method_epochs + cfg.epochs, "method_epochs": cfg.method_epochs,
+            "finetune_epochs": cfg.epochs, "method_share": cls.method_share, "method_phase": cls.method_phase,
+            "recipe": cfg.recipe, "plan": recipe_text(cls, cfg)}
 
 
 @torch.no_grad()
@@ -70,19 +173,24 @@ def within_tol(macs: float, base_macs: float, target: float | None, tol: float =
 
 
 def _train(model: nn.Module, loader, cfg: CompressConfig, epochs: int, lr: float, method: Method | None,
-           out: Path | None) -> nn.Module:
+           out: Path | None, distiller: Distiller | None = None, ema: float | None = None) -> nn.Module:
     from .engine import TrainConfig, train
 
     tcfg = TrainConfig(epochs=epochs, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                        schedule=cfg.schedule, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
-                       out_dir=str(out) if out else None)
-    return train(model, loader, tcfg, method=method).model
+                       out_dir=str(out) if out else None, ema=ema)
+    return train(model, loader, tcfg, method=method, distiller=distiller).model
 
 
 def compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
              cfg: CompressConfig, model_name: str = "", info: dict[str, Any] | None = None
              ) -> tuple[nn.Module, dict[str, Any]]:
-    """Compress ``model`` with ``method``; returns the compact model and the report (``model`` is untouched)."""
+    """Compress ``model`` with ``method``; returns the compact model and the report (``model`` is untouched).
+
+    Raises ValueError before any work if ``method`` needs training before finalize and ``cfg.method_epochs`` is 0.
+    """
+    if method.trains_before_finalize and cfg.method_epochs < 1:
+        raise ValueError(_no_training_message(type(method), cfg.method_epochs + cfg.epochs, cfg.method_epochs))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -91,6 +199,13 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
     base_logits, labels = predict(model, test_loader, cfg.device, "eval base")
     base_top1 = top1(base_logits, labels)
     tqdm.write(f"base: top1 {base_top1:.2f}  MACs {base_prof.macs / 1e6:.2f}M  params {base_prof.params / 1e6:.3f}M")
+    tqdm.write(f"plan: {recipe_text(method, cfg)}")
+    distiller = None
+    if cfg.distill:
+        from .distill import Distiller
+
+        # a frozen copy of the uncompressed base teaches both phases; ``model`` itself stays untouched
+        distiller = Distiller(copy.deepcopy(model).eval(), cfg.kd_alpha, cfg.kd_temperature)
 
     budget = {"total_steps": len(train_loader) * cfg.method_epochs, "lr": cfg.method_lr or cfg.lr,
               "schedule": cfg.schedule}
@@ -100,7 +215,7 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
                           **({"train_loader": train_loader} if "train_loader" in accepted else {}))  # data-scored peers
     if cfg.method_epochs > 0:
         work = _train(work, train_loader, cfg, cfg.method_epochs, cfg.method_lr or cfg.lr, method,
-                      out / "method_ckpt" if out else None)
+                      out / "method_ckpt" if out else None, distiller)
     finalize_key = FINALIZE_KEYS.get(method.name, "finalize")
     before_logits = before_top1 = None
     if method.trains_before_finalize:
@@ -122,11 +237,15 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
     if finalize["bn_recalib_batches"]:
         after_logits, _ = predict(compact, test_loader, cfg.device, "eval after BN recalibration")
         finalize["top1_recalibrated"] = top1(after_logits, labels)
+    if cfg.ema is not None and cfg.epochs == 0:
+        tqdm.write(f"warning: --ema {cfg.ema} has no fine-tune to average (0 fine-tune epochs); not applied")
     if cfg.epochs > 0:
-        compact = _train(compact, train_loader, cfg, cfg.epochs, cfg.lr, None, out / "finetune_ckpt" if out else None)
+        compact = _train(compact, train_loader, cfg, cfg.epochs, cfg.lr, None, out / "finetune_ckpt" if out else None,
+                         distiller, cfg.ema)
         final_logits, _ = predict(compact, test_loader, cfg.device, "eval compressed")
     else:
         final_logits = after_logits
+    del distiller
     comp_prof = profile(compact, input_shape)
     comp_top1 = top1(final_logits, labels)
 
@@ -150,7 +269,12 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
         "latency_ms": {"batch": list(cfg.latency_batches), "base": lat_base, "compressed": lat_comp,
                        "ratio": [round(c / b, 4) for b, c in zip(lat_base, lat_comp)]},
         "finalize_key": finalize_key, finalize_key: {**fin_extra, **finalize},
-        "epoch_budget": {"method_epochs": cfg.method_epochs, "finetune_epochs": cfg.epochs},
+        "epoch_budget": epoch_budget(method, cfg), "recipe": cfg.recipe,
+        "distill": ({"teacher": "the uncompressed base (eval mode, no gradient)", "alpha": cfg.kd_alpha,
+                     "temperature": cfg.kd_temperature,
+                     "phases": [ph for ph, n in (("method", cfg.method_epochs), ("finetune", cfg.epochs)) if n]}
+                    if cfg.distill else None),
+        "ema": {"decay": cfg.ema, "applied": cfg.epochs > 0} if cfg.ema is not None else None,
         "test_images": len(labels), "config": asdict(cfg), "environment": environment(), **(info or {}),
     }
     # the method's own figures (TRP's layers, Dagger's gates, ...) sit at the top level of the report

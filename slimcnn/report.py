@@ -113,7 +113,17 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def _epochs(budget: dict[str, Any]) -> str:
-    return f"{budget.get('method_epochs', 0)} with the method attached + {budget.get('finetune_epochs', 0)} fine-tune"
+    """The epoch budget in words: total, split, and the recipe that split it (older reports lack the last two)."""
+    m, ft = budget.get("method_epochs", 0), budget.get("finetune_epochs", 0)
+    phase = budget.get("method_phase", "training with the method attached")
+    text = f"{budget.get('total_epochs', m + ft)} in all = {m} of {phase} + {ft} fine-tune"
+    if budget.get("method_share") is not None:
+        text += f" (the method's recipe: {budget['method_share']:.0%} of the budget before finalize)"
+    if budget.get("recipe"):
+        text += f"; training recipe `{budget['recipe']}`"
+    if budget.get("plan"):
+        text += f". Plan: {budget['plan']}"
+    return text
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -1,13 +1,41 @@
 """The benchmark's smoke budget end to end (every row, tiny real subsets), and its resume."""
 import json
 
-from slimcnn.bench import ROWS, run_bench, split_epochs
+import pytest
+
+from slimcnn.bench import ROWS, run_bench
+from slimcnn.compress import split_budget
+from slimcnn.methods import method_class
 from conftest import CIFAR, WEIGHTS
 
 
-def test_split_epochs():
-    assert split_epochs(2, 0.0) == (0, 2) and split_epochs(2, 1.0) == (2, 0) and split_epochs(1, 0.5) == (1, 0)
-    assert split_epochs(4, 0.5) == (2, 2)
+def test_rows_split_by_their_methods_recipe():
+    split = {r.label: split_budget(method_class(r.method), 2) for r in ROWS}
+    assert split["l1"] == split["tp-peer"] == split["modelopt-peer"] == (0, 2)
+    assert split["dagger"] == (1, 1) and split["csgd"] == split["trp-spatial"] == (2, 0)
+
+
+def test_both_recipes_coexist_in_one_results_file(tmp_path):
+    # a plain l1 row measured earlier, stored before rows carried a recipe (so it reads as plain)
+    earlier = {"model": "cifar_resnet20", "row": "l1", "method": "l1", "budget": "smoke", "target_macs": 0.5,
+               "method_epochs": 0, "finetune_epochs": 1, "base_top1": 80.0, "top1": 70.0, "top1_change": -10.0,
+               "macs": 2.0e7, "base_macs": 4.0e7, "macs_ratio": 0.5, "within_tol": True, "params": 1.3e5,
+               "base_params": 2.7e5, "latency_ratio": {"1": 0.8, "16": 0.7}, "finalize": None, "wall_s": 123.0,
+               "test_images": 200}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "recipes.json").write_text(json.dumps({"rows": [earlier]}))
+    kw = dict(rows=["l1"], name="recipes", work=str(tmp_path / "work"), results=str(tmp_path / "results"))
+    both = run_bench(str(CIFAR), str(WEIGHTS), "smoke", recipe="distill", **kw)  # not blocked by the plain row
+    rows = {r.get("recipe", "plain"): r for r in both["rows"]}
+    assert set(rows) == {"plain", "distill"} and len(both["rows"]) == 2
+    assert rows["plain"]["wall_s"] == 123.0 and rows["distill"]["distill"]["alpha"] == 0.7
+    assert rows["distill"]["method_epochs"] + rows["distill"]["finetune_epochs"] == 1
+    again = run_bench(str(CIFAR), str(WEIGHTS), "smoke", recipe="plain", **kw)  # finds its row: runs nothing
+    assert sorted(r["wall_s"] for r in again["rows"]) == sorted(r["wall_s"] for r in both["rows"])
+    md = (tmp_path / "results" / "recipes.md").read_text()
+    assert "| row | recipe |" in md and "| l1 | distill |" in md and "| l1 | plain |" in md
+    with pytest.raises(ValueError, match="unknown recipe"):
+        run_bench(str(CIFAR), str(WEIGHTS), "smoke", recipe="fancy", **kw)
 
 
 def test_smoke_budget_every_row(tmp_path):

@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from ..bench import BUDGETS, ROWS
+    from ..bench import BUDGETS, RECIPES, ROWS
 
     p = sub.add_parser("bench", help="side-by-side benchmark of every method and the Torch-Pruning peer",
                        description="Fine-tune the public checkpoints on the data (cached), then compress with every "
@@ -15,6 +15,9 @@ def add_parser(sub) -> None:
                    help="smoke: a minute-long check; cpu: ~2 h on 2 cores; paper: long recipes for a GPU")
     p.add_argument("--data", required=True, help="CIFAR-10 root (image folder or pickle layout)")
     p.add_argument("--weights-dir", required=True, help="folder with the public cifar10-resnet*.th checkpoints")
+    p.add_argument("--recipe", choices=RECIPES, default="plain",
+                   help="training recipe for every row alike, the peers included: plain (cross-entropy) or distill "
+                        "(distillation from the uncompressed base); rows of both recipes coexist in one results file")
     p.add_argument("--rows", default=None, help=f"comma list of rows (default all: {', '.join(r.label for r in ROWS)})")
     p.add_argument("--models", default=None, help="comma list of models (default: the budget's)")
     p.add_argument("--targets", default=None, help="comma list of MACs ratios (default: the budget's)")
@@ -32,6 +35,6 @@ def run(args: argparse.Namespace) -> int:
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()] if s else None  # noqa: E731
     result = run_bench(args.data, args.weights_dir, args.budget, args.name, split(args.rows), split(args.models),
                        [float(t) for t in split(args.targets)] if args.targets else None, args.work, args.results,
-                       args.device, args.seed)
+                       args.device, args.seed, args.recipe)
     print(open(f"{args.results}/{result['name']}.md").read())
     return 0

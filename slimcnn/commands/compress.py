@@ -23,22 +23,37 @@ def add_parser(sub) -> None:
     from ..methods import list_methods
 
     p = sub.add_parser("compress", help="compress a model with one method, fine-tune, report",
-                       description="Compress a model (prune / merge / factorise), fine-tune it, and write "
-                                   "DIR/model.json, DIR/model.safetensors, DIR/report.{json,md} and plots.")
+                       description="Compress a model (prune / merge / factorise) within one epoch budget, and write "
+                                   "DIR/model.json, DIR/model.safetensors, DIR/report.{json,md} and plots. --epochs "
+                                   "is the whole budget; each method's recipe splits it between training with the "
+                                   "method attached and fine-tuning the compact model (l1, tp, modelopt: all "
+                                   "fine-tune; dagger: half gate search; csgd: all centripetal SGD; trp: all "
+                                   "trained-rank pruning).")
     p.add_argument("--method", required=True, choices=list_methods())
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--target-macs", type=float, default=0.5,
                    help="MACs to keep: a ratio of the base (<= 1) or absolute MACs (> 1)")
-    p.add_argument("--method-epochs", "--search-epochs", dest="method_epochs", type=int, default=0,
-                   help="epochs of training with the method attached before finalize (C-SGD, TRP, Dagger search)")
-    p.add_argument("--epochs", type=int, default=0, help="fine-tune epochs after finalize (0: none)")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="the whole epoch budget of the run, split by the method's recipe (default 0: no training, "
+                        "which only l1, tp and modelopt accept)")
+    p.add_argument("--method-epochs", "--search-epochs", dest="method_epochs", type=int, default=None,
+                   help="override the recipe: this many of the --epochs train with the method attached before "
+                        "finalize, the rest fine-tune")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
     p.add_argument("--method-lr", type=float, default=None, help="learning rate while the method trains (default --lr)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--amp", action="store_true", help="mixed precision (cuda only)")
+    p.add_argument("--distill", action="store_true",
+                   help="distil from the uncompressed base (frozen, eval mode) in every training epoch: "
+                        "(1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher || student) at temperature T")
+    p.add_argument("--kd-alpha", type=float, default=0.7, help="distillation weight alpha in [0, 1] (with --distill)")
+    p.add_argument("--kd-temperature", type=float, default=4.0, help="distillation temperature T (with --distill)")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights during the fine-tune (e.g. 0.999); the "
+                        "averaged weights are evaluated and saved")
     p.add_argument("--latency-batch", type=int, nargs="+", default=[1, 128], help="batch sizes timed")
     p.add_argument("--out", required=True, help="output folder")
     g = p.add_argument_group("method options (each applies to the methods named in its help)")
@@ -61,17 +76,20 @@ def method_kwargs(args: argparse.Namespace, method: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from .. import methods
-    from ..compress import CompressConfig, compress
+    from ..compress import CompressConfig, compress, split_budget
     from ..data import cifar10_loaders
 
+    # the budget is checked first: a run that cannot train its method fails before loading or writing anything
+    method_epochs, finetune_epochs = split_budget(methods.method_class(args.method), args.epochs, args.method_epochs)
+    cfg = CompressConfig(target_macs=args.target_macs, method_epochs=method_epochs, epochs=finetune_epochs,
+                         lr=args.lr, method_lr=args.method_lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                         seed=args.seed, device=args.device, amp=args.amp, out_dir=args.out,
+                         latency_batches=args.latency_batch, distill=args.distill, kd_alpha=args.kd_alpha,
+                         kd_temperature=args.kd_temperature, ema=args.ema)
     model = build_model(args)
     shape = input_shape(args)
     loaders = cifar10_loaders(args.data, args.batch_size, args.train_limit, args.test_limit, args.seed)
     method = methods.create(args.method, **method_kwargs(args, args.method))
-    cfg = CompressConfig(target_macs=args.target_macs, method_epochs=args.method_epochs, epochs=args.epochs,
-                         lr=args.lr, method_lr=args.method_lr, weight_decay=args.weight_decay, schedule=args.schedule,
-                         seed=args.seed, device=args.device, amp=args.amp, out_dir=args.out,
-                         latency_batches=args.latency_batch)
     info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
             "weights": args.weights}
     _, report = compress(model, method, loaders["train"], loaders["test"], shape, cfg, args.model, info)
@@ -88,3 +106,6 @@ def print_summary(report: dict) -> None:
               + "".join(f"{v:>12.2f}" for v in lat[key]))
     print(f"macs_ratio: {report['macs_ratio']:.4f}  top1_change: {report['top1_change']:+.2f}  "
           f"latency_ratio: {', '.join(f'{r:.3f}' for r in lat['ratio'])}")
+    budget = report.get("epoch_budget") or {}
+    if "plan" in budget:
+        print(f"budget: {budget['total_epochs']} epoch(s): {budget['plan']}")

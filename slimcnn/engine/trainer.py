@@ -17,6 +17,13 @@ Choices worth knowing:
 - A NaN/inf loss raises :class:`TrainingDiverged` before the step is applied; the last checkpoint is untouched.
 - Under torchrun (``torch.distributed`` initialised) the model is wrapped in DDP; the method hooks get the
   unwrapped model; train metrics are summed over ranks; only rank 0 prints and writes the checkpoint.
+- ``distiller`` (:class:`slimcnn.distill.Distiller`) mixes a frozen teacher's soft targets into the loss, inside
+  autocast like the task loss. The teacher is never wrapped in DDP: each rank runs it locally under no_grad.
+  An iterative model's every output is distilled against the teacher's final logits. At alpha 0 the teacher is
+  not run and training is bit-for-bit the plain run.
+- ``ema`` keeps an exponential moving average of the weights (and float buffers) through
+  ``torch.optim.swa_utils.AveragedModel``, updated after every optimiser step; it is checkpointed, so a resumed
+  run ends bit-identical too, and at the end the returned model holds the averaged weights.
 """
 from __future__ import annotations
 
@@ -31,7 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..distill import Distiller
 from ..methods.base import Method
 from . import distributed
 from .checkpoint import capture_rng, load_state, restore_rng, save_state
@@ -42,7 +51,7 @@ CHECKPOINT_NAME = "last.safetensors"
 SCHEDULES = ("cosine", "step", "constant")
 # settings that must match for a resumed run to continue the same run
 _RESUME_KEYS = ("epochs", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "milestones",
-                "gamma", "seed", "task")
+                "gamma", "seed", "task", "ema")
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,6 +79,8 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
     progress: bool = True
+    #: decay of a weight EMA updated after every optimiser step (None: no EMA); the run returns the EMA weights
+    ema: float | None = None
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -83,6 +94,9 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 (or None), got {self.max_steps}")
+        if self.ema is not None and not 0.0 <= self.ema < 1.0:
+            # decay 1 would never move away from the first weights
+            raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
         self.milestones = tuple(float(m) for m in self.milestones)
 
 
@@ -154,10 +168,14 @@ def config_record(cfg: TrainConfig) -> dict[str, Any]:
     return rec
 
 
-def _check_resume(path: Path, state: dict[str, Any], cfg: TrainConfig, steps_per_epoch: int, method: Method) -> None:
+def _check_resume(path: Path, state: dict[str, Any], cfg: TrainConfig, steps_per_epoch: int, method: Method,
+                  distiller: Distiller | None) -> None:
     saved = state["config"]
     problems = [f"{k}={saved.get(k)!r} (this run: {getattr(cfg, k)!r})" for k in _RESUME_KEYS
                 if saved.get(k) != getattr(cfg, k)]
+    distill = distiller.record() if distiller is not None and distiller.active else None
+    if state.get("distill") != distill:
+        problems.append(f"distillation {state.get('distill')!r} (this run: {distill!r})")
     if state["steps_per_epoch"] != steps_per_epoch:
         problems.append(f"{state['steps_per_epoch']} steps per epoch (this run: {steps_per_epoch}; "
                         "same data, batch size and number of processes?)")
@@ -193,11 +211,14 @@ class _EpochStats:
 
 
 def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Method | None = None,
-          val_loader: Iterable | None = None, resume: bool = False) -> TrainResult:
+          val_loader: Iterable | None = None, resume: bool = False,
+          distiller: Distiller | None = None) -> TrainResult:
     """Train ``model`` on ``train_loader`` with SGD, driving ``method``'s hooks; see the module docstring.
 
     The loader yields ``(x, y)`` batches; if it has ``set_epoch`` it is called every epoch (needed for exact
-    resume and for per-epoch shuffles). ``val_loader`` is evaluated after every complete epoch.
+    resume and for per-epoch shuffles). ``val_loader`` is evaluated after every complete epoch (the EMA
+    weights when ``cfg.ema`` is set: those are what the run returns). ``distiller`` adds distillation from its
+    teacher to the loss.
 
     >>> result = train(model, loader, TrainConfig(epochs=1, lr=0.01))   # doctest: +SKIP
     >>> result.history[0]["train_loss"]                                 # doctest: +SKIP
@@ -219,6 +240,8 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
                                    cfg.gamma))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    distiller = distiller.to(device) if distiller is not None and distiller.active else None
+    ema = _make_ema(model, cfg.ema) if cfg.ema is not None else None
 
     ckpt = checkpoint_path(cfg.out_dir) if cfg.out_dir is not None else None
     start_epoch, step, history, partial = 0, 0, [], None
@@ -227,8 +250,8 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
             raise ValueError("resume=True needs cfg.out_dir (the folder holding the run's last checkpoint)")
         if ckpt.is_file():
             state = load_state(ckpt)
-            _check_resume(ckpt, state, cfg, steps_per_epoch, method)
-            _restore(state, model, opt, sched, scaler, method)
+            _check_resume(ckpt, state, cfg, steps_per_epoch, method, distiller)
+            _restore(state, model, opt, sched, scaler, method, ema)
             start_epoch, step, history, partial = state["epoch"], state["step"], state["history"], state["partial"]
             if show:
                 print(f"resuming from {ckpt}: epoch {start_epoch}/{cfg.epochs}, step {step}")
@@ -248,7 +271,9 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
                           "model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                           "method": method.name, "method_state": method.state_dict(), "rng": capture_rng(),
-                          "history": history, "partial": partial_values, "config": config_record(cfg)})
+                          "history": history, "partial": partial_values, "config": config_record(cfg),
+                          "ema": ema.state_dict() if ema is not None else None,
+                          "distill": distiller.record() if distiller is not None else None})
 
     from tqdm import tqdm
 
@@ -276,10 +301,16 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
             with autocast(device, use_amp):
                 out = net(x)
                 logits = logits_of(out)
+                soft = distiller.teacher_logits(x) if distiller is not None else None
+
+                def loss_of(o: torch.Tensor) -> torch.Tensor:
+                    hard = task_loss(cfg.task, o, y)
+                    return hard if distiller is None else distiller.combine(o, soft, hard)
+
                 if isinstance(out, (list, tuple)):  # an iterative model trained on every iteration's output
-                    loss = sum(task_loss(cfg.task, o, y) for o in out) / len(out) + method.loss(model)
+                    loss = sum(loss_of(o) for o in out) / len(out) + method.loss(model)
                 else:
-                    loss = task_loss(cfg.task, logits, y) + method.loss(model)
+                    loss = loss_of(logits) + method.loss(model)
             # every rank must agree to stop, or the others would wait forever in the next all-reduce
             seen = distributed.all_reduce_sum(loss.detach().float().reshape(1).clone())
             if not torch.isfinite(seen).all():
@@ -293,6 +324,8 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
             scaler.step(opt)
             scaler.update()
             method.after_step(model, step)
+            if ema is not None:
+                ema.update_parameters(model)
             last_lr = opt.param_groups[0]["lr"]
             sched.step()
             step += 1
@@ -317,7 +350,8 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
             save(epoch, stats.values[:4])
             break
         if val_loader is not None:
-            val = evaluate(model, val_loader, cfg.task, device, amp=use_amp, progress=show)
+            val = evaluate(ema.module if ema is not None else model, val_loader, cfg.task, device, amp=use_amp,
+                           progress=show)
             rec.update({f"val_{k}": v for k, v in val.items() if k != "iou"})
         history.append(rec)
         run_history.append(rec)
@@ -325,6 +359,8 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
         if show:
             tqdm.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
 
+    if ema is not None and int(ema.n_averaged) > 0:
+        _load_ema_weights(model, ema)
     digests = distributed.gather_digests(model) if distributed.is_distributed() else None
     if digests and main and len(set(digests)) > 1:
         print(f"warning: DDP replicas ended with different weights: {digests}")
@@ -333,15 +369,32 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
 
 
 def _restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, sched: LambdaLR,
-             scaler: torch.amp.GradScaler, method: Method) -> None:
-    """Load a checkpoint's model, optimiser, scheduler, AMP scaler, method and RNG states."""
+             scaler: torch.amp.GradScaler, method: Method, ema: AveragedModel | None = None) -> None:
+    """Load a checkpoint's model, optimiser, scheduler, AMP scaler, method, EMA and RNG states."""
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     if state["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     method.load_state_dict(state["method_state"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
     restore_rng(state["rng"])
+
+
+def _make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An EMA of ``model``'s parameters and buffers (BatchNorm statistics follow the averaged weights)."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@torch.no_grad()
+def _load_ema_weights(model: nn.Module, ema: AveragedModel) -> None:
+    """Copy the averaged float tensors into ``model`` in place (DDP keeps its references). Integer buffers
+    (BatchNorm's ``num_batches_tracked``) are counters, not weights: the model keeps its own."""
+    averaged = ema.module.state_dict()
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            t.copy_(averaged[name])
 
 
 def _first_nonfinite(model: nn.Module) -> str | None:

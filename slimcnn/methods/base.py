@@ -33,6 +33,12 @@ class Method:
     cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = []
     #: whether the method wants a training phase before ``finalize`` (L1 does not: it prunes, then fine-tunes)
     trains_before_finalize = False
+    #: its recipe for one epoch budget: the fraction trained with the method attached before ``finalize``; the rest
+    #: fine-tunes the compact model (see :func:`slimcnn.compress.split_budget`). A method whose finalize needs
+    #: training (``trains_before_finalize``) must declare a share > 0.
+    method_share: ClassVar[float] = 0.0
+    #: what the epochs with the method attached do, in words, for reports ("centripetal SGD", "gate search", ...)
+    method_phase: ClassVar[str] = "training with the method attached"
 
     def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
         self.example_input = example_input

@@ -300,6 +300,8 @@ class CSGD(Method):
 
     name = "csgd"
     trains_before_finalize = True
+    method_share = 1.0  # its recipe: share of the epoch budget before finalize
+    method_phase = "centripetal SGD"
     cli_args = [
         ("--eps", {"type": float, "default": None,
                    "help": "csgd: centripetal strength (default: derived from lr and the number of steps)"}),

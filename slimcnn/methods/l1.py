@@ -20,6 +20,7 @@ class L1Pruning(Method):
 
     name = "l1"
     trains_before_finalize = False
+    method_share = 0.0  # its recipe: share of the epoch budget before finalize
     cli_args = [("--mode", {"choices": ["uniform", "global"], "default": None,
                             "help": "l1/tp: same keep ratio in every group (uniform, default) or one global ranking"}),
                ("--scorer", {"choices": sorted(SCORERS), "default": None,

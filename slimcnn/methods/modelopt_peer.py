@@ -81,6 +81,7 @@ class ModelOptPeer(Method):
 
     name = "modelopt"
     trains_before_finalize = False
+    method_share = 0.0  # its recipe: share of the epoch budget before finalize
     cli_args = [
         ("--modelopt-divisor", {"dest": "divisor", "type": int, "choices": list(DIVISORS), "default": None,
                                 "help": "modelopt: channel divisor of FastNAS's search space (default: the largest "

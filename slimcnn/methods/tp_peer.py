@@ -53,6 +53,7 @@ class TorchPruningPeer(Method):
 
     name = "tp"
     trains_before_finalize = False
+    method_share = 0.0  # its recipe: share of the epoch budget before finalize
     cli_args = [("--tp-global", {"dest": "global_pruning", "action": "store_const", "const": True, "default": None,
                                  "help": "tp: Torch-Pruning's global ranking instead of a uniform ratio per layer"})]
 

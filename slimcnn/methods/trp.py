@@ -529,6 +529,8 @@ class TRP(Method):
 
     name = "trp"
     trains_before_finalize = True
+    method_share = 1.0  # its recipe: share of the epoch budget before finalize
+    method_phase = "trained-rank pruning"
     cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = [
         ("--scheme", dict(choices=SCHEMES, default=None, help="TRP factorisation: channel (NC), spatial (VH) or nd")),
         ("--energy", dict(type=float, default=None, help="TRP: energy kept by the training truncation (default 0.9)")),
