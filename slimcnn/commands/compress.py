@@ -54,6 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="keep an exponential moving average of the weights during the fine-tune (e.g. 0.999); the "
                         "averaged weights are evaluated and saved")
+    p.add_argument("--bn-recalib", type=int, default=100, metavar="N",
+                   help="batches of BatchNorm recalibration after finalize, the same for every method (0: none)")
     p.add_argument("--latency-batch", type=int, nargs="+", default=[1, 128], help="batch sizes timed")
     p.add_argument("--out", required=True, help="output folder")
     g = p.add_argument_group("method options (each applies to the methods named in its help)")
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                          lr=args.lr, method_lr=args.method_lr, weight_decay=args.weight_decay, schedule=args.schedule,
                          seed=args.seed, device=args.device, amp=args.amp, out_dir=args.out,
                          latency_batches=args.latency_batch, distill=args.distill, kd_alpha=args.kd_alpha,
-                         kd_temperature=args.kd_temperature, ema=args.ema)
+                         kd_temperature=args.kd_temperature, ema=args.ema, bn_recalib=args.bn_recalib)
     model = build_model(args)
     shape = input_shape(args)
     loaders = cifar10_loaders(args.data, args.batch_size, args.train_limit, args.test_limit, args.seed)
