@@ -22,14 +22,15 @@ import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from .methods.base import Method
-from .profile import compare_latency, profile
+from .graph.policy import LayerPolicy, layer_policy
+from .profile import budgeted_latency, profile
 from .report import environment, layer_widths, write_report
 
 if TYPE_CHECKING:
@@ -57,7 +58,11 @@ class CompressConfig:
     amp: bool = False
     out_dir: str | None = None
     latency_batches: list[int] = field(default_factory=lambda: [1, 128])
-    latency_repeats: int = 12
+    latency_repeats: int = 12       # at most; fewer when the time budget runs out
+    latency: bool = True            # time base and compressed model (False: --no-latency)
+    latency_budget_s: float = 5.0   # seconds of timing per batch size (a larger batch is shrunk to fit)
+    exclude: list[str] = field(default_factory=list)            # layers never pruned (globs; graph/policy.py)
+    min_keep: dict[str, float] = field(default_factory=dict)    # glob -> floor on the kept fraction of channels
     bn_recalib: int = 100           # batches of BatchNorm recalibration after finalize (0: none)
     distill: bool = False           # distil from the uncompressed base in the method phase and the fine-tune
     kd_alpha: float = 0.7           # weight of the distillation term (1 - kd_alpha: cross-entropy)
@@ -182,15 +187,83 @@ def _train(model: nn.Module, loader, cfg: CompressConfig, epochs: int, lr: float
     return train(model, loader, tcfg, method=method, distiller=distiller).model
 
 
+#: which layer controls each method obeys. Channel pruners get both through the channel groups (graph/policy.py);
+#: the Torch-Pruning peer maps --exclude to its ignored_layers; TRP leaves excluded convs undecomposed (through its
+#: layer patterns, see slimcnn.commands.compress); ModelOpt's search space has no per-layer switch here.
+LAYER_CONTROL: dict[str, frozenset[str]] = {
+    "l1": frozenset({"exclude", "min_keep"}), "dagger": frozenset({"exclude", "min_keep"}),
+    "csgd": frozenset({"exclude", "min_keep"}), "tp": frozenset({"exclude"}), "trp": frozenset({"exclude"}),
+}
+
+
+def check_layer_control(method: Method | type[Method], cfg: CompressConfig, model: nn.Module | None = None
+                        ) -> LayerPolicy:
+    """The run's :class:`LayerPolicy`; ValueError if the method cannot obey it or a glob matches no layer."""
+    policy = LayerPolicy(tuple(cfg.exclude), tuple(cfg.min_keep.items()))
+    cls = _method_class(method)
+    asked = {k for k, v in (("exclude", cfg.exclude), ("min_keep", cfg.min_keep)) if v}
+    missing = asked - LAYER_CONTROL.get(cls.name, frozenset())
+    if missing:
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(missing))
+        able = ", ".join(n for n, c in LAYER_CONTROL.items() if missing <= c)
+        raise ValueError(f"{cls.name} does not support {flags} (methods that do: {able})")
+    if model is not None and policy:
+        policy.check(model)
+    return policy
+
+
+def _excluded_shapes(model: nn.Module, policy: LayerPolicy) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of every excluded layer, to confirm after compression that none changed."""
+    return {f"{n}.{k}": tuple(p.shape) for n, m in model.named_modules() if n and policy.excluded(n)
+            for k, p in m.named_parameters(recurse=False)}
+
+
+def _layer_control_record(policy: LayerPolicy, model: nn.Module, compact: nn.Module,
+                          input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """report.json's ``layer_control``: the globs, the groups they froze or floored, and the check that every
+    excluded layer kept its shape (a SurgeryError if one did not: the user was promised it would)."""
+    from .graph import channel_groups
+    from .graph.validate import SurgeryError
+
+    x = torch.zeros(1, *input_shape)
+    with layer_policy(policy=policy):
+        groups = channel_groups(copy.deepcopy(model).cpu().eval(), x)
+    before, after = _excluded_shapes(model, policy), dict(_named_shapes(compact))
+    changed = [k for k, v in before.items() if k in after and after[k] != v]
+    gone = [k for k in before if k not in after]
+    if changed or gone:
+        raise SurgeryError(f"--exclude promised these layers would keep their shape, but {(changed + gone)[:3]} "
+                           "changed")
+    return {**policy.record(),
+            "excluded_groups": [g.key for g in groups if "excluded:" in g.reason],
+            "floors": {g.key: g.min_keep for g in groups if g.min_keep > 1},
+            "excluded_layers": sorted({n.rsplit(".", 1)[0] for n in before}),
+            "excluded_unchanged": True}
+
+
+def _named_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
+    for n, p in model.named_parameters():
+        yield n, tuple(p.shape)
+
+
 def compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
              cfg: CompressConfig, model_name: str = "", info: dict[str, Any] | None = None
              ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` with ``method``; returns the compact model and the report (``model`` is untouched).
 
-    Raises ValueError before any work if ``method`` needs training before finalize and ``cfg.method_epochs`` is 0.
+    Raises ValueError before any work if ``method`` needs training before finalize and ``cfg.method_epochs`` is 0,
+    or if ``cfg.exclude`` / ``cfg.min_keep`` ask for a layer control the method lacks or name no layer.
     """
     if method.trains_before_finalize and cfg.method_epochs < 1:
         raise ValueError(_no_training_message(type(method), cfg.method_epochs + cfg.epochs, cfg.method_epochs))
+    policy = check_layer_control(method, cfg, model)
+    with layer_policy(policy=policy):  # every channel group the method builds, from prepare to finalize
+        return _compress(model, method, train_loader, test_loader, input_shape, cfg, model_name, info, policy)
+
+
+def _compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
+              cfg: CompressConfig, model_name: str, info: dict[str, Any] | None, policy: LayerPolicy
+              ) -> tuple[nn.Module, dict[str, Any]]:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -249,13 +322,26 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
     comp_prof = profile(compact, input_shape)
     comp_top1 = top1(final_logits, labels)
 
-    cpu_base, cpu_comp = copy.deepcopy(model).cpu().eval(), copy.deepcopy(compact).cpu().eval()
-    lat_base, lat_comp = [], []
-    for b in tqdm(cfg.latency_batches, desc="latency", leave=False):
-        reps = cfg.latency_repeats if b <= 16 else max(3, cfg.latency_repeats // 4)
-        t = compare_latency({"base": cpu_base, "compressed": cpu_comp}, input_shape, batch=b, repeats=reps)
-        lat_base.append(round(t["base"], 3))
-        lat_comp.append(round(t["compressed"], 3))
+    latency_ms = None
+    if cfg.latency:  # on the device the run uses, within a time budget per batch size
+        timed_base = copy.deepcopy(model).to(cfg.device).eval()
+        timed_comp = copy.deepcopy(compact).to(cfg.device).eval()
+        lat_base, lat_comp, batches, repeats = [], [], [], []
+        for b in tqdm(cfg.latency_batches, desc="latency", leave=False):
+            t, timed_b, reps = budgeted_latency({"base": timed_base, "compressed": timed_comp}, input_shape, batch=b,
+                                                budget_s=cfg.latency_budget_s, max_repeats=cfg.latency_repeats)
+            lat_base.append(round(t["base"], 3))
+            lat_comp.append(round(t["compressed"], 3))
+            batches.append(timed_b)
+            repeats.append(reps)
+        del timed_base, timed_comp
+        latency_ms = {"batch": batches, "base": lat_base, "compressed": lat_comp,
+                      "ratio": [round(c / b, 4) for b, c in zip(lat_base, lat_comp)], "device": cfg.device,
+                      "repeats": repeats, "budget_s": cfg.latency_budget_s}
+        if batches != list(cfg.latency_batches):
+            latency_ms["requested_batch"] = list(cfg.latency_batches)
+            tqdm.write(f"latency: timed batch {batches} instead of {list(cfg.latency_batches)} to stay within "
+                       f"{cfg.latency_budget_s:g} s per batch size")
 
     method_report = method.report()
     fin_extra = method_report.pop(finalize_key, {}) if isinstance(method_report.get(finalize_key), dict) else {}
@@ -266,8 +352,8 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
         "macs_ratio": comp_prof.macs / base_prof.macs, "speedup": base_prof.macs / comp_prof.macs,
         "within_tol": within_tol(comp_prof.macs, base_prof.macs, cfg.target_macs),
         "params_ratio": comp_prof.params / base_prof.params, "top1_change": round(comp_top1 - base_top1, 2),
-        "latency_ms": {"batch": list(cfg.latency_batches), "base": lat_base, "compressed": lat_comp,
-                       "ratio": [round(c / b, 4) for b, c in zip(lat_base, lat_comp)]},
+        "latency_ms": latency_ms,
+        "layer_control": _layer_control_record(policy, model, compact, input_shape) if policy else None,
         "finalize_key": finalize_key, finalize_key: {**fin_extra, **finalize},
         "epoch_budget": epoch_budget(method, cfg), "recipe": cfg.recipe,
         "distill": ({"teacher": "the uncompressed base (eval mode, no gradient)", "alpha": cfg.kd_alpha,
@@ -277,6 +363,10 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
         "ema": {"decay": cfg.ema, "applied": cfg.epochs > 0} if cfg.ema is not None else None,
         "test_images": len(labels), "config": asdict(cfg), "environment": environment(), **(info or {}),
     }
+    skipped = sorted(set(getattr(train_loader, "skipped", [])) | set(getattr(test_loader, "skipped", [])))
+    if skipped:  # an image folder read with --skip-bad-images
+        report["skipped_images"], report["skipped_examples"] = len(skipped), skipped[:10]
+        tqdm.write(f"warning: skipped {len(skipped)} image(s) that could not be decoded, e.g. {skipped[0]}")
     # the method's own figures (TRP's layers, Dagger's gates, ...) sit at the top level of the report
     report.update({k: v for k, v in method_report.items() if k not in report})
     if report["within_tol"] is False:

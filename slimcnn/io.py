@@ -180,10 +180,6 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     return {"format": FORMAT, "recipe": recipe, "modules": overrides}
 
 
-# Base models slimcnn itself knows how to build; any other name with a colon is a user's import path.
-_LIBRARY_PREFIXES = ("tv:", "timm:")
-
-
 def import_path_builder(name: str) -> str | None:
     """``name`` if it names a user's builder by import path (``file.py:factory``, ``package.module:factory``,
     or any path-like name), else None for zoo, torchvision (``tv:``) and timm (``timm:``) names.
@@ -191,11 +187,9 @@ def import_path_builder(name: str) -> str | None:
     Such a builder is the user's own code: rebuilding the base model runs it, so a file naming one is trusted
     only on request. Path-like names without a colon count too, so no spelling of a file slips through.
     """
-    if name.startswith(_LIBRARY_PREFIXES):
-        return None
-    if ":" in name or "/" in name or "\\" in name or name.endswith(".py"):
-        return name
-    return None
+    from .models.external import is_import_path
+
+    return name if is_import_path(name) else None
 
 
 def _build_base(recipe: dict[str, Any], trust_builder: bool) -> nn.Module:
@@ -262,6 +256,26 @@ def save(model: nn.Module, path: str | Path) -> Path:
     _atomic_write_bytes(st_path, save(state, metadata={"slimcnn_spec": text}))
     _atomic_write_bytes(json_path, text.encode())
     return st_path
+
+
+def is_saved_model(path: str | Path) -> bool:
+    """Whether ``path`` is a model saved by :func:`save` (a folder, or a ``.safetensors`` file carrying a slimcnn
+    spec in its metadata or beside it), as opposed to a plain weights file that needs ``--model`` to say what it
+    fits. A plain ``.safetensors`` state dict (timm's, a user's) is a weights file."""
+    p = Path(path)
+    if p.is_dir():
+        return True
+    if p.suffix != ".safetensors" or not p.is_file():
+        return False
+    if p.with_suffix(".json").is_file():
+        return True
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            return "slimcnn_spec" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001  (unreadable: let the weights loader name the problem)
+        return False
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu", trust_builder: bool = False) -> nn.Module:

@@ -142,6 +142,20 @@ def markdown(report: dict[str, Any]) -> str:
     if lat.get("ratio"):
         lines.append("Latency ratio compressed/base: " + ", ".join(
             f"batch {n}: {r:.3f}" for n, r in zip(lat["batch"], lat["ratio"])) + ".")
+    elif report.get("latency_ms") is None and "latency_ms" in report:
+        lines.append("Latency: not timed (--no-latency).")
+    control = report.get("layer_control")
+    if control:
+        parts = []
+        if control.get("exclude"):
+            parts.append(f"never pruned: {', '.join(control['exclude'])} (layers {', '.join(control['excluded_layers'])}"
+                         f" kept their shape; {len(control['excluded_groups'])} channel group(s) left whole)")
+        if control.get("min_keep"):
+            floors = ", ".join(f"{k}>={v}" for k, v in control["floors"].items())
+            parts.append(f"kept-fraction floors {control['min_keep']} ({floors or 'no group affected'})")
+        lines.append("Layer control: " + "; ".join(parts) + ".")
+    if report.get("skipped_images"):
+        lines.append(f"Skipped {report['skipped_images']} image(s) that could not be decoded (--skip-bad-images).")
     fin = report.get(report.get("finalize_key", "finalize"))
     if isinstance(fin, dict) and fin.get("top1_before") is not None:
         lines.append(f"At {report.get('finalize_key', 'finalize')}: top-1 {_fmt(fin['top1_before'])} -> "

@@ -24,7 +24,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 TRUST_HELP = ("load a slimcnn-saved model whose base model is built by an import path (file.py:factory): this "
               "runs the code that path names, so use it only for files you trust")
 
-MODEL_HELP = "zoo name or tv:<torchvision classifier name>; `slimcnn models` lists both"
+MODEL_HELP = ("zoo name, tv:<torchvision classifier name>, timm:<timm name> (the timm extra), or your own builder: "
+              "path/to/file.py:factory or package.module:factory; `slimcnn models` lists the names")
 
 
 def add_model_args(p: argparse.ArgumentParser, weights: bool = True, task: bool = False) -> None:
@@ -39,8 +40,9 @@ def add_model_args(p: argparse.ArgumentParser, weights: bool = True, task: bool 
     p.add_argument("--input", type=parse_shape, default=None, help="input C,H,W (default: the model's own)")
     if weights:
         p.add_argument("--weights", default=None,
-                       help="checkpoint: a public .th file, or a model saved by slimcnn (its folder or .safetensors "
-                            "file, which brings its own architecture)")
+                       help="weights for --model: a state dict in a .th/.pth/.pt file (read with weights_only=True) "
+                            "or a .safetensors file; or a model saved by slimcnn (its folder or .safetensors file, "
+                            "which brings its own architecture)")
         p.add_argument("--trust-builder", action="store_true", help=TRUST_HELP)
     g = p.add_argument_group("feedback gating (RIGNet / DIGNet wrappers around a staged backbone)")
     g.add_argument("--gating", choices=["rig", "dig"], default=None, help="wrap the model in feedback gating")
@@ -122,8 +124,40 @@ def require_extra(module: str, extra: str, feature: str) -> ModuleType:
         raise UserError(f'{feature} needs {module} ({e}): pip install -e ".[{extra}]"') from None
 
 
+def _floats3(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B such as 0.485,0.456,0.406, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _default_workers() -> int:
+    """Decoding workers of an image folder: one per core up to 4, leaving the rest to the model's threads."""
+    return min(4, available_cores())
+
+
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, help="CIFAR-10 root: image folder (train/, test/) or the pickle layout")
+    p.add_argument("--data", required=required,
+                   help="data root: any class-per-folder image tree (train/<class>/<image> plus val/ or test/; any "
+                        "size and format Pillow reads), or CIFAR-10 (32x32 image folder or the pickle layout, read "
+                        "into memory)")
+    p.add_argument("--input-size", type=int, default=None, metavar="N",
+                   help="image folder: side of the square crop the model sees (train: random resized crop + flip; "
+                        "eval: resize to N/0.875, centre crop). Default: the H of --input, else the model's default "
+                        "(224 for tv:, timm: and your own builders; CIFAR-10 stays at 32)")
+    p.add_argument("--mean", type=_floats3, default=None, metavar="R,G,B",
+                   help="normalisation mean (default ImageNet's 0.485,0.456,0.406)")
+    p.add_argument("--std", type=_floats3, default=None, metavar="R,G,B",
+                   help="normalisation std (default ImageNet's 0.229,0.224,0.225)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help=f"image folder: decoding processes per DataLoader (default {_default_workers()} here; 0: in "
+                        "the main process)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="image folder: skip images that cannot be decoded (and count them) instead of stopping at "
+                        "the first one")
     p.add_argument("--train-limit", type=int, default=None, help="fixed class-balanced training subset of N images (seeded)")
     p.add_argument("--test-limit", type=int, default=None, help="fixed class-balanced test subset of N images (seeded)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (per process under torchrun; default 128)")
@@ -131,13 +165,14 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def build_model(args: argparse.Namespace):
-    """The model named by ``--model`` (and ``--weights`` if given); a slimcnn save is loaded with its own architecture."""
-    from pathlib import Path
-
+    """The model named by ``--model`` (and ``--weights`` if given: a state dict in a .th/.pth/.pt or
+    .safetensors file); a slimcnn save is loaded with its own architecture."""
     from ..models import create, load_checkpoint
 
+    from ..io import is_saved_model
+
     weights = getattr(args, "weights", None)
-    if weights and (Path(weights).is_dir() or str(weights).endswith(".safetensors")):
+    if weights and is_saved_model(weights):
         from ..io import load
 
         return load(weights, trust_builder=getattr(args, "trust_builder", False))
@@ -153,6 +188,21 @@ def build_model(args: argparse.Namespace):
     return model
 
 
+def adopt_num_classes(args: argparse.Namespace, loaders: dict) -> None:
+    """Without ``--num-classes``, a classification model gets as many outputs as the data has classes; with it,
+    a mismatch is an error now rather than an index error inside the loss later."""
+    from ..data import DataError, loader_classes
+
+    if getattr(args, "task", "classification") != "classification" or not loaders:
+        return
+    classes = loader_classes(next(iter(loaders.values())))
+    if args.num_classes is None:
+        args.num_classes = len(classes)
+    elif args.num_classes < len(classes):
+        raise DataError(f"--num-classes {args.num_classes} is fewer than the {len(classes)} class folders of "
+                        f"{args.data}")
+
+
 def num_classes(args: argparse.Namespace) -> int:
     if args.num_classes is not None:
         return args.num_classes
@@ -160,4 +210,31 @@ def num_classes(args: argparse.Namespace) -> int:
 
 
 def input_shape(args: argparse.Namespace) -> tuple[int, ...]:
-    return tuple(args.input) if args.input else default_input_size(args.model)
+    """(C, H, W) the model is profiled, timed and traced at: ``--input``, else a square ``--input-size``, else
+    the model's default."""
+    if args.input:
+        return tuple(args.input)
+    if getattr(args, "input_size", None):
+        return (3, args.input_size, args.input_size)
+    return default_input_size(args.model)
+
+
+def classification_data(args: argparse.Namespace, splits: tuple[str, ...] = ("train", "test"), rank: int = 0,
+                        world_size: int = 1) -> dict:
+    """The loaders of ``--data`` with every data option of the command: CIFAR-10 in memory, any other image
+    folder through torchvision at the input size the model is profiled at."""
+    from ..data import IMAGENET_MEAN, IMAGENET_STD, classification_loaders, is_cifar_layout
+
+    size = None
+    if args.input or getattr(args, "input_size", None):
+        size = tuple(input_shape(args)[1:])
+    elif not is_cifar_layout(args.data):
+        try:
+            size = tuple(default_input_size(args.model)[1:])
+        except KeyError:
+            size = None  # an unknown --model name: building the model says so in its own words
+    workers = args.workers if getattr(args, "workers", None) is not None else _default_workers()
+    return classification_loaders(args.data, args.batch_size, getattr(args, "train_limit", None),
+                                  getattr(args, "test_limit", None), args.seed, rank, world_size,
+                                  mean=args.mean or IMAGENET_MEAN, std=args.std or IMAGENET_STD, splits=splits,
+                                  input_size=size, workers=workers, skip_bad_images=args.skip_bad_images)

@@ -5,7 +5,7 @@ import argparse
 import shlex
 import sys
 
-from .common import add_data_args, add_model_args, build_model, input_shape
+from .common import add_data_args, add_model_args, adopt_num_classes, build_model, classification_data, input_shape
 
 
 def _method_options() -> list[tuple[str, dict]]:
@@ -56,7 +56,18 @@ def add_parser(sub) -> None:
                         "averaged weights are evaluated and saved")
     p.add_argument("--bn-recalib", type=int, default=100, metavar="N",
                    help="batches of BatchNorm recalibration after finalize, the same for every method (0: none)")
-    p.add_argument("--latency-batch", type=int, nargs="+", default=[1, 128], help="batch sizes timed")
+    p.add_argument("--latency-batch", type=int, nargs="+", default=[1, 128],
+                   help="batch sizes timed (a batch too large for the time budget is shrunk; the report says so)")
+    p.add_argument("--latency-budget", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds of latency timing per batch size, both models together (default 5)")
+    p.add_argument("--no-latency", action="store_true", help="do not time the models")
+    lc = p.add_argument_group("layer control (l1, dagger, csgd; --exclude also tp and trp)")
+    lc.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                    help="layers never pruned, by module-name glob (repeatable), e.g. 'head' or 'classifier.*': "
+                         "each keeps its exact shape, inputs included")
+    lc.add_argument("--min-keep", action="append", default=[], metavar="GLOB=R",
+                    help="keep at least fraction R of the channels of the layers GLOB matches (repeatable), "
+                         "e.g. 'layer1.*=0.75'")
     p.add_argument("--out", required=True, help="output folder")
     g = p.add_argument_group("method options (each applies to the methods named in its help)")
     for flag, kw in _method_options():
@@ -73,24 +84,34 @@ def method_kwargs(args: argparse.Namespace, method: str) -> dict:
     params = inspect.signature(method_class(method).__init__).parameters
     kw = {k: v for k, v in vars(args).items() if k in params and k != "self" and v is not None}
     kw["target_macs"] = args.target_macs
+    if method == "trp" and getattr(args, "exclude", None):
+        # TRP decomposes convs rather than pruning channels: an excluded layer is one it leaves undecomposed
+        given = kw.get("layers") or ""
+        skip = [f"!{p}" for g in args.exclude for p in (g, f"{g}.*")]
+        kw["layers"] = ",".join([given, *skip] if given else skip)
     return kw
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import methods
-    from ..compress import CompressConfig, compress, split_budget
-    from ..data import cifar10_loaders
+    from ..compress import CompressConfig, check_layer_control, compress, split_budget
+    from ..graph.policy import parse_min_keep
 
-    # the budget is checked first: a run that cannot train its method fails before loading or writing anything
+    # the budget and the layer control are checked first: a run that cannot do what it was asked fails before
+    # loading or writing anything
     method_epochs, finetune_epochs = split_budget(methods.method_class(args.method), args.epochs, args.method_epochs)
     cfg = CompressConfig(target_macs=args.target_macs, method_epochs=method_epochs, epochs=finetune_epochs,
                          lr=args.lr, method_lr=args.method_lr, weight_decay=args.weight_decay, schedule=args.schedule,
                          seed=args.seed, device=args.device, amp=args.amp, out_dir=args.out,
                          latency_batches=args.latency_batch, distill=args.distill, kd_alpha=args.kd_alpha,
-                         kd_temperature=args.kd_temperature, ema=args.ema, bn_recalib=args.bn_recalib)
+                         kd_temperature=args.kd_temperature, ema=args.ema, bn_recalib=args.bn_recalib,
+                         latency=not args.no_latency, latency_budget_s=args.latency_budget,
+                         exclude=list(args.exclude), min_keep=dict(parse_min_keep(t) for t in args.min_keep))
+    check_layer_control(methods.method_class(args.method), cfg)
+    loaders = classification_data(args)
+    adopt_num_classes(args, loaders)
     model = build_model(args)
     shape = input_shape(args)
-    loaders = cifar10_loaders(args.data, args.batch_size, args.train_limit, args.test_limit, args.seed)
     method = methods.create(args.method, **method_kwargs(args, args.method))
     info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
             "weights": args.weights}
@@ -101,13 +122,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(report: dict) -> None:
-    b, c, lat = report["base"], report["compressed"], report["latency_ms"]
+    b, c = report["base"], report["compressed"]
+    lat = report["latency_ms"] or {"batch": [], "base": [], "compressed": [], "ratio": []}
     print(f"{'':<12}{'MACs':>10}{'params':>10}{'top-1':>8}" + "".join(f"{'ms b=' + str(n):>12}" for n in lat["batch"]))
     for label, row, key in (("base", b, "base"), ("compressed", c, "compressed")):
         print(f"{label:<12}{row['macs'] / 1e6:>9.2f}M{row['params'] / 1e6:>9.3f}M{row['top1']:>8.2f}"
               + "".join(f"{v:>12.2f}" for v in lat[key]))
     print(f"macs_ratio: {report['macs_ratio']:.4f}  top1_change: {report['top1_change']:+.2f}  "
-          f"latency_ratio: {', '.join(f'{r:.3f}' for r in lat['ratio'])}")
+          f"latency_ratio: {', '.join(f'{r:.3f}' for r in lat['ratio']) or 'not timed'}")
     budget = report.get("epoch_budget") or {}
     if "plan" in budget:
         print(f"budget: {budget['total_epochs']} epoch(s): {budget['plan']}")

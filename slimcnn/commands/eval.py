@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_data_args, add_model_args, build_model, parse_shape
+from .common import add_data_args, add_model_args, adopt_num_classes, build_model, parse_shape
 
-TASK_HELP = "classification (CIFAR-10 layout) or segmentation (CamVid layout, void label 11 ignored)"
+TASK_HELP = "classification (an image folder or CIFAR-10) or segmentation (CamVid layout, void label 11 ignored)"
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -51,9 +51,9 @@ def data_loaders(args: argparse.Namespace, splits: tuple[str, ...], rank: int = 
         if args.size:
             kw["size"] = tuple(parse_shape("3," + args.size)[1:])
         return camvid_loaders(args.data, **kw)
-    from ..data import cifar10_loaders
+    from .common import classification_data
 
-    return cifar10_loaders(args.data, **kw)
+    return classification_data(args, splits, rank, world_size)
 
 
 def print_metrics(metrics: dict[str, Any], task: str) -> None:
@@ -70,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.weights:
         print("note: no --weights given: evaluating randomly initialised weights")
+    loaders = data_loaders(args, ("test",))
+    adopt_num_classes(args, loaders)
     model = build_model(args)
-    test = data_loaders(args, ("test",))["test"]
+    test = loaders["test"]
     metrics = evaluate(model, test, task=args.task, device=device_of(args), amp=args.amp,
                        progress=not args.no_progress)
     print_metrics(metrics, args.task)

@@ -80,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
           "own weights file with --weights)")
     print(textwrap.fill(", ".join(names) or "(none matches)", width=width, initial_indent="  ",
                         subsequent_indent="  ", break_on_hyphens=False))
+    print("\ntimm models: --model timm:NAME (the timm extra: pip install -e \".[timm]\"; fresh weights, input "
+          "3,224,224; never downloaded: --weights loads a local .pth/.pt/.safetensors file)")
+    print("your own model: --model path/to/file.py:factory or --model package.module:factory (called with "
+          "num_classes when it accepts it; default input 3,224,224, or --input)")
     print("\nsaved by slimcnn (a compress or train output): --weights FOLDER or FILE.safetensors; the save brings "
           "its own architecture (profile and compress still take the default input size from --model, or --input)")
     return 0

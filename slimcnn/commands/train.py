@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_data_args, add_model_args, build_model
+from .common import add_data_args, add_model_args, adopt_num_classes, build_model
 from .eval import add_device_args, data_loaders, device_of, print_metrics
 
 
@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
     device = device_of(args)
     rank, world = distributed.init_distributed(device)
     try:
-        model = build_model(args)
         loaders = data_loaders(args, ("train", "test"), rank, world)
+        adopt_num_classes(args, loaders)
+        model = build_model(args)
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                           weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
                           seed=args.seed, device=device, amp=args.amp, out_dir=args.out, max_steps=args.max_steps,

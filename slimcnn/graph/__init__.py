@@ -9,6 +9,7 @@
 """
 from .costs import LayerCost, cost_model, layer_costs
 from .groups import ChannelGroup, Member, channel_groups, register_unprunable
+from .policy import LayerPolicy, layer_policy
 from .replace import replace_modules, set_submodule
 from .surgery import equalize_clusters, merge_channels, remove_channels
 from .targeting import TargetError, allocate_widths, prune_to_target, select_and_prune, select_channels
@@ -17,4 +18,4 @@ from .validate import SurgeryError, first_output, reference_output, validate
 __all__ = ["ChannelGroup", "Member", "channel_groups", "register_unprunable", "remove_channels", "merge_channels",
            "replace_modules", "set_submodule", "layer_costs", "LayerCost", "cost_model", "allocate_widths",
            "select_channels", "prune_to_target", "select_and_prune", "TargetError", "SurgeryError", "validate",
-           "reference_output", "first_output"]
+           "reference_output", "first_output", "LayerPolicy", "layer_policy"]

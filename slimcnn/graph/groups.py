@@ -54,6 +54,8 @@ class ChannelGroup:
     members: list[Member]
     prunable: bool = True
     reason: str = ""
+    #: the fewest channels width allocation may leave (a ``--min-keep`` floor; see :mod:`slimcnn.graph.policy`)
+    min_keep: int = 1
 
     @property
     def producers(self) -> list[Member]:
@@ -361,7 +363,8 @@ def _segments(root_idxs: list[int], maps: dict[tuple[str, Role], dict[int, list[
 def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
     """The channel groups of ``model`` in forward order, unprunable ones included (with ``reason``).
 
-    The network input is not a group; the classifier's outputs form an unprunable group.
+    The network input is not a group; the classifier's outputs form an unprunable group. An active
+    :func:`~slimcnn.graph.policy.layer_policy` marks excluded groups unprunable and sets floors (``min_keep``).
 
     >>> from slimcnn.models import create
     >>> groups = channel_groups(create("cifar_resnet20"), torch.randn(1, 3, 32, 32))
@@ -405,6 +408,11 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     _check_widths(model, groups)
     _check_overlaps(groups)
     _name_and_sort(model, groups, tr.order)
+    from .policy import active_policy
+
+    policy = active_policy()
+    if policy:  # --exclude / --min-keep of the run in progress
+        policy.apply(groups)
     return groups
 
 

@@ -16,7 +16,9 @@ Two allocations:
   found by bisection on the predicted MACs.
 
 Only prunable groups are touched; with ``scores`` given, only the groups it names (scores for unprunable groups
-are ignored). A target below the MACs left with every such group at 1 channel raises :class:`TargetError`.
+are ignored). A group never drops below its ``min_keep`` (1 unless a ``--min-keep`` floor says more; see
+:mod:`slimcnn.graph.policy`). A target below the MACs left with every such group at its floor raises
+:class:`TargetError`.
 """
 from __future__ import annotations
 
@@ -115,11 +117,12 @@ def _considered(groups: list[ChannelGroup], scores: Scores | None) -> list[Chann
 
 
 def _check_reachable(cm: CostModel, considered: list[ChannelGroup], target: float, tol: float) -> None:
-    floor = cm.macs_at({g.key: 1 for g in considered})
+    floor = cm.macs_at({g.key: g.min_keep for g in considered})
     if target < floor * (1 - tol):
+        floors = any(g.min_keep > 1 for g in considered)
         raise TargetError(f"target {target:,.0f} MACs ({target / cm.total:.1%}) is below the minimum reachable "
                           f"{floor:,} MACs ({floor / cm.total:.1%} of {cm.total:,}), what remains with every prunable "
-                          f"group at 1 channel")
+                          f"group at {'its --min-keep floor (else ' if floors else ''}1 channel{')' if floors else ''}")
 
 
 def _allocate(cm: CostModel, considered: list[ChannelGroup], target: float, mode: str, scores: Scores | None,
@@ -142,7 +145,7 @@ def _allocate(cm: CostModel, considered: list[ChannelGroup], target: float, mode
 
 def _uniform(cm: CostModel, considered: list[ChannelGroup], target: float, tol: float) -> dict[str, int]:
     def at(r: float) -> dict[str, int]:
-        return {g.key: min(g.size, max(1, round(r * g.size))) for g in considered}
+        return {g.key: min(g.size, max(g.min_keep, round(r * g.size))) for g in considered}
 
     lo, hi = 0.0, 1.0
     for _ in range(40):
@@ -182,14 +185,14 @@ def _normalised(scores: Scores, considered: list[ChannelGroup], normalize: str) 
 def _global(cm: CostModel, considered: list[ChannelGroup], scores: dict[str, torch.Tensor],
             target: float, tol: float) -> dict[str, int]:
     sizes = {g.key: g.size for g in considered}
-    queue: list[tuple[float, str]] = []  # every channel but each group's best, best first
+    queue: list[tuple[float, str]] = []  # every channel but each group's best (or its floor's worth), best first
     for g in considered:
         order = torch.argsort(scores[g.key], descending=True, stable=True).tolist()
-        queue += [(scores[g.key][i].item(), g.key) for i in order[1:]]
+        queue += [(scores[g.key][i].item(), g.key) for i in order[g.min_keep:]]
     queue.sort(key=lambda t: -t[0])
 
     def at(k: int) -> dict[str, int]:
-        widths = {g.key: 1 for g in considered}
+        widths = {g.key: g.min_keep for g in considered}
         for _, key in queue[:k]:
             widths[key] += 1
         return widths

@@ -48,6 +48,18 @@ def shortcut_as_conv(sc: PadShortcut) -> nn.Conv2d:
     return conv
 
 
+def _excluded_producers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """--exclude for Torch-Pruning: the producers of every channel group the active layer policy leaves whole,
+    as its ``ignored_layers``, so the peer keeps the same layers whole as our methods do (inputs included)."""
+    from ..graph import channel_groups
+    from ..graph.policy import active_policy
+
+    if not active_policy():
+        return []
+    return sorted({m.module for g in channel_groups(model, example_input) if "excluded:" in g.reason
+                   for m in g.members if m.role in ("out", "dw")})
+
+
 class TorchPruningPeer(Method):
     """Torch-Pruning's ``GroupMagnitudeImportance`` pruner at a MACs target (see the module docstring)."""
 
@@ -67,6 +79,7 @@ class TorchPruningPeer(Method):
     def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
         self.example_input = example_input
         self.base_macs = profile(model, example_input=example_input[:1]).macs
+        self.excluded = _excluded_producers(model, example_input)
         shortcuts = [n for n, m in model.named_modules() if isinstance(m, PadShortcut)]
         if not shortcuts:
             return model
@@ -90,10 +103,11 @@ class TorchPruningPeer(Method):
         if mix is not None:
             convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
             per_layer = {mod: (mix[0] if i < mix[1] else ratio) for i, mod in enumerate(convs)}
+        ignored = heads + [m.get_submodule(n) for n in getattr(self, "excluded", [])]  # --exclude
         if ratio > 0 or per_layer:
             pruner = tp.pruner.BasePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=self.p),
                                           pruning_ratio=ratio, pruning_ratio_dict=per_layer,
-                                          global_pruning=self.global_pruning, ignored_layers=heads)
+                                          global_pruning=self.global_pruning, ignored_layers=ignored)
             pruner.step()
         return m
 

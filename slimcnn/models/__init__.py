@@ -2,7 +2,8 @@
 from . import cifar_resnet, cifar_vgg, seg  # noqa: F401  (registers the builders)
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from .cifar_resnet import CifarResNet, PadShortcut
+from .external import ModelBuildError
 from .registry import create, default_input_size, list_models, register
 
 __all__ = ["create", "list_models", "register", "load_checkpoint", "read_state_dict", "default_input_size",
-           "CheckpointError", "CifarResNet", "PadShortcut"]
+           "CheckpointError", "CifarResNet", "PadShortcut", "ModelBuildError"]

@@ -49,8 +49,11 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def default_input_size(name: str) -> tuple[int, int, int]:
-    """The (C, H, W) input a model named ``name`` expects by default."""
-    if name.startswith("tv:"):
+    """The (C, H, W) input a model named ``name`` expects by default: 224 px for torchvision, timm and a user's
+    builder (ImageNet-style models are the common case; ``--input`` / ``--input-size`` say otherwise)."""
+    from .external import is_import_path
+
+    if name.startswith(("tv:", "timm:")) or is_import_path(name):
         return (3, 224, 224)
     if name not in _INPUT_SIZE:
         raise KeyError(_unknown(name))
@@ -58,7 +61,8 @@ def default_input_size(name: str) -> tuple[int, int, int]:
 
 
 def _unknown(name: str) -> str:
-    return f"unknown model {name!r}; known: {', '.join(list_models())}, or tv:<torchvision name>"
+    return (f"unknown model {name!r}; known: {', '.join(list_models())}, or tv:<torchvision name>, "
+            "timm:<timm name>, path/to/file.py:factory, package.module:factory")
 
 
 def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
@@ -67,8 +71,17 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     >>> m = create("cifar_resnet20")
     >>> m = create("cifar_resnet56", shortcut="B")
     >>> m = create("tv:resnet18", num_classes=10)
+    >>> m = create("timm:resnet18", num_classes=10)                # doctest: +SKIP  (the timm extra)
+    >>> m = create("nets/mine.py:build", num_classes=10)           # doctest: +SKIP  (runs the user's file)
     >>> m = create("cifar_resnet20", gating="rig", iterations=2)  # doctest: +SKIP
+
+    A user's builder runs the code it names; the recipe records its file as an absolute path, so a saved model
+    rebuilds from any working directory (:func:`slimcnn.load` asks for ``trust_builder=True`` first).
     """
+    from .external import build_from_import_path, build_timm, canonical_import_path, is_import_path
+
+    if is_import_path(name) and name not in _REGISTRY:
+        name = canonical_import_path(name)
     spec_kwargs = dict(kwargs)
     gating = kwargs.pop("gating", None)
     gating_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _GATING_KEYS}
@@ -76,6 +89,10 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         from .torchvision_models import build_torchvision
 
         model = build_torchvision(name[3:], num_classes=num_classes, **kwargs)
+    elif name.startswith("timm:"):
+        model = build_timm(name[5:], num_classes=num_classes, **kwargs)
+    elif is_import_path(name) and name not in _REGISTRY:
+        model = build_from_import_path(name, num_classes=num_classes, **kwargs)
     elif name in _REGISTRY:
         model = _REGISTRY[name](num_classes=num_classes, **kwargs)
     else:
