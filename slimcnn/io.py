@@ -149,10 +149,65 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
     return type(a) is type(b) and _config(a) == _config(b)
 
 
+#: channel-count attributes a resized module may carry; the only attributes a ``resize`` entry may set
+_RESIZE_ATTRS = ("num_features", "in_channels", "out_channels", "groups", "in_features", "out_features",
+                 "num_channels", "num_groups", "normalized_shape")
+
+
+def _own_shapes(m: nn.Module) -> dict[str, list[int]]:
+    return {n: list(t.shape) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+            if t is not None}
+
+
+def _resize_spec(m: nn.Module) -> dict[str, Any]:
+    """A module of a type slimcnn cannot construct (a library's or a user's BatchNorm subclass, say) whose tensors
+    surgery resized: recorded as data, the new shapes of its own tensors and its channel counts, so loading
+    resizes the module the base model builds in place instead of constructing one."""
+    attrs = {}
+    for a in _RESIZE_ATTRS:
+        v = getattr(m, a, None)
+        if isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, (tuple, list)) and
+                                                              all(isinstance(i, int) for i in v)):
+            attrs[a] = list(v) if isinstance(v, (tuple, list)) else v
+    return {"resize": {"of": _qualname(m), "shapes": _own_shapes(m), "attrs": attrs}}
+
+
+def _apply_resize(model: nn.Module, path: str, entry: Any) -> None:
+    """Resize, in place, module ``path`` of a freshly built base as a ``resize`` entry says (fresh tensors of the
+    recorded shapes; the weights file fills them). Only tensor shapes and the channel-count attributes above
+    are read from the file, never a type to build."""
+    spec = entry.get("resize") if isinstance(entry, dict) else None
+    ok = (isinstance(spec, dict) and isinstance(spec.get("shapes"), dict) and isinstance(spec.get("attrs", {}), dict)
+          and all(isinstance(v, list) and all(isinstance(i, int) and i >= 0 for i in v) for v in spec["shapes"].values()))
+    if not ok:
+        raise SpecError(f"malformed resize entry for {path!r}")
+    try:
+        m = model.get_submodule(path)
+    except AttributeError:
+        raise SpecError(f"the spec resizes {path!r}, which the base model does not have") from None
+    if _qualname(m) != spec.get("of"):
+        raise SpecError(f"the spec resizes {path!r} as a {spec.get('of')}, but the base model builds a {_qualname(m)}")
+    own = dict(m.named_parameters(recurse=False))
+    bufs = dict(m.named_buffers(recurse=False))
+    for name, shape in spec["shapes"].items():
+        if name in own:
+            setattr(m, name, nn.Parameter(torch.empty(shape, dtype=own[name].dtype), own[name].requires_grad))
+        elif name in bufs and bufs[name] is not None:
+            m.register_buffer(name, torch.empty(shape, dtype=bufs[name].dtype))
+        else:
+            raise SpecError(f"the spec resizes {path}.{name}, which {_qualname(m)} does not have")
+    for a, v in spec.get("attrs", {}).items():
+        if a not in _RESIZE_ATTRS or not hasattr(m, a):
+            raise SpecError(f"the spec sets {path}.{a}, which is not a channel count slimcnn may set")
+        setattr(m, a, tuple(v) if isinstance(getattr(m, a), tuple) else v)
+
+
 def _diff(saved: nn.Module, base: nn.Module, prefix: str, out: dict[str, Any]) -> None:
     if not _same(saved, base):
         out[prefix] = module_spec(saved)
         return
+    if _config(saved) is None and _own_shapes(saved) != _own_shapes(base):
+        out[prefix] = _resize_spec(saved)  # its children are compared below, as for any unchanged container
     if hasattr(saved, "get_config"):
         return
     base_children = dict(base.named_children())
@@ -221,10 +276,14 @@ def build_from_spec(spec: dict[str, Any], trust_builder: bool = False) -> nn.Mod
         raise SpecError(f"not a slimcnn model spec (format {found!r}, expected {FORMAT!r})")
     recipe = spec["recipe"]
     # Check every layer before the base is built: a refused spec must not run anything, the builder included.
-    modules = {path: build_module(sub) for path, sub in spec["modules"].items()}
+    modules = {path: build_module(sub) for path, sub in spec["modules"].items()
+               if not (isinstance(sub, dict) and "resize" in sub)}
     model = _build_base(recipe, trust_builder)
     for path in sorted(spec["modules"], key=lambda p: p.count(".")):
-        set_submodule(model, path, modules[path])
+        if path in modules:
+            set_submodule(model, path, modules[path])
+        else:
+            _apply_resize(model, path, spec["modules"][path])
     model.slimcnn_spec = recipe
     return model
 

@@ -372,3 +372,29 @@ def test_timm_resnet18_compresses_to_half_the_macs(byo, tmp_path):
     m = slimcnn.load(out)  # a timm base needs no trust: it is a library name
     x = torch.randn(2, 3, 64, 64)
     assert m(x).shape == (2, 3)
+
+
+def test_timm_layers_surgery_resizes_save_and_load_without_pickle(tmp_path):
+    """timm's BatchNormAct2d (a BatchNorm2d subclass slimcnn cannot construct) is recorded as a resize of the
+    module the base model builds, so a pruned MobileNetV3 loads back with equal outputs."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip('timm is not installed (the timm extra: pip install -e ".[timm]")')
+    from slimcnn.io import SpecError
+
+    m = slimcnn.create("timm:mobilenetv3_small_050", num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    method = slimcnn.methods.create("l1", target_macs=0.5)
+    compact = method.finalize(method.prepare(m, x)).eval()
+    slimcnn.save(compact, tmp_path / "m")
+    spec = json.loads((tmp_path / "m" / "model.json").read_text())
+    resized = [k for k, v in spec["modules"].items() if "resize" in v]
+    assert resized and spec["modules"][resized[0]]["resize"]["of"].endswith("BatchNormAct2d")
+    with torch.no_grad():
+        assert torch.equal(slimcnn.load(tmp_path / "m")(x), compact(x))
+    spec["modules"][resized[0]]["resize"]["of"] = "torch.nn.modules.conv:Conv2d"
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(tmp_path / "m" / "model.safetensors"), tmp_path / "m" / "model.safetensors",
+              metadata={"slimcnn_spec": json.dumps(spec)})
+    with pytest.raises(SpecError, match="resizes .* as a torch.nn.modules.conv:Conv2d"):
+        slimcnn.load(tmp_path / "m")
