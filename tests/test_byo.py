@@ -398,3 +398,14 @@ def test_timm_layers_surgery_resizes_save_and_load_without_pickle(tmp_path):
               metadata={"slimcnn_spec": json.dumps(spec)})
     with pytest.raises(SpecError, match="resizes .* as a torch.nn.modules.conv:Conv2d"):
         slimcnn.load(tmp_path / "m")
+
+
+def test_train_and_eval_on_an_image_folder(byo, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", str(byo["data"]), "--input-size", "32", "--workers", "0", "--batch-size", "4",
+              "--no-progress"]
+    assert main(["train", "--model", f"{byo['net']}:build", "--epochs", "1", "--out", str(out), *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", f"{byo['net']}:build", "--weights", str(out), "--trust-builder", *common]) == 0
+    lines = capsys.readouterr().out
+    assert "top1:" in lines and "images: 6" in lines

@@ -103,8 +103,9 @@ def transforms(train: bool, input_size: int | Sequence[int], mean: Sequence[floa
     size = _size(input_size)
     if train:
         steps = [T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()]
-    else:  # the usual 0.875 crop ratio: 256 -> 224
-        steps = [T.Resize(tuple(math.ceil(s / 0.875) for s in size), antialias=True), T.CenterCrop(size)]
+    else:  # the usual 0.875 crop ratio, 256 -> 224: the shorter side is resized (aspect kept), then the centre crop
+        resize = math.ceil(size[0] / 0.875) if size[0] == size[1] else tuple(math.ceil(s / 0.875) for s in size)
+        steps = [T.Resize(resize, antialias=True), T.CenterCrop(size)]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(list(mean), list(std))])
 
 
