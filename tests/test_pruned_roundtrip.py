@@ -29,4 +29,5 @@ def test_prune_save_load_onnx(tmp_path, name, kw, shape, target):
         assert torch.equal(back(x), ref)
     slimcnn.export_onnx(back, tmp_path / "m.onnx", x)
     out = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
-    assert np.abs(out - ref.numpy()).max() <= 1e-4
+    # float32 round-off grows with the logits' scale (random weights through 56 layers give logits ~400)
+    assert np.abs(out - ref.numpy()).max() <= 1e-4 * max(1.0, float(np.abs(ref.numpy()).max()) / 10)
