@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .methods.base import Method
 from .graph.policy import LayerPolicy, layer_policy
 from .profile import budgeted_latency, profile
-from .report import environment, layer_widths, write_report
+from .report import alignment, environment, layer_widths, write_report
 
 if TYPE_CHECKING:
     from .distill import Distiller
@@ -68,6 +68,7 @@ class CompressConfig:
     kd_alpha: float = 0.7           # weight of the distillation term (1 - kd_alpha: cross-entropy)
     kd_temperature: float = 4.0
     ema: float | None = None        # weight-EMA decay in the fine-tune (None: off)
+    round_to: int | None = None     # kept widths in multiples of this (the method's own round_to); for the report
 
     def __post_init__(self) -> None:
         if self.method_epochs < 0 or self.epochs < 0:
@@ -371,6 +372,10 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     report.update({k: v for k, v in method_report.items() if k not in report})
     if report["within_tol"] is False:
         tqdm.write(f"warning: MACs ratio {report['macs_ratio']:.4f} is more than 1% off the target {cfg.target_macs}")
+    # aligned widths: counted at the run's --round-to, else at 8, so rows with and without it compare
+    round_to = cfg.round_to or getattr(method, "round_to", None)
+    report["alignment"] = {"round_to": round_to, **alignment(compact, round_to or 8),
+                           "base_aligned_layers": alignment(model, round_to or 8)["aligned_layers"]}
     report["wall_s"] = round(time.time() - t0, 1)
     if out:
         from .io import save

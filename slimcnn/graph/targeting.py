@@ -19,9 +19,19 @@ Only prunable groups are touched; with ``scores`` given, only the groups it name
 are ignored). A group never drops below its ``min_keep`` (1 unless a ``--min-keep`` floor says more; see
 :mod:`slimcnn.graph.policy`). A target below the MACs left with every such group at its floor raises
 :class:`TargetError`.
+
+Aligned widths (``round_to=N``): fewer MACs only make a net faster when its kernels stay efficient, and CPU / GPU
+kernels are tuned for channel counts that are multiples of 8 or 16. With ``round_to`` every group at least ``N``
+wide keeps a multiple of ``N`` channels (or all of its channels); narrower groups keep the normal rule. Both
+allocations then search over those widths only: the same bisection, each group's width snapped to its nearest
+allowed width, followed by a local search that moves single groups (then pairs of groups) one allowed step up
+or down while that brings the predicted MACs closer to the target. When no allowed combination lands within
+``tol`` the closest one is returned instead of an error, so the caller's ``within_tol`` check reports the miss.
+``round_to=None`` or ``1`` is the unaligned search, unchanged.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Mapping
 
 import torch
@@ -42,9 +52,10 @@ class TargetError(ValueError):
 
 def allocate_widths(model: nn.Module, example_input: torch.Tensor, target: float, mode: str = "uniform",
                     scores: Scores | None = None, *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
-                    normalize: str = "max") -> dict[str, int]:
+                    normalize: str = "max", round_to: int | None = None) -> dict[str, int]:
     """Channels to keep per group, ``{key: n_kept}``, so the predicted MACs are within ``tol`` of ``target``
-    (``target <= 1``: a fraction of the model's MACs; ``> 1``: absolute MACs).
+    (``target <= 1``: a fraction of the model's MACs; ``> 1``: absolute MACs). ``round_to``: aligned widths
+    (see the module docstring).
 
     >>> from slimcnn.models import create
     >>> widths = allocate_widths(create("cifar_resnet20"), torch.randn(1, 3, 32, 32), 0.5)
@@ -53,12 +64,13 @@ def allocate_widths(model: nn.Module, example_input: torch.Tensor, target: float
     """
     groups = groups if groups is not None else channel_groups(model, example_input)
     cm = cost_model(model, example_input, groups)
-    return _allocate(cm, _considered(groups, scores), _target_macs(target, cm.total), mode, scores, tol, normalize)
+    return _allocate(cm, _considered(groups, scores), _target_macs(target, cm.total), mode, scores, tol, normalize,
+                     check_round_to(round_to))
 
 
 def select_channels(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
                     mode: str = "global", *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
-                    normalize: str = "max") -> dict[str, list[int]]:
+                    normalize: str = "max", round_to: int | None = None) -> dict[str, list[int]]:
     """Channels to keep per group (sorted indices; highest scores kept) so that the real MACs of the pruned
     model are within ``tol`` of ``target``. Groups without scores stay whole.
 
@@ -67,20 +79,20 @@ def select_channels(model: nn.Module, example_input: torch.Tensor, scores: Score
     >>> scores = {g.key: torch.rand(g.size) for g in channel_groups(m, x) if g.prunable}
     >>> keep = select_channels(m, x, scores, 0.5)
     """
-    return _select(model, example_input, scores, target, mode, groups, tol, normalize)[0]
+    return _select(model, example_input, scores, target, mode, groups, tol, normalize, round_to)[0]
 
 
 def select_and_prune(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
                      mode: str = "global", *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
-                     normalize: str = "max") -> tuple[dict[str, list[int]], nn.Module]:
+                     normalize: str = "max", round_to: int | None = None) -> tuple[dict[str, list[int]], nn.Module]:
     """Both results of one search: the kept channels (as :func:`select_channels`) and the validated pruned copy
     (as :func:`prune_to_target`), for callers that need the two without doing the surgery twice."""
-    return _select(model, example_input, scores, target, mode, groups, tol, normalize)
+    return _select(model, example_input, scores, target, mode, groups, tol, normalize, round_to)
 
 
 def prune_to_target(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
                     mode: str = "global", *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
-                    normalize: str = "max") -> nn.Module:
+                    normalize: str = "max", round_to: int | None = None) -> nn.Module:
     """:func:`select_channels` then :func:`remove_channels`: a validated copy within ``tol`` of ``target``.
 
     >>> from slimcnn.models import create
@@ -88,7 +100,50 @@ def prune_to_target(model: nn.Module, example_input: torch.Tensor, scores: Score
     >>> scores = {g.key: torch.rand(g.size) for g in channel_groups(m, x) if g.prunable}
     >>> small = prune_to_target(m, x, scores, 0.5)
     """
-    return _select(model, example_input, scores, target, mode, groups, tol, normalize)[1]
+    return _select(model, example_input, scores, target, mode, groups, tol, normalize, round_to)[1]
+
+
+def check_round_to(round_to: int | None) -> int | None:
+    """``round_to`` as the search uses it: None for no alignment (None or 1), else the multiple. ValueError for
+    anything but a positive integer, so ``--round-to 0`` is one clear line rather than a division by zero."""
+    if round_to is None:
+        return None
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer (channels are kept in multiples of it), "
+                         f"got {round_to!r}")
+    return round_to if round_to > 1 else None
+
+
+def aligned_widths(size: int, round_to: int | None, floor: int = 1) -> list[int]:
+    """The widths, ascending, a group of ``size`` channels may keep under ``round_to``, none below ``floor``:
+    multiples of ``round_to`` plus ``size`` itself (the group left whole) when the group is at least
+    ``round_to`` wide, every width from ``floor`` to ``size`` otherwise.
+
+    >>> aligned_widths(20, 8), aligned_widths(6, 8, floor=2), aligned_widths(16, 8, floor=9)
+    ([8, 16, 20], [2, 3, 4, 5, 6], [16])
+    """
+    floor = max(1, min(floor, size))
+    if not round_to or size < round_to:
+        return list(range(floor, size + 1))
+    out = [w for w in range(round_to, size + 1, round_to) if w >= floor]
+    if not out or out[-1] != size:
+        out.append(size)
+    return out
+
+
+def snap_width(allowed: list[int], width: int) -> int:
+    """The allowed width nearest ``width`` (ties go to the wider one: rounding never loses the tie's channel).
+
+    >>> snap_width([8, 16, 20], 11), snap_width([8, 16, 20], 12), snap_width([8, 16, 20], 3)
+    (8, 16, 8)
+    """
+    i = bisect_left(allowed, width)
+    if i == 0:
+        return allowed[0]
+    if i == len(allowed):
+        return allowed[-1]
+    lo, hi = allowed[i - 1], allowed[i]
+    return lo if width - lo < hi - width else hi
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,28 +171,34 @@ def _considered(groups: list[ChannelGroup], scores: Scores | None) -> list[Chann
     return [g for g in groups if g.prunable and g.key in scores]
 
 
-def _check_reachable(cm: CostModel, considered: list[ChannelGroup], target: float, tol: float) -> None:
-    floor = cm.macs_at({g.key: g.min_keep for g in considered})
+def _check_reachable(cm: CostModel, considered: list[ChannelGroup], target: float, tol: float,
+                     round_to: int | None = None) -> None:
+    floor = cm.macs_at({g.key: aligned_widths(g.size, round_to, g.min_keep)[0] for g in considered})
     if target < floor * (1 - tol):
         floors = any(g.min_keep > 1 for g in considered)
+        least = f"{round_to} channels (or 1 in a group narrower than that)" if round_to else "1 channel"
         raise TargetError(f"target {target:,.0f} MACs ({target / cm.total:.1%}) is below the minimum reachable "
                           f"{floor:,} MACs ({floor / cm.total:.1%} of {cm.total:,}), what remains with every prunable "
-                          f"group at {'its --min-keep floor (else ' if floors else ''}1 channel{')' if floors else ''}")
+                          f"group at {'its --min-keep floor (else ' if floors else ''}{least}{')' if floors else ''}"
+                          + (f" under --round-to {round_to}" if round_to else ""))
 
 
 def _allocate(cm: CostModel, considered: list[ChannelGroup], target: float, mode: str, scores: Scores | None,
-              tol: float, normalize: str) -> dict[str, int]:
-    _check_reachable(cm, considered, target, tol)
+              tol: float, normalize: str, round_to: int | None = None) -> dict[str, int]:
+    _check_reachable(cm, considered, target, tol, round_to)
     if mode == "uniform":
-        widths = _uniform(cm, considered, target, tol)
+        widths = _uniform(cm, considered, target, tol) if round_to is None else \
+            _uniform_aligned(cm, considered, target, tol, round_to)
     elif mode == "global":
         if scores is None:
             raise ValueError("global allocation needs per-channel scores")
-        widths = _global(cm, considered, _normalised(scores, considered, normalize), target, tol)
+        normalised = _normalised(scores, considered, normalize)
+        widths = _global(cm, considered, normalised, target, tol) if round_to is None else \
+            _global_aligned(cm, considered, normalised, target, tol, round_to)
     else:
         raise ValueError(f"mode must be 'uniform' or 'global', got {mode!r}")
     est = cm.macs_at(widths)
-    if abs(est - target) > tol * target:
+    if abs(est - target) > tol * target and round_to is None:
         raise TargetError(f"cannot get within {tol:.0%} of {target:,.0f} MACs: one channel changes the MACs too much "
                           f"here; the closest reachable is {est:,} MACs")
     return widths
@@ -166,6 +227,96 @@ def _uniform(cm: CostModel, considered: list[ChannelGroup], target: float, tol: 
                 open_keys.remove(k)
         else:
             open_keys.remove(k)
+    return widths
+
+
+def _uniform_aligned(cm: CostModel, considered: list[ChannelGroup], target: float, tol: float,
+                     round_to: int) -> dict[str, int]:
+    """:func:`_uniform` over aligned widths: one common ratio, each group snapped to its nearest allowed width,
+    then :func:`_refine` closes what the coarse steps leave."""
+    allowed = {g.key: aligned_widths(g.size, round_to, g.min_keep) for g in considered}
+
+    def at(r: float) -> dict[str, int]:
+        return {g.key: snap_width(allowed[g.key], round(r * g.size)) for g in considered}
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # snapping is monotone in r, so the MACs still never fall as r grows
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cm.macs_at(at(mid)) <= target else (lo, mid)
+    return _refine(cm, at(lo), allowed, target, tol)
+
+
+def _global_aligned(cm: CostModel, considered: list[ChannelGroup], scores: dict[str, torch.Tensor],
+                    target: float, tol: float, round_to: int) -> dict[str, int]:
+    """:func:`_global` over aligned widths: the channels still compete on their scores, and the count each group
+    wins is snapped to its nearest allowed width before the MACs are predicted; then :func:`_refine`."""
+    allowed = {g.key: aligned_widths(g.size, round_to, g.min_keep) for g in considered}
+    queue: list[tuple[float, str]] = []
+    for g in considered:
+        ordered = torch.sort(scores[g.key], descending=True, stable=True).values.tolist()
+        queue += [(v, g.key) for v in ordered[g.min_keep:]]
+    queue.sort(key=lambda t: -t[0])
+
+    def at(k: int) -> dict[str, int]:
+        won = {g.key: g.min_keep for g in considered}
+        for _, key in queue[:k]:
+            won[key] += 1
+        return {key: snap_width(allowed[key], n) for key, n in won.items()}
+
+    lo, hi = 0, len(queue)  # largest k whose snapped widths stay within the target
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cm.macs_at(at(mid)) <= target else (lo, mid - 1)
+    return _refine(cm, at(lo), allowed, target, tol)
+
+
+def _refine(cm: CostModel, widths: dict[str, int], allowed: dict[str, list[int]], target: float,
+            tol: float) -> dict[str, int]:
+    """Move groups one allowed step at a time while that brings the predicted MACs closer to ``target``.
+
+    Why a local search: aligned steps are coarse (8 channels of a 64-wide stream can be 1-2% of a small net's
+    MACs), so the common ratio or the global ranking alone often stops a few percent away. Single-group moves
+    are tried first (best first); when none helps and the MACs are still outside ``tol``, pairs (one group up,
+    another down) exchange MACs in finer amounts. Stops once within a tenth of ``tol``, or when nothing helps.
+    """
+    widths = dict(widths)
+    est = cm.macs_at(widths)
+
+    def steps() -> list[tuple[str, int, int]]:  # (key, new width, direction)
+        out = []
+        for key, opts in allowed.items():
+            i = opts.index(widths[key])
+            if i + 1 < len(opts):
+                out.append((key, opts[i + 1], 1))
+            if i > 0:
+                out.append((key, opts[i - 1], -1))
+        return out
+
+    for _ in range(4 * sum(len(v) for v in allowed.values())):  # each move strictly improves: this only bounds it
+        gap = abs(est - target)
+        if gap <= tol / 10 * target:
+            break
+        best: tuple[dict[str, int], int] | None = None
+        moves = steps()
+        for key, w, _ in moves:
+            trial = dict(widths, **{key: w})
+            t = cm.macs_at(trial)
+            if abs(t - target) < (abs(best[1] - target) if best else gap):
+                best = (trial, t)
+        if best is None and gap > tol * target:
+            ups = [(k, w) for k, w, d in moves if d > 0]
+            downs = [(k, w) for k, w, d in moves if d < 0]
+            for ku, wu in ups:
+                for kd, wd in downs:
+                    if ku == kd:
+                        continue
+                    trial = dict(widths, **{ku: wu, kd: wd})
+                    t = cm.macs_at(trial)
+                    if abs(t - target) < (abs(best[1] - target) if best else gap):
+                        best = (trial, t)
+        if best is None:
+            break
+        widths, est = best
     return widths
 
 
@@ -229,18 +380,30 @@ def _keep_top(scores: Scores, widths: Mapping[str, int]) -> dict[str, list[int]]
 
 
 def _select(model: nn.Module, x: torch.Tensor, scores: Scores, target: float, mode: str,
-            groups: list[ChannelGroup] | None, tol: float, normalize: str) -> tuple[dict[str, list[int]], nn.Module]:
+            groups: list[ChannelGroup] | None, tol: float, normalize: str, round_to: int | None = None
+            ) -> tuple[dict[str, list[int]], nn.Module]:
+    round_to = check_round_to(round_to)
     groups = groups if groups is not None else channel_groups(model, x)
     cm = cost_model(model, x, groups)
     considered = _considered(groups, scores)
     goal = _target_macs(target, cm.total)
     aim = goal
+    closest: tuple[dict[str, list[int]], nn.Module, int] | None = None
     for _ in range(3):  # the prediction is exact for conv/linear layers; correct it if other ops scale too
-        keep = _keep_top(scores, _allocate(cm, considered, aim, mode, scores, tol, normalize))
+        widths = _allocate(cm, considered, aim, mode, scores, tol, normalize, round_to)
+        keep = _keep_top(scores, widths)
         pruned = remove_channels(model, x, keep, groups=groups)
         real = profile(pruned, example_input=x).macs
         if abs(real - goal) <= tol * goal:
             return keep, pruned
+        if round_to is not None:
+            # aligned steps may make the tolerance unreachable: keep the closest; the caller reports the miss
+            if closest is None or abs(real - goal) < abs(closest[2] - goal):
+                closest = (keep, pruned, real)
+            if real == cm.macs_at(widths):  # the prediction was exact: another aim cannot do better
+                break
         aim *= goal / real
+    if closest is not None:
+        return closest[0], closest[1]
     raise SurgeryError(f"MACs targeting: layer_costs predicted {cm.macs_at({k: len(v) for k, v in keep.items()}):,} "
                        f"MACs but the pruned model measures {real:,} (target {goal:,.0f})")

@@ -47,7 +47,9 @@ summed): lossless once the clusters have collapsed.
 (a fraction of every group, or per group key / per stage prefix), several ``rounds`` of width fractions (within one
 training run: at each round boundary the clusters are re-clustered, nested, from the current cluster means;
 :func:`run_rounds` merges between rounds instead, as the official code), and ``squeeze=True``: a model built
-wide (``create(name, width=1.5)``) is clustered down to the widths of the same model at width 1.
+wide (``create(name, width=1.5)``) is clustered down to the widths of the same model at width 1. ``round_to=N``
+makes the number of clusters of every group at least ``N`` wide a multiple of ``N`` (or the whole group): through
+the MACs search for ``target_macs``, by snapping to the nearest such count for the other schedules.
 
 Use it in your own loop::
 
@@ -327,7 +329,10 @@ class CSGD(Method):
                  cluster: str = "kmeans", cluster_on: str = "concat", vector_scale: float = 0.1,
                  weight_decay: float | None = None, tol: float = 1e-6, seed: int = 0,
                  lossless_tol: float | None = None, ramp: float = 0.3, momentum: float = 0.9,
-                 converged_distance: float = 1e-5) -> None:
+                 converged_distance: float = 1e-5, round_to: int | None = None) -> None:
+        from ..graph.targeting import check_round_to
+
+        self.round_to = check_round_to(round_to)
         if cluster not in ("kmeans", "even"):
             raise ValueError(f"cluster must be 'kmeans' or 'even', got {cluster!r}")
         if cluster_on not in ("concat", "first"):
@@ -444,13 +449,18 @@ class CSGD(Method):
         else:
             from ..graph import allocate_widths
 
-            want = allocate_widths(model, self.example_input, self.target_macs, mode="uniform")
+            want = allocate_widths(model, self.example_input, self.target_macs, mode="uniform",
+                                   round_to=self.round_to)
+        from ..graph.targeting import aligned_widths, snap_width
+
         out = {}
         for key, k in want.items():
             if key not in sizes:
                 raise ValueError(f"C-SGD: no prunable channel group {key!r}; prunable: {', '.join(sizes)}")
             if not 1 <= k <= sizes[key]:
                 raise ValueError(f"C-SGD: group {key!r} has {sizes[key]} channels, cannot keep {k}")
+            if self.round_to:  # the MACs search already aligned its widths; explicit ones are snapped here
+                k = snap_width(aligned_widths(sizes[key], self.round_to), k)
             if k < sizes[key]:
                 out[key] = int(k)
         return out
@@ -715,6 +725,8 @@ class CSGD(Method):
                                 "cluster": self.cluster, "cluster_on": self.cluster_on,
                                 "vector_scale": self.vector_scale, "rounds": self.rounds,
                                 "widths": {k: len(cluster_lists(v)) for k, v in self.ids.items()}}
+        if self.round_to:
+            info["round_to"] = self.round_to
         lr_at = self._lr_function()
         start, stop = self._round_range(len(eps) - 1)
         if lr_at is not None and stop > start:

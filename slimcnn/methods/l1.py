@@ -4,7 +4,8 @@
 the filters that produce a channel. The default, ``"group_l2"``, scores everything the channel owns (producers,
 consumers' input slices, BN gamma/beta; see :mod:`slimcnn.importance` for the measured reason). ``mode="uniform"``
 keeps the same fraction of every group (the paper prunes layer by layer); ``"global"`` ranks channels across
-groups after normalising scores per group.
+groups after normalising scores per group. ``round_to=N`` keeps multiples of ``N`` channels in every group at
+least ``N`` wide (aligned widths run faster; see :mod:`slimcnn.graph.targeting`).
 """
 from __future__ import annotations
 
@@ -27,10 +28,14 @@ class L1Pruning(Method):
                              "help": "l1: channel importance: group_l2 (producers + consumers + BN, default) or "
                                      "l1 (the paper's producer L1 norm)"})]
 
-    def __init__(self, target_macs: float = 0.5, mode: str = "uniform", scorer: str = "group_l2") -> None:
+    def __init__(self, target_macs: float = 0.5, mode: str = "uniform", scorer: str = "group_l2",
+                 round_to: int | None = None) -> None:
+        from ..graph.targeting import check_round_to
+
         if mode not in ("uniform", "global"):
             raise ValueError(f"mode must be 'uniform' or 'global', got {mode!r}")
         self.target_macs, self.mode, self.scorer = target_macs, mode, check_scorer(scorer)
+        self.round_to = check_round_to(round_to)
 
     def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
         self.example_input = example_input
@@ -44,10 +49,12 @@ class L1Pruning(Method):
     def finalize(self, model: nn.Module) -> nn.Module:
         from ..graph import prune_to_target
 
-        return prune_to_target(model, self.example_input, self.scores(model), self.target_macs, mode=self.mode)
+        return prune_to_target(model, self.example_input, self.scores(model), self.target_macs, mode=self.mode,
+                               round_to=self.round_to)
 
     def state_dict(self) -> dict:
-        return {"target_macs": self.target_macs, "mode": self.mode, "scorer": self.scorer}
+        return {"target_macs": self.target_macs, "mode": self.mode, "scorer": self.scorer,
+                **({"round_to": self.round_to} if self.round_to else {})}
 
     def report(self) -> dict:
-        return {"scorer": self.scorer, "mode": self.mode}
+        return {"scorer": self.scorer, "mode": self.mode, **({"round_to": self.round_to} if self.round_to else {})}

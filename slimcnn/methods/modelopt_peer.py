@@ -23,7 +23,9 @@ subnets on training images. The report states what it used and found: ``modelopt
   it bounds the smallest subnet: on ResNet-20, 16 reaches 0.527 of the base at best, 8 reaches 0.153. By
   default the largest of 32/16/8/4/2/1 whose smallest subnet is under the target's upper tolerance is used,
   falling back to the next smaller one when the search cannot land within ``tol``. A target no divisor can
-  reach is a :class:`SurgeryError` naming the smallest reachable MACs.
+  reach is a :class:`SurgeryError` naming the smallest reachable MACs. ``round_to=N`` (``--round-to``, shared with
+  every method) sets the divisor to ``N``: ModelOpt's own way of keeping widths aligned. A search at that divisor
+  that stops outside ``tol`` is then kept as the closest result (``within_tol: false``) instead of failing.
 - **Frozen stays frozen.** ModelOpt's export hands every weight back trainable, the frozen shortcut embeddings
   included; ``finalize`` freezes again whatever was frozen after ``prepare``.
 - BatchNorm statistics after the search are those of the last subnet ModelOpt scored; the BatchNorm
@@ -92,14 +94,22 @@ class ModelOptPeer(Method):
     ]
 
     def __init__(self, target_macs: float = 0.5, divisor: int | None = None, score_images: int = 1000,
-                 tol: float = 0.01) -> None:
+                 tol: float = 0.01, round_to: int | None = None) -> None:
+        from ..graph.targeting import check_round_to
+
+        self.round_to = check_round_to(round_to)
+        if self.round_to and divisor is not None and divisor != self.round_to:
+            raise ValueError(f"modelopt: --modelopt-divisor {divisor} and --round-to {self.round_to} ask for two "
+                             "different channel divisors; give one")
         if importlib.util.find_spec("modelopt") is None:
             raise ModelOptMissing(INSTALL)
-        if divisor is not None and divisor not in DIVISORS:
+        if divisor is not None and divisor not in DIVISORS and not self.round_to:
             raise ValueError(f"modelopt: divisor must be one of {', '.join(map(str, DIVISORS))}, got {divisor}")
         if score_images < CALIB_BATCHES:
             raise ValueError(f"modelopt: score_images must be >= {CALIB_BATCHES} (ModelOpt recalibrates BN on "
                              f"{CALIB_BATCHES} batches), got {score_images}")
+        if self.round_to:
+            divisor = self.round_to  # any positive multiple: ModelOpt takes it as it is
         self.target_macs, self.divisor, self.score_images, self.tol = target_macs, divisor, score_images, tol
         self.score_data: tuple[torch.Tensor, torch.Tensor] | None = None
         self.result: dict[str, Any] = {}
@@ -203,9 +213,10 @@ class ModelOptPeer(Method):
                     f"FastNAS's reach {where}: its smallest subnet has {min_macs / 1e6:.2f}M MACs "
                     f"({min_macs / self.base_macs:.3f})")
             stops = ", ".join(f"{t['macs'] / 1e6:.2f}M (divisor {t['divisor']})" for t in tried)
-            raise SurgeryError(
-                f"modelopt: FastNAS cannot land within {self.tol:.0%} of {target / 1e6:.2f}M MACs {where}: its search "
-                f"stopped at {stops}; more --score-images give it finer steps")
+            if not self.round_to:
+                raise SurgeryError(
+                    f"modelopt: FastNAS cannot land within {self.tol:.0%} of {target / 1e6:.2f}M MACs {where}: its "
+                    f"search stopped at {stops}; more --score-images give it finer steps")
         search_s = time.time() - t0
         validate(cand, self.example_input, ref, f"ModelOpt FastNAS result at channel divisor {divisor}")
         for name in self.frozen:  # ModelOpt's export hands every weight back trainable
@@ -213,8 +224,10 @@ class ModelOptPeer(Method):
         self.result.update({
             "score_images": len(self.score_data[1]), "bn_calibration": f"the same images, {CALIB_BATCHES} batches",
             "divisor": divisor, "divisors_tried": tried, "search_s": round(search_s, 1), "macs": macs,
-            "min_macs": min_macs, "target_macs_abs": target, "within_tol": True, "frozen_params": len(self.frozen),
-            "score_full_top1": state.get("original_score")})
+            "min_macs": min_macs, "target_macs_abs": target, "within_tol": lo <= macs <= hi,
+            "frozen_params": len(self.frozen), "score_full_top1": state.get("original_score")})
+        if self.round_to:
+            self.result["round_to"] = self.round_to
         return cand
 
     def report(self) -> dict[str, Any]:

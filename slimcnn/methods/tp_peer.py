@@ -22,6 +22,9 @@ Fairness (the peer gets exactly what our rows get, no more):
   frozen 1x1 shortcut convs came back trainable (~1.3k extra trainable weights on ResNet-20, worth ~1 point);
   ``finalize`` freezes them again.
 - BatchNorm recalibration after finalize is done by :func:`slimcnn.compress.compress` for every row alike.
+- **Aligned widths** (``round_to=N``) go to Torch-Pruning's own ``round_to`` argument, as our methods take theirs.
+  Its coarse steps may leave no ratio within ``tol``; then the closest result is kept (``within_tol: false`` in
+  the report) rather than failing, as for our methods.
 """
 from __future__ import annotations
 
@@ -70,8 +73,11 @@ class TorchPruningPeer(Method):
                                  "help": "tp: Torch-Pruning's global ranking instead of a uniform ratio per layer"})]
 
     def __init__(self, target_macs: float = 0.5, global_pruning: bool = False, p: int = 2, tol: float = 0.01,
-                 mode: str | None = None) -> None:
+                 mode: str | None = None, round_to: int | None = None) -> None:
+        from ..graph.targeting import check_round_to
+
         self.target_macs, self.global_pruning, self.p, self.tol = target_macs, global_pruning, p, tol
+        self.round_to = check_round_to(round_to)
         if mode is not None:  # the CLI's --mode: uniform / global
             self.global_pruning = mode == "global"
         self.result: dict = {}
@@ -107,7 +113,8 @@ class TorchPruningPeer(Method):
         if ratio > 0 or per_layer:
             pruner = tp.pruner.BasePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=self.p),
                                           pruning_ratio=ratio, pruning_ratio_dict=per_layer,
-                                          global_pruning=self.global_pruning, ignored_layers=ignored)
+                                          global_pruning=self.global_pruning, ignored_layers=ignored,
+                                          round_to=self.round_to)
             pruner.step()
         return m
 
@@ -143,14 +150,17 @@ class TorchPruningPeer(Method):
                     break
                 k_lo, k_hi = (k, k_hi) if macs > target else (k_lo, k)
         cand, macs, ratio, mix = best
-        if abs(macs - target) > self.tol * target:
+        within = abs(macs - target) <= self.tol * target
+        if not within and not self.round_to:
             raise SurgeryError(f"Torch-Pruning cannot land within {self.tol:.0%} of {target / 1e6:.2f}M MACs on this "
                                f"model: closest {macs / 1e6:.2f}M at pruning_ratio {ratio:.3f}")
         validate(cand, self.example_input, ref, f"Torch-Pruning result at pruning_ratio {ratio:.3f}")
         frozen = self._refreeze(cand)
         self.result.update({"pruning_ratio": ratio, "mixed_ratio": None if mix is None else
                             {"higher_ratio": mix[0], "first_convs": mix[1]},
-                            "macs": macs, "target_macs_abs": target, "within_tol": True, "frozen_shortcuts": frozen})
+                            "macs": macs, "target_macs_abs": target, "within_tol": within, "frozen_shortcuts": frozen})
+        if self.round_to:
+            self.result["round_to"] = self.round_to
         return cand
 
     def _refreeze(self, model: nn.Module) -> int:

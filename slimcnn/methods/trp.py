@@ -16,7 +16,10 @@ Schemes (W: n x c x kh x kw, ``groups`` g; each group is decomposed on its own, 
   r*n -> n with groups=n: group j sums filter j's r depthwise paths; bias on the last.
 
 ``rank`` always means the rank of each matrix (per group, or per filter for ``nd``); a layer's rank is the
-largest any of its matrices needs, since one grouped conv needs one rank.
+largest any of its matrices needs, since one grouped conv needs one rank. ``round_to=N`` keeps every rank a
+multiple of ``N`` (or the full rank) where the full rank is at least ``N``: the rank is the width of the thin
+conv between the two factors, and kernels run best on aligned widths. Ranks from the energy / threshold rules are
+rounded up (never less energy than asked); a MACs target searches over aligned ranks only.
 
 >>> conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
 >>> thin = decompose_conv(conv, "channel", rank=4)
@@ -404,14 +407,37 @@ def _candidates(model: nn.Module, example_input: torch.Tensor, names: list[str],
     return out
 
 
-def _ranks_for(cands: list[_Candidate], rule: str, value: float) -> list[int]:
+def align_rank(rank: int, full: int, round_to: int | None) -> int:
+    """``rank`` rounded up to a multiple of ``round_to``, or to ``full`` when that comes first; unchanged when
+    ``round_to`` is None or the full rank is below it (such a layer keeps the normal rule).
+
+    >>> align_rank(5, 16, 8), align_rank(9, 20, 8), align_rank(17, 20, 8), align_rank(3, 6, 8)
+    (8, 16, 20, 3)
+    """
+    if not round_to or full < round_to:
+        return rank
+    return min(full, -(-max(1, rank) // round_to) * round_to)
+
+
+def _next_rank(rank: int, full: int, round_to: int | None) -> int:
+    """The next rank the search may try above ``rank`` (one more, or the next aligned one)."""
+    if not round_to or full < round_to:
+        return rank + 1
+    return min(full, (rank // round_to + 1) * round_to)
+
+
+def _ranks_for(cands: list[_Candidate], rule: str, value: float, round_to: int | None = None) -> list[int]:
     if rule == "energy":
-        return [int(energy_ranks(c.s, value).max()) for c in cands]
-    if rule == "threshold":
-        return [int(threshold_ranks(c.s, value).max()) for c in cands]
-    if rule == "uniform":
-        return [max(1, math.ceil(value * c.s.shape[-1])) for c in cands]
-    raise ValueError(f"unknown rank rule {rule!r}")
+        ranks = [int(energy_ranks(c.s, value).max()) for c in cands]
+    elif rule == "threshold":
+        ranks = [int(threshold_ranks(c.s, value).max()) for c in cands]
+    elif rule == "uniform":
+        ranks = [max(1, math.ceil(value * c.s.shape[-1])) for c in cands]
+    else:
+        raise ValueError(f"unknown rank rule {rule!r}")
+    if round_to:
+        ranks = [align_rank(r, c.s.shape[-1], round_to) for r, c in zip(ranks, cands)]
+    return ranks
 
 
 def _target_error(message: str) -> Exception:
@@ -423,12 +449,15 @@ def _target_error(message: str) -> Exception:
 
 
 def plan_decomposition(model: nn.Module, example_input: torch.Tensor, scheme: str, rule: str, value: float,
-                       layers: list[str] | None = None, target_mode: str = "energy") -> list[LayerPlan]:
+                       layers: list[str] | None = None, target_mode: str = "energy",
+                       round_to: int | None = None) -> list[LayerPlan]:
     """Choose each layer's rank. ``rule``: ``threshold`` (absolute singular value ``value``), ``energy``
     (fraction ``value`` of the squared singular values), or ``target_macs`` (``value`` <= 1: a ratio of the
     model's MACs; > 1: absolute MACs), reached by bisection on one global energy (``target_mode="energy"``)
     or on one fraction of every layer's full rank (``"uniform"``), landing at the largest setting whose MACs
     do not exceed the target. A plan with ``macs_after == macs_before`` means the layer stays whole.
+    ``round_to``: aligned ranks only (see the module docstring); when aligned steps cannot land within 1% of the
+    target from below, the one step above that lands closest is taken.
 
     >>> plans = plan_decomposition(model, x, "spatial", "target_macs", 0.5)  # doctest: +SKIP
     """
@@ -438,7 +467,7 @@ def plan_decomposition(model: nn.Module, example_input: torch.Tensor, scheme: st
     names = select_layers(model) if layers is None else layers
     cands = _candidates(model, example_input, names, scheme)
     if rule != "target_macs":
-        return [c.plan(scheme, r) for c, r in zip(cands, _ranks_for(cands, rule, value))]
+        return [c.plan(scheme, r) for c, r in zip(cands, _ranks_for(cands, rule, value, round_to))]
     if target_mode not in TARGET_MODES:
         raise ValueError(f"unknown target mode {target_mode!r}; choose one of {', '.join(TARGET_MODES)}")
     base = profile(model, example_input=example_input[:1]).macs
@@ -446,7 +475,7 @@ def plan_decomposition(model: nn.Module, example_input: torch.Tensor, scheme: st
     fixed = base - sum(c.macs for c in cands)
 
     def macs_at(v: float) -> tuple[int, list[LayerPlan]]:
-        plans = [c.plan(scheme, r) for c, r in zip(cands, _ranks_for(cands, target_mode, v))]
+        plans = [c.plan(scheme, r) for c, r in zip(cands, _ranks_for(cands, target_mode, v, round_to))]
         return fixed + sum(p.macs_after for p in plans), plans
 
     lowest, plans = macs_at(0.0)  # energy 0 and fraction 0 both mean rank 1 everywhere
@@ -463,13 +492,17 @@ def plan_decomposition(model: nn.Module, example_input: torch.Tensor, scheme: st
             lo, plans = mid, p
         else:
             hi = mid
-    return _top_up(cands, plans, scheme, target - fixed)
+    plans = _top_up(cands, plans, scheme, target - fixed, round_to)
+    if round_to:
+        plans = _closest_above(cands, plans, scheme, target - fixed, round_to)
+    return plans
 
 
-def _top_up(cands: list[_Candidate], plans: list[LayerPlan], scheme: str, budget: float) -> list[LayerPlan]:
-    """Spend what the bisection left under the target one rank at a time, each time on the layer whose next
-    singular value holds the most energy per extra MAC: one global setting moves many layers at once and can
-    stop several percent short of the target."""
+def _top_up(cands: list[_Candidate], plans: list[LayerPlan], scheme: str, budget: float,
+            round_to: int | None = None) -> list[LayerPlan]:
+    """Spend what the bisection left under the target one rank at a time (one aligned step with ``round_to``),
+    each time on the layer whose next singular values hold the most energy per extra MAC: one global setting
+    moves many layers at once and can stop several percent short of the target."""
     plans = list(plans)
     used = sum(p.macs_after for p in plans)
     while True:
@@ -477,19 +510,45 @@ def _top_up(cands: list[_Candidate], plans: list[LayerPlan], scheme: str, budget
         for i, (c, p) in enumerate(zip(cands, plans)):
             if p.rank >= p.full_rank:
                 continue
-            nxt = c.plan(scheme, p.rank + 1)
+            nxt = c.plan(scheme, _next_rank(p.rank, p.full_rank, round_to))
             extra = nxt.macs_after - p.macs_after
             if extra <= 0 or used + extra > budget:
                 continue
             e2 = c.s.double() ** 2
-            gain = float((e2[..., p.rank] / e2.sum(-1).clamp_min(1e-30)).max()) / extra
+            if nxt.rank == p.rank + 1:
+                held = e2[..., p.rank]
+            else:
+                held = e2[..., p.rank:nxt.rank].sum(-1)
+            gain = float((held / e2.sum(-1).clamp_min(1e-30)).max()) / extra
             if gain > best_gain:
                 best, best_gain = i, gain
         if best is None:
             return plans
-        nxt = cands[best].plan(scheme, plans[best].rank + 1)
+        nxt = cands[best].plan(scheme, _next_rank(plans[best].rank, plans[best].full_rank, round_to))
         used += nxt.macs_after - plans[best].macs_after
         plans[best] = nxt
+
+
+def _closest_above(cands: list[_Candidate], plans: list[LayerPlan], scheme: str, budget: float,
+                   round_to: int, tol: float = 0.01) -> list[LayerPlan]:
+    """With aligned ranks the top-up may stop more than ``tol`` under the budget: one aligned step of one layer
+    above it can be closer. Take the closest such step if it beats staying below."""
+    used = sum(p.macs_after for p in plans)
+    if budget - used <= tol * budget:
+        return plans
+    best, best_gap = None, budget - used
+    for i, (c, p) in enumerate(zip(cands, plans)):
+        if p.rank >= p.full_rank:
+            continue
+        nxt = c.plan(scheme, _next_rank(p.rank, p.full_rank, round_to))
+        gap = abs(used + nxt.macs_after - p.macs_after - budget)
+        if gap < best_gap:
+            best, best_gap = (i, nxt), gap
+    if best is None:
+        return plans
+    plans = list(plans)
+    plans[best[0]] = best[1]
+    return plans
 
 
 def decompose_model(model: nn.Module, example_input: torch.Tensor, plans: list[LayerPlan]) -> nn.Module:
@@ -547,7 +606,12 @@ class TRP(Method):
     def __init__(self, target_macs: float | None = None, scheme: str = "channel", energy: float = 0.9,
                  period: int = 1, nuclear: float = 3e-4, rank_threshold: float | None = None,
                  decompose_energy: float | None = None, rank_rule: str | None = None,
-                 layers: str | list[str] | None = None, target_mode: str = "energy") -> None:
+                 layers: str | list[str] | None = None, target_mode: str = "energy",
+                 round_to: int | None = None) -> None:
+        from ..graph.targeting import check_round_to
+
+        self.round_to = check_round_to(round_to)
+        self.target_miss: str | None = None
         _check_scheme(scheme)
         if not 0 < energy <= 1:
             raise ValueError(f"TRP energy must be in (0, 1], got {energy}")
@@ -596,7 +660,7 @@ class TRP(Method):
         self._fixed = {}
         if self.rank_rule == "target_macs":
             self._plans = plan_decomposition(model, self.example_input, self.scheme, "target_macs", self.target_macs,
-                                             self.layers, self.target_mode)
+                                             self.layers, self.target_mode, self.round_to)
             self._fixed = {p.name: p.rank for p in self._plans if p.applied}
             self._check_target(model, self._plans)
         return model
@@ -605,7 +669,12 @@ class TRP(Method):
         base = profile(model, example_input=self.example_input.to(next(model.parameters()).device)).macs
         goal = self.target_macs * base if self.target_macs <= 1 else self.target_macs
         macs = base - sum(p.macs_before - p.macs_after for p in plans)
-        if abs(macs - goal) > 0.01 * goal:
+        if abs(macs - goal) > 0.01 * goal and self.round_to:
+            # aligned ranks step coarsely: the closest plan stands, and the run's within_tol reports the miss
+            self.target_miss = (f"TRP ({self.scheme}) with ranks in multiples of {self.round_to} lands at "
+                                f"{macs / 1e6:.2f}M MACs, more than 1% from the target {goal / 1e6:.2f}M; the "
+                                f"closest aligned plan is used")
+        elif abs(macs - goal) > 0.01 * goal:
             raise _target_error(f"TRP ({self.scheme}) lands at {macs / 1e6:.2f}M MACs, more than 1% from the target "
                                 f"{goal / 1e6:.2f}M: decomposing every selected layer at full rank changes the "
                                 f"MACs too little (or too much) for this target; try another --scheme or --layers")
@@ -652,7 +721,7 @@ class TRP(Method):
                  "target_macs": self.target_macs}[self.rank_rule]
         if not self._fixed:
             self._plans = plan_decomposition(model, x, self.scheme, self.rank_rule, value, self.layers,
-                                             self.target_mode)
+                                             self.target_mode, self.round_to)
         thin = decompose_model(model, x, self._plans)
         self._macs = (profile(model, example_input=x).macs, profile(thin, example_input=x).macs)
         return thin
@@ -671,6 +740,10 @@ class TRP(Method):
         }
         if self._macs is not None:
             out["macs_before"], out["macs_after"] = self._macs
+        if self.round_to:
+            out["round_to"] = self.round_to
+        if self.target_miss:
+            out["target_miss"] = self.target_miss
         return out
 
     def state_dict(self) -> dict[str, Any]:
