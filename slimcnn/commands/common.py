@@ -220,9 +220,10 @@ def input_shape(args: argparse.Namespace) -> tuple[int, ...]:
 
 
 def classification_data(args: argparse.Namespace, splits: tuple[str, ...] = ("train", "test"), rank: int = 0,
-                        world_size: int = 1) -> dict:
+                        world_size: int = 1, augment: bool = True) -> dict:
     """The loaders of ``--data`` with every data option of the command: CIFAR-10 in memory, any other image
-    folder through torchvision at the input size the model is profiled at."""
+    folder through torchvision at the input size the model is profiled at. ``augment=False`` gives training
+    images as the test split sees them (e.g. to calibrate a quantised model on)."""
     from ..data import IMAGENET_MEAN, IMAGENET_STD, classification_loaders, is_cifar_layout
 
     size = None
@@ -237,4 +238,5 @@ def classification_data(args: argparse.Namespace, splits: tuple[str, ...] = ("tr
     return classification_loaders(args.data, args.batch_size, getattr(args, "train_limit", None),
                                   getattr(args, "test_limit", None), args.seed, rank, world_size,
                                   mean=args.mean or IMAGENET_MEAN, std=args.std or IMAGENET_STD, splits=splits,
-                                  input_size=size, workers=workers, skip_bad_images=args.skip_bad_images)
+                                  input_size=size, workers=workers, skip_bad_images=args.skip_bad_images,
+                                  augment=augment)
