@@ -26,11 +26,13 @@ Choices, all recorded in the report:
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -66,12 +68,12 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Ite
             batch = next(self.left, None)
             return None if batch is None else {input_name: batch}
 
-    int8_path = Path(int8_path)
+    int8_path, fp32_path = Path(int8_path).resolve(), Path(fp32_path).resolve()
     int8_path.parent.mkdir(parents=True, exist_ok=True)
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(fp32_path)
+    with tempfile.TemporaryDirectory() as tmp, _working_dir(tmp):
+        source = fp32_path
         preprocessed = _preprocess(source, Path(tmp) / "prepared.onnx")
         if preprocessed != "none":
             source = Path(tmp) / "prepared.onnx"
@@ -83,10 +85,22 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Ite
             "calibration_images": int(sum(len(b) for b in batches)), "preprocessed": preprocessed}
 
 
+@contextlib.contextmanager
+def _working_dir(path: str) -> Iterator[None]:
+    """Run the body in ``path``. Why: ONNX Runtime's quantiser saves an intermediate copy with its weights as
+    external data, and onnx writes that ``<uuid>.data`` file into the current directory, where it stays behind
+    (measured: one 0.7 MB file in the repository per quantisation). In a temp directory it goes with it."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _preprocess(source: Path, out: Path) -> str:
     """ONNX Runtime's pre-quantisation pass into ``out``: ``"full"``, ``"no symbolic shapes"`` (retried without
     the symbolic shape inference), or ``"none"`` (both failed; ``out`` is not written)."""
-    import contextlib
     import io
     import logging
 
