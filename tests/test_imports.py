@@ -25,7 +25,7 @@ EXTRA_MODULES = {
     "pytest": ["pytest", "_pytest"], "pytest-xdist": ["xdist"], "hypothesis": ["hypothesis"],
     "onnx": ["onnx"], "onnxruntime": ["onnxruntime"],
     "nvidia-modelopt": ["modelopt"], "torchprofile": ["torchprofile"], "requests": ["requests"],
-    "huggingface-hub": ["huggingface_hub"],
+    "huggingface-hub": ["huggingface_hub"], "timm": ["timm"],
 }
 
 BLOCKER = r"""
