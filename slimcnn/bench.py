@@ -69,11 +69,13 @@ class Budget:
     #: the distillation settings of the ``distill`` recipe (the same as ``slimcnn compress``'s defaults)
     kd_alpha: float = 0.7
     kd_temperature: float = 4.0
+    #: per-method option overrides of this budget (the smoke budget scores ModelOpt's subnets on fewer images)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 BUDGETS = {
     "smoke": Budget(["cifar_resnet20"], [0.5], base_epochs=0, epochs=1, train_limit=256, test_limit=200,
-                    batch_size=64, latency_batches=[1, 16]),
+                    batch_size=64, latency_batches=[1, 16], method_options={"modelopt": {"score_images": 64}}),
     # ~2 h on 2 cores: epochs over a fixed class-balanced half of the training set (25,000 images)
     "cpu": Budget(["cifar_resnet20", "cifar_resnet56"], [0.5], base_epochs=1, epochs=2, train_limit=25000),
     "paper": Budget(["cifar_resnet20", "cifar_resnet56"], [0.7, 0.5, 0.4], base_epochs=30, epochs=100, lr=0.05,
@@ -135,7 +137,8 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                 if key in records:
                     continue
                 m_epochs, ft_epochs = split_budget(methods.method_class(row.method), budget.epochs)
-                method = methods.create(row.method, target_macs=target, **row.kwargs)
+                method = methods.create(row.method, target_macs=target,
+                                        **{**budget.method_options.get(row.method, {}), **row.kwargs})
                 suffix = "" if recipe == "plain" else f"-{recipe}"  # plain keeps the folders it always had
                 cfg = CompressConfig(target_macs=target, method_epochs=m_epochs, epochs=ft_epochs, lr=budget.lr,
                                      seed=seed, device=device, latency_batches=budget.latency_batches,
