@@ -25,3 +25,20 @@ def cifar_root() -> Path:
     if not CIFAR.is_dir():
         pytest.fail(f"real CIFAR-10 expected at {CIFAR} (../shared beside the repository)")
     return CIFAR
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """96 class-balanced CIFAR-10 test images: the test split is small to decode, and in batches of 32 they give
+    3 steps per epoch."""
+    from slimcnn.data import balanced_subset, load_cifar10
+
+    data = load_cifar10(CIFAR, "test", progress=False)
+    return data.subset(balanced_subset(data.labels, 96, seed=0))
+
+
+def shuffled_loader(data):
+    """The training loader the engine tests use: batches of 32, shuffled and augmented, seed 0."""
+    from slimcnn.data import Loader
+
+    return Loader(data, 32, shuffle=True, augment=True, seed=0)

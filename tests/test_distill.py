@@ -8,24 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimcnn.data import Loader, balanced_subset, load_cifar10
 from slimcnn.distill import Distiller, kd_loss
 from slimcnn.engine import TrainConfig, checkpoint_path, train
 from slimcnn.engine.checkpoint import load_state
 from slimcnn.models import create, load_checkpoint
-from conftest import CIFAR, RESNET20
+from conftest import RESNET20, shuffled_loader
 
 CFG = dict(epochs=2, lr=0.05, progress=False)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    data = load_cifar10(CIFAR, "test", progress=False)
-    return data.subset(balanced_subset(data.labels, 96, seed=0))
-
-
-def loader(tiny) -> Loader:
-    return Loader(tiny, 32, shuffle=True, augment=True, seed=0)
+loader = shuffled_loader
 
 
 def fresh_model() -> nn.Module:

@@ -8,27 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimcnn.data import Loader, balanced_subset, load_cifar10
+from slimcnn.data import Loader
 from slimcnn.engine import TrainConfig, TrainingDiverged, checkpoint_path, evaluate, train
 from slimcnn.engine.checkpoint import load_state
 from slimcnn.engine.trainer import Schedule
 from slimcnn.methods.base import Method
 from slimcnn.models import create, load_checkpoint
+from conftest import shuffled_loader
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CIFAR = SHARED / "data" / "cifar10-jpeg"
 R20 = SHARED / "weights" / "cifar10-resnet20-12fca82f.th"
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    # the test split is small to decode; 96 images in batches of 32 give 3 steps per epoch
-    data = load_cifar10(CIFAR, "test", progress=False)
-    return data.subset(balanced_subset(data.labels, 96, seed=0))
-
-
-def loader(tiny) -> Loader:
-    return Loader(tiny, 32, shuffle=True, augment=True, seed=0)
+loader = shuffled_loader
 
 
 def fresh_model() -> torch.nn.Module:
