@@ -117,6 +117,8 @@ def split_budget(method: Method | type[Method], total_epochs: int, method_epochs
         m = round(total_epochs * cls.method_share)
         if cls.method_share > 0 and total_epochs > 0:
             m = max(1, m)
+    if hasattr(cls, "stage_epochs"):  # a stack (methods/stack.py): each of its stages must get what it needs
+        cls.stage_epochs(m)
     if cls.trains_before_finalize and m < 1:
         raise ValueError(_no_training_message(cls, total_epochs, method_epochs))
     return m, total_epochs - m
@@ -284,11 +286,15 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     budget = {"total_steps": len(train_loader) * cfg.method_epochs, "lr": cfg.method_lr or cfg.lr,
               "schedule": cfg.schedule}
     accepted = inspect.signature(method.prepare).parameters
+    # offered to the methods that take them: data-scored peers read train_loader; a stack runs its first stage
+    # whole inside prepare (methods/stack.py) and needs the loaders and the run's settings
+    offered = {"train_loader": train_loader, "test_loader": test_loader, "cfg": cfg}
     work = method.prepare(copy.deepcopy(model), example.to(cfg.device),
                           **{k: v for k, v in budget.items() if k in accepted and cfg.method_epochs > 0},
-                          **({"train_loader": train_loader} if "train_loader" in accepted else {}))  # data-scored peers
-    if cfg.method_epochs > 0:
-        work = _train(work, train_loader, cfg, cfg.method_epochs, cfg.method_lr or cfg.lr, method,
+                          **{k: v for k, v in offered.items() if k in accepted})
+    phase_epochs = cfg.method_epochs - getattr(method, "epochs_in_prepare", 0)  # a stack spent some in prepare
+    if phase_epochs > 0:
+        work = _train(work, train_loader, cfg, phase_epochs, cfg.method_lr or cfg.lr, method,
                       out / "method_ckpt" if out else None, distiller)
     finalize_key = FINALIZE_KEYS.get(method.name, "finalize")
     before_logits = before_top1 = None

@@ -2,6 +2,7 @@
 
 >>> import slimcnn
 >>> m = slimcnn.methods.create("l1", target_macs=0.5)
+>>> s = slimcnn.methods.create("dagger+trp", target_macs=0.5)   # a stack: see slimcnn/methods/stack.py
 """
 from __future__ import annotations
 
@@ -29,8 +30,20 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def list_stacks() -> list[str]:
+    """The stacks ``create`` accepts besides :func:`list_methods`: a channel method, then trp (``"dagger+trp"``)."""
+    from .stack import STACKS
+
+    return list(STACKS)
+
+
 def method_class(name: str) -> type[Method]:
-    """The class registered as method ``name`` (imported on first use)."""
+    """The class registered as method ``name`` (imported on first use); ``"a+b"`` names a stack
+    (ValueError, naming what would work, for a stack that is not one)."""
+    if "+" in name:
+        from .stack import stack_class
+
+        return stack_class(name)
     if name not in _METHODS:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
     mod, cls = _METHODS[name].split(":")
@@ -42,4 +55,4 @@ def create(name: str, **kwargs: Any) -> Method:
     return method_class(name)(**kwargs)
 
 
-__all__ = ["Method", "create", "list_methods", "method_class", "register"]
+__all__ = ["Method", "create", "list_methods", "list_stacks", "method_class", "register"]

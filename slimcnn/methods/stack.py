@@ -1,0 +1,359 @@
+"""Stacked compression under one budget: a channel method (prune or merge), then TRP on the smaller net.
+
+``methods.create("dagger+trp", target_macs=0.5)`` (or ``slimcnn compress --method dagger+trp``) gives one
+MACs target and one epoch budget for the whole stack. Stacks: ``l1+trp``, ``dagger+trp``, ``csgd+trp``,
+``tp+trp`` (the Torch-Pruning peer, then TRP).
+
+**The split of the target.** ``split`` S in (0, 1) is the fraction of the *log* MACs reduction done by the
+channel stage: with an overall target T (a ratio of the base MACs), the channel stage keeps T**S of the base and
+TRP the remaining T**(1 - S) of the channel-pruned net. S = 0.5 with T = 0.5: each stage keeps ~0.707. TRP is
+always planned at the absolute overall target (T x base MACs) on the net the channel stage produced, so a channel
+stage that lands a little off its own ratio is corrected and the final MACs are within TRP's 1% (TRP raises
+``TargetError`` at ``prepare`` otherwise). Without ``split``, it is searched: each of ``splits`` is scored by a
+finalize-only proxy (channel stage at T**S with no training, TRP's decomposition at the rest, BatchNorm
+recalibrated on a few training batches, top-1 on ``search_images`` other training images); the best is used and
+every split tried is in the report. The proxy for a channel stage that needs training before its finalize
+(dagger, csgd) is magnitude pruning (l1): untrained gates or clusters say nothing about a split.
+
+**The budget.** A stack trains everything before TRP's finalize (TRP's recipe leaves no fine-tune after its
+lossless factorisation), so ``method_share`` is 1. Those epochs M are split by the channel stage's own recipe:
+the channel stage gets half of M and spends ``method_share`` of that half with its hooks attached (l1, tp: none;
+dagger: a quarter of M; csgd: half of M); the rest of its half, which would fine-tune it, goes to TRP's training,
+which trains the pruned net anyway. See :meth:`Stack.stage_epochs`.
+
+**How it runs in one pipeline.** The engine's loop trains one model with one optimiser, and the channel stage's
+finalize replaces the model, so stage 1 cannot switch to stage 2 mid-loop. Stack therefore runs stage 1 whole
+inside ``prepare`` (its prepare, its training with its hooks, its finalize, BatchNorm recalibration, its top-1):
+:func:`slimcnn.compress.compress` offers ``prepare`` its ``train_loader``, ``test_loader`` and ``cfg``, and trains
+only the remaining ``cfg.method_epochs - epochs_in_prepare`` epochs with the Stack's hooks, which are TRP's.
+``finalize`` is TRP's finalize. Stage 1's training does not distil (``--distill`` applies to TRP's phase and the
+fine-tune); the report says so.
+
+>>> m = create("dagger+trp", target_macs=0.5, scheme="spatial")    # doctest: +SKIP
+>>> compact, report = slimcnn.compress.compress(model, m, train, test, (3, 32, 32), cfg)  # doctest: +SKIP
+>>> [s["method"] for s in report["stages"]]                          # doctest: +SKIP
+['dagger', 'trp']
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..profile import profile
+from .base import Method
+
+#: stages a stack may start with (each removes or merges channels on the one surgery engine) and end with
+CHANNEL_STAGES = ("l1", "dagger", "csgd", "tp")
+LAST_STAGES = ("trp",)
+STACKS = tuple(f"{a}+{b}" for a in CHANNEL_STAGES for b in LAST_STAGES)
+DEFAULT_SPLITS = (0.25, 0.5, 0.75)
+SPLIT_HELP = ("stacks (e.g. dagger+trp): fraction in (0, 1) of the log MACs reduction done by the channel stage: "
+              "it keeps TARGET**S of the base MACs, trp the rest of the way to TARGET (default: searched over "
+              f"{', '.join(map(str, DEFAULT_SPLITS))} by a finalize-only proxy on training images)")
+
+
+def parse_stack(name: str) -> tuple[str, str]:
+    """``"dagger+trp"`` -> ``("dagger", "trp")``; ValueError naming what is wrong and what would work."""
+    from . import list_methods
+
+    parts = name.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"{name!r} is not a stack: a stack is a channel method and trp joined by '+'; "
+                         f"stacks: {', '.join(STACKS)}")
+    first, last = parts
+    for stage in parts:
+        if stage not in list_methods():
+            raise ValueError(f"unknown stage {stage!r} in {name!r}; stacks: {', '.join(STACKS)}")
+    if first not in CHANNEL_STAGES:
+        raise ValueError(f"{name!r}: the first stage must be a channel method ({', '.join(CHANNEL_STAGES)}), "
+                         f"not {first}; stacks: {', '.join(STACKS)}")
+    if last not in LAST_STAGES:
+        raise ValueError(f"{name!r}: the last stage must be {' or '.join(LAST_STAGES)}, not {last}; "
+                         f"stacks: {', '.join(STACKS)}")
+    return first, last
+
+
+def check_split(split: float | None, method: str | None = None) -> float | None:
+    """``split`` if it is None or in (0, 1) (and ``method``, when given, is a stack); else ValueError."""
+    if split is None:
+        return None
+    if method is not None and "+" not in method:
+        raise ValueError(f"--split applies only to a stack (e.g. --method {method}+trp), not to {method}")
+    if not 0.0 < float(split) < 1.0:
+        raise ValueError(f"split must be in (0, 1) (the channel stage's share of the log MACs reduction), "
+                         f"got {split}")
+    return float(split)
+
+
+@functools.cache
+def stack_class(name: str) -> type[Stack]:
+    """The :class:`Stack` subclass for ``name`` (e.g. ``"dagger+trp"``), so that the pipeline, the CLI and the
+    benchmark read its name, recipe and options from a class like any method's."""
+    from . import method_class
+
+    first, last = parse_stack(name)
+    c1, c2 = method_class(first), method_class(last)
+    phase = (f"{first} {c1.method_phase}, then {c2.method_phase}" if c1.method_share > 0
+             else f"{c2.method_phase} on the {first}-pruned net")
+    return type(f"Stack_{first}_{last}", (Stack,), {"name": name, "stages": (first, last),
+                                                     "method_phase": phase, "__module__": __name__})
+
+
+class Stack(Method):
+    """A channel method, then TRP, behind the one method interface (see the module docstring).
+
+    ``report()["stages"]``: per stage, its MACs target and measured MACs as ratios of the base, its epochs with
+    its hooks, top-1 on the test loader right after its finalize (stage 1: after BN recalibration; None without a
+    test loader), wall time and the stage's own report (``details``).
+
+    Build it with ``methods.create("l1+trp", target_macs=0.5, split=0.5, scheme="spatial")``: options other than
+    the stack's own go to every stage whose constructor takes them (``round_to`` to both; ``scheme`` to trp;
+    ``scorer`` to l1; ...); an option no stage takes is a TypeError.
+    """
+
+    name = "stack"
+    stages: ClassVar[tuple[str, str]] = ("l1", "trp")
+    trains_before_finalize = True  # TRP's training, at least
+    method_share = 1.0             # every epoch before TRP's finalize; TRP's recipe leaves no fine-tune
+    method_phase = "stage training"
+    cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = [
+        ("--split", {"type": float, "default": None, "metavar": "S", "help": SPLIT_HELP})]
+
+    def __init__(self, target_macs: float = 0.5, split: float | None = None,
+                 splits: tuple[float, ...] = DEFAULT_SPLITS, search_images: int = 512,
+                 round_to: int | None = None, **options: Any) -> None:
+        from . import method_class
+
+        if target_macs is None or target_macs <= 0:
+            raise ValueError(f"target MACs must be > 0 (<= 1: a ratio, > 1: absolute MACs), got {target_macs}")
+        self.target_macs, self.split = target_macs, check_split(split)
+        self.splits = tuple(check_split(s) for s in splits)
+        if not self.splits:
+            raise ValueError("splits must name at least one split to search")
+        if search_images < 1:
+            raise ValueError(f"search_images must be >= 1, got {search_images}")
+        self.search_images, self.round_to = search_images, round_to
+        self.stage_classes = [method_class(s) for s in self.stages]
+        self.stage_options: list[dict[str, Any]] = [{} for _ in self.stages]
+        for key, value in {**options, **({"round_to": round_to} if round_to is not None else {})}.items():
+            takers = [i for i, c in enumerate(self.stage_classes) if key in inspect.signature(c.__init__).parameters]
+            if not takers:
+                raise TypeError(f"{self.name}: no stage ({', '.join(self.stages)}) takes option {key!r}")
+            for i in takers:
+                self.stage_options[i][key] = value
+        for c, opts in zip(self.stage_classes, self.stage_options):  # bad stage options fail now, not mid-run
+            c(target_macs=0.5, **opts)
+        self.first: Method | None = None
+        self.last: Method | None = None
+        self.epochs_in_prepare = 0
+        self.stage_records: list[dict[str, Any]] = []
+        self.search: dict[str, Any] | None = None
+        self.chosen_split: float | None = None
+        self._test_loader = None
+        self._t_last = 0.0
+        self._base_macs = 0
+        self._stage2_epochs: int | None = None
+
+    # ------------------------------------------------------------------------------------------ budget
+    @classmethod
+    def stage_epochs(cls, method_epochs: int) -> tuple[int, int]:
+        """(epochs of the channel stage with its hooks, epochs of TRP's training) out of ``method_epochs``;
+        ValueError if a stage that needs training is left with none.
+
+        >>> stack_class("dagger+trp").stage_epochs(4), stack_class("l1+trp").stage_epochs(2)
+        ((1, 3), (0, 2))
+        """
+        from . import method_class
+
+        first = method_class(cls.stages[0])
+        share = first.method_share
+        e1 = round(method_epochs / 2 * share)
+        if share > 0:
+            e1 = max(1, e1)
+        e2 = method_epochs - e1
+        if e2 < 1 or (first.trains_before_finalize and e1 < 1):
+            need = 1 + (1 if first.trains_before_finalize else 0)
+            plan = (f"1 of {first.method_phase} and 1 of trained-rank pruning" if need == 2
+                    else "1 of trained-rank pruning")
+            raise ValueError(f"{cls.name} needs at least {need} epoch(s) before its finalize ({plan}), and "
+                             f"{method_epochs} leave(s) too few; give it a budget, e.g. --epochs {need}")
+        return e1, e2
+
+    # ------------------------------------------------------------------------------------------ stage 1
+    def prepare(self, model: nn.Module, example_input: torch.Tensor, train_loader=None, test_loader=None,
+                cfg: Any = None) -> nn.Module:
+        """Choose the split, run the channel stage whole (prepare, train, finalize, BN recalibration, top-1),
+        then prepare TRP on its output at the overall target; returns the model TRP's training starts from.
+
+        ``cfg`` (a :class:`slimcnn.compress.CompressConfig`; ``compress`` passes it) gives the epoch budget and
+        the training settings; without it the channel stage gets no training (fine for l1 and tp)."""
+        from . import create
+
+        t0 = time.time()
+        self.example_input = example_input
+        self._test_loader = test_loader
+        device = example_input.device
+        x = example_input[:1]
+        base = profile(model, example_input=x).macs
+        goal = self.target_macs * base if self.target_macs <= 1 else self.target_macs
+        ratio = goal / base
+        if not 0 < ratio < 1:
+            raise ValueError(f"{self.name}: the target {goal / 1e6:.2f}M MACs must be below the base "
+                             f"{base / 1e6:.2f}M MACs")
+        e1 = self.stage_epochs(cfg.method_epochs)[0] if cfg is not None else 0
+        if self.split is not None:
+            split = self.split
+        elif train_loader is None:
+            raise ValueError(f"{self.name}: give split= (there is no training data to search it on)")
+        else:
+            split = self._search_split(model, example_input, train_loader, ratio, goal, base)
+        self.chosen_split = split
+        first_name, last_name = self.stages
+        self.first = create(first_name, target_macs=ratio ** split, **self.stage_options[0])
+        accepted = inspect.signature(self.first.prepare).parameters
+        offered: dict[str, Any] = {"train_loader": train_loader}
+        if e1 > 0 and cfg is not None:  # the stage's own schedule (Dagger's annealing, C-SGD's ramp)
+            offered.update(total_steps=len(train_loader) * e1, lr=cfg.method_lr or cfg.lr, schedule=cfg.schedule)
+        work = self.first.prepare(model, example_input, **{k: v for k, v in offered.items() if k in accepted})
+        if e1 > 0:
+            if train_loader is None:
+                raise ValueError(f"{self.name}: {first_name} trains before its finalize: pass train_loader")
+            from ..engine import TrainConfig, train
+
+            tcfg = TrainConfig(epochs=e1, lr=cfg.method_lr or cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, schedule=cfg.schedule, seed=cfg.seed,
+                               device=cfg.device, amp=cfg.amp,
+                               out_dir=str(Path(cfg.out_dir) / "stage1_ckpt") if cfg.out_dir else None)
+            work = train(work, train_loader, tcfg, method=self.first).model
+        pruned = self.first.finalize(work).to(device)
+        recalib = 0
+        if train_loader is not None:  # the same recalibration the pipeline gives every finalize
+            from ..engine import recalibrate_bn
+
+            recalib = recalibrate_bn(pruned, train_loader, cfg.bn_recalib if cfg is not None else 100, device)
+        macs = profile(pruned, example_input=x).macs
+        self.stage_records = [{
+            "stage": 1, "method": first_name, "target_macs": round(ratio ** split, 6), "macs": macs,
+            "macs_ratio": macs / base, "epochs": e1, "distilled": False, "bn_recalib_batches": recalib,
+            "top1": self._top1(pruned, test_loader, device), "time_s": round(time.time() - t0, 1),
+            "details": self.first.report()}]
+        self.epochs_in_prepare = e1
+        # what the pipeline then trains with TRP's hooks: the rest of the epochs before finalize
+        self._stage2_epochs = cfg.method_epochs - e1 if cfg is not None else None
+        # TRP at the absolute overall target: it plans its ranks on the net stage 1 produced, within 1%
+        self.last = create(last_name, target_macs=goal, **self.stage_options[1])
+        self._t_last = time.time()
+        self._base_macs = base
+        return self.last.prepare(pruned, example_input)
+
+    def _search_split(self, model: nn.Module, example_input: torch.Tensor, train_loader, ratio: float,
+                      goal: float, base: int) -> float:
+        """Score each of ``self.splits`` by the finalize-only proxy (module docstring); return the best."""
+        from ..engine import recalibrate_bn
+        from ..graph.validate import SurgeryError
+        from . import create, method_class
+
+        t0 = time.time()
+        device = example_input.device
+        calib, held = [], []
+        seen = 0
+        for i, batch in enumerate(train_loader):  # alternate batches: recalibrate on some, score on the others
+            (calib if i % 2 == 0 else held).append(batch)
+            seen += len(batch[1])
+            if seen >= 2 * self.search_images:
+                break
+        held = held or calib
+        first_name, last_name = self.stages
+        proxy = first_name if not method_class(first_name).trains_before_finalize else "l1"
+        proxy_opts = self.stage_options[0] if proxy == first_name else (
+            {"round_to": self.round_to} if self.round_to else {})
+        tried: list[dict[str, Any]] = []
+        for s in self.splits:
+            try:
+                ch = create(proxy, target_macs=ratio ** s, **proxy_opts)
+                pruned = ch.finalize(ch.prepare(copy.deepcopy(model), example_input))
+                lr = create(last_name, target_macs=goal, **self.stage_options[1])
+                thin = lr.finalize(lr.prepare(pruned, example_input)).to(device)
+            except (ValueError, SurgeryError) as e:  # this split cannot reach the target: record why, try the next
+                tried.append({"split": s, "channel_ratio": round(ratio ** s, 6), "error": str(e)})
+                continue
+            recalibrate_bn(thin, calib, len(calib), device)
+            tried.append({"split": s, "channel_ratio": round(ratio ** s, 6),
+                          "macs_ratio": profile(thin, example_input=example_input[:1]).macs / base,
+                          "top1": self._top1(thin, held, device)})
+        scored = [t for t in tried if "top1" in t]
+        if not scored:
+            raise ValueError(f"{self.name}: no split in {', '.join(map(str, self.splits))} reaches "
+                             f"{goal / 1e6:.2f}M MACs; first reason: {tried[0]['error']}")
+        best = max(scored, key=lambda t: t["top1"])  # ties: the first, i.e. the smallest channel share
+        self.search = {"proxy": f"{proxy} (no training), then {last_name} decomposition, BN recalibrated",
+                       "images": sum(len(b[1]) for b in held), "calibration_images": sum(len(b[1]) for b in calib),
+                       "tried": tried, "chosen": best["split"], "time_s": round(time.time() - t0, 1)}
+        return best["split"]
+
+    @staticmethod
+    def _top1(model: nn.Module, loader, device: torch.device | str) -> float | None:
+        if loader is None:
+            return None
+        from ..engine import evaluate
+
+        return round(evaluate(model, loader, device=device, progress=False)["top1"], 2)
+
+    # ------------------------------------------------------------------------------------------ stage 2
+    def _stage2(self) -> Method:
+        if self.last is None:
+            raise RuntimeError(f"{self.name}: call prepare(model, example_input) first")
+        return self.last
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        return self._stage2().param_groups(model, lr, weight_decay)
+
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        self._stage2().before_forward(model, step)
+
+    def loss(self, model: nn.Module) -> torch.Tensor | float:
+        return self._stage2().loss(model)
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        self._stage2().after_backward(model, step)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self._stage2().after_step(model, step)
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        last = self._stage2()
+        thin = last.finalize(model)
+        device = next(thin.parameters()).device
+        macs = profile(thin, example_input=self.example_input[:1].to(device)).macs
+        self.stage_records = self.stage_records[:1] + [{
+            "stage": 2, "method": self.stages[1], "target_macs": round(last.target_macs / self._base_macs, 6),
+            "macs": macs,
+            "macs_ratio": macs / self._base_macs, "epochs": self._stage2_epochs,
+            # measured right after the factorisation (before the pipeline's BN recalibration and fine-tune)
+            "top1": self._top1(thin, self._test_loader, device), "time_s": round(time.time() - self._t_last, 1),
+            "details": last.report()}]
+        return thin
+
+    def report(self) -> dict[str, Any]:
+        records = [dict(r) for r in self.stage_records]
+        return {"stack": {"stages": list(self.stages), "target_macs": self.target_macs, "split": self.chosen_split,
+                          "split_rule": "fraction of the log MACs reduction done by the channel stage "
+                                        "(it keeps target**split of the base MACs; trp the rest)",
+                          "split_source": "given" if self.split is not None else "searched",
+                          "search": self.search},
+                "stages": records}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"split": self.chosen_split, "epochs_in_prepare": self.epochs_in_prepare,
+                "last": self.last.state_dict() if self.last is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.last is not None and state.get("last"):
+            self.last.load_state_dict(state["last"])
