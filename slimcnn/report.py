@@ -197,6 +197,19 @@ def markdown(report: dict[str, Any]) -> str:
                      f"top-1 {_fmt(fin['top1_recalibrated'])}.")
     if isinstance(fin, dict) and fin.get("lossless") is False:
         lines.append(f"**The merge was not lossless**: {fin.get('warning', '')}")
+    if report.get("stages"):  # a stack (slimcnn/methods/stack.py): one row per stage
+        st = report.get("stack") or {}
+        lines += ["", f"Stack {' + '.join(st.get('stages', []))}, split {st.get('split')} ({st.get('split_source')}: "
+                  f"{st.get('split_rule')}).", "",
+                  "| stage | method | MACs target | MACs ratio | epochs | top-1 after its finalize | time s |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['stage']} | {r['method']} | {r['target_macs']:.4f} | {r['macs_ratio']:.4f} | {r['epochs']} | "
+                  f"{_fmt(r.get('top1'))} | {r['time_s']:.0f} |" for r in report["stages"]]
+        for t in (st.get("search") or {}).get("tried", []):
+            lines.append(f"- split {t['split']} (channel stage {t['channel_ratio']:.3f}): "
+                         + (f"proxy top-1 {_fmt(t['top1'])}, MACs ratio {t['macs_ratio']:.4f}" if "top1" in t
+                            else f"not reachable: {t['error']}"))
+        lines.append("")
     if report.get("within_tol") is False:
         lines.append(f"**MACs missed the target**: ratio {report['macs_ratio']:.4f} vs target {report.get('target_macs')} "
                      "(more than 1% off).")

@@ -8,19 +8,27 @@ import sys
 from .common import add_data_args, add_model_args, adopt_num_classes, build_model, classification_data, input_shape
 
 
+class _MethodChoices(list):
+    """--method's choices: the methods and the stacks; any other 'a+b' passes argparse so that the run can say in
+    one line what is wrong with it (an unknown stage, trp+trp: see slimcnn/methods/stack.py)."""
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or (isinstance(name, str) and "+" in name)
+
+
 def _method_options() -> list[tuple[str, dict]]:
     """Every method's own CLI options (first declaration of a flag wins: shared flags mean the same)."""
-    from ..methods import list_methods, method_class
+    from ..methods import list_methods, list_stacks, method_class
 
     seen: dict[str, dict] = {}
-    for name in list_methods():
+    for name in list_methods() + list_stacks():
         for flag, kw in method_class(name).cli_args:
             seen.setdefault(flag, kw)
     return list(seen.items())
 
 
 def add_parser(sub) -> None:
-    from ..methods import list_methods
+    from ..methods import list_methods, list_stacks
 
     p = sub.add_parser("compress", help="compress a model with one method, fine-tune, report",
                        description="Compress a model (prune / merge / factorise) within one epoch budget, and write "
@@ -28,8 +36,11 @@ def add_parser(sub) -> None:
                                    "is the whole budget; each method's recipe splits it between training with the "
                                    "method attached and fine-tuning the compact model (l1, tp, modelopt: all "
                                    "fine-tune; dagger: half gate search; csgd: all centripetal SGD; trp: all "
-                                   "trained-rank pruning).")
-    p.add_argument("--method", required=True, choices=list_methods())
+                                   "trained-rank pruning). A stack such as dagger+trp (a channel method, then trp) "
+                                   "takes one --target-macs and one --epochs for both stages: the channel stage "
+                                   "trains with its hooks for its recipe's share of half the epochs (dagger: a "
+                                   "quarter; csgd: half; l1, tp: none), trp for the rest; see --split.")
+    p.add_argument("--method", required=True, choices=_MethodChoices(list_methods() + list_stacks()))
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--target-macs", type=float, default=0.5,
@@ -86,7 +97,10 @@ def method_kwargs(args: argparse.Namespace, method: str) -> dict:
 
     from ..methods import method_class
 
-    params = inspect.signature(method_class(method).__init__).parameters
+    cls = method_class(method)
+    params = set(inspect.signature(cls.__init__).parameters)
+    for stage in getattr(cls, "stages", ()):  # a stack hands each stage the options its constructor takes
+        params |= set(inspect.signature(method_class(stage).__init__).parameters)
     kw = {k: v for k, v in vars(args).items() if k in params and k != "self" and v is not None}
     kw["target_macs"] = args.target_macs
     if method == "trp" and getattr(args, "exclude", None):
@@ -105,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
     # the budget and the layer control are checked first: a run that cannot do what it was asked fails before
     # loading or writing anything
     method_epochs, finetune_epochs = split_budget(methods.method_class(args.method), args.epochs, args.method_epochs)
+    if args.split is not None:  # a stack's option: refused for a single method, or outside (0, 1)
+        from ..methods.stack import check_split
+
+        check_split(args.split, args.method)
     if args.round_to is not None:
         import inspect
 
@@ -144,6 +162,10 @@ def print_summary(report: dict) -> None:
               + "".join(f"{v:>12.2f}" for v in lat[key]))
     print(f"macs_ratio: {report['macs_ratio']:.4f}  top1_change: {report['top1_change']:+.2f}  "
           f"latency_ratio: {', '.join(f'{r:.3f}' for r in lat['ratio']) or 'not timed'}")
+    for st in report.get("stages") or []:  # a stack's stages
+        top = f"top-1 {st['top1']:.2f}" if st.get("top1") is not None else "top-1 not measured"
+        print(f"stage {st['stage']} {st['method']}: MACs ratio {st['macs_ratio']:.4f}  {top}  "
+              f"{st['epochs']} epoch(s)  {st['time_s']:.0f} s")
     budget = report.get("epoch_budget") or {}
     if "plan" in budget:
         print(f"budget: {budget['total_epochs']} epoch(s): {budget['plan']}")
