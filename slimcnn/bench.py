@@ -41,6 +41,8 @@ class Row:
     label: str
     method: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: run when --rows is not given; the stack rows run only when named (each one is a full compression run)
+    default: bool = True
 
     @property
     def method_share(self) -> float:
@@ -51,7 +53,9 @@ class Row:
 
 ROWS = [Row("l1", "l1"), Row("tp-peer", "tp"), Row("dagger", "dagger"), Row("csgd", "csgd"),
         Row("trp-channel", "trp", {"scheme": "channel"}), Row("trp-spatial", "trp", {"scheme": "spatial"}),
-        Row("modelopt-peer", "modelopt")]
+        Row("modelopt-peer", "modelopt"),
+        # stacks (slimcnn/methods/stack.py): TRP with the spatial scheme, the better single TRP row at the cpu budget
+        *(Row(f"{m}+trp", f"{m}+trp", {"scheme": "spatial"}, default=False) for m in ("l1", "dagger", "csgd"))]
 
 
 @dataclass
@@ -127,7 +131,10 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
     done: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
     records = {(r["model"], r["row"], r["target_macs"], _recipe_of(r)): r for r in done.get("rows", [])
                if r.get("budget") == budget_name}
-    selected = [r for r in ROWS if rows is None or r.label in rows]
+    unknown = sorted(set(rows or []) - {r.label for r in ROWS})
+    if unknown:
+        raise ValueError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.label for r in ROWS)}")
+    selected = [r for r in ROWS if (r.label in rows if rows is not None else r.default)]
     loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed)
     for model_name in models or budget.models:
         base, base_key = fine_tuned_base(model_name, Path(weights_dir), data, budget, work_dir, device, seed)
@@ -159,6 +166,8 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                     "params": rep["compressed"]["params"], "base_params": rep["base"]["params"],
                     "latency_ratio": dict(zip(map(str, rep["latency_ms"]["batch"]), rep["latency_ms"]["ratio"])),
                     "finalize": rep.get(rep["finalize_key"]), "wall_s": round(time.time() - t0, 1),
+                    **({"stages": [{k: v for k, v in st.items() if k != "details"} for st in rep["stages"]],
+                        "split": rep["stack"]["split"]} if "stages" in rep else {}),
                     "test_images": rep["test_images"]}
                 write_results(records, budget_name, budget, out_json, name)
     return write_results(records, budget_name, budget, out_json, name)

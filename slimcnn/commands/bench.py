@@ -18,7 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--recipe", choices=RECIPES, default="plain",
                    help="training recipe for every row alike, the peers included: plain (cross-entropy) or distill "
                         "(distillation from the uncompressed base); rows of both recipes coexist in one results file")
-    p.add_argument("--rows", default=None, help=f"comma list of rows (default all: {', '.join(r.label for r in ROWS)})")
+    p.add_argument("--rows", default=None,
+                   help=f"comma list of rows (default: {', '.join(r.label for r in ROWS if r.default)}; also "
+                        f"{', '.join(r.label for r in ROWS if not r.default)})")
     p.add_argument("--models", default=None, help="comma list of models (default: the budget's)")
     p.add_argument("--targets", default=None, help="comma list of MACs ratios (default: the budget's)")
     p.add_argument("--name", default=None, help="results name (default bench-<budget>)")
