@@ -1,0 +1,123 @@
+"""Stacked compression (slimcnn/methods/stack.py): a channel method then TRP, one MACs target, one epoch budget.
+
+Real data and the public trained ResNet-20; tiny subsets and 1-2 short epochs, so only correctness is checked:
+the final MACs land within 1% of the target, the report has one entry per stage, the saved model loads back to
+the same outputs, and bad input is one clear line with exit 2 and nothing written.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimcnn
+from slimcnn import methods
+from slimcnn.cli import main
+from slimcnn.compress import CompressConfig, compress, split_budget
+from slimcnn.methods.stack import Stack, stack_class
+from conftest import CIFAR, RESNET20, shuffled_loader
+
+COMMON = ["--model", "cifar_resnet20", "--weights", str(RESNET20), "--data", str(CIFAR), "--train-limit", "64",
+          "--test-limit", "64", "--latency-batch", "1", "--no-latency", "--bn-recalib", "2"]
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln]  # the rest are progress bars
+    assert code == 2 and len(errors) == 1 and lines[-1].startswith("slimcnn compress: error:"), lines
+    return lines[-1]
+
+
+def _trained_resnet20() -> torch.nn.Module:
+    from slimcnn.models import create, load_checkpoint
+
+    return load_checkpoint(create("cifar_resnet20"), RESNET20)
+
+
+def test_registry_and_budget():
+    m = methods.create("dagger+trp", target_macs=0.5, scheme="spatial", round_to=None)
+    assert isinstance(m, Stack) and m.name == "dagger+trp" and m.stages == ("dagger", "trp")
+    assert m.stage_options[1] == {"scheme": "spatial"}
+    assert methods.method_class("l1+trp") is stack_class("l1+trp")
+    assert set(methods.list_stacks()) == {"l1+trp", "dagger+trp", "csgd+trp", "tp+trp"}
+    # the channel stage: its recipe's share of half the epochs before TRP's finalize; TRP trains the rest
+    assert stack_class("dagger+trp").stage_epochs(4) == (1, 3)
+    assert stack_class("csgd+trp").stage_epochs(4) == (2, 2)
+    assert stack_class("l1+trp").stage_epochs(3) == (0, 3)
+    assert split_budget(stack_class("dagger+trp"), 5) == (5, 0)  # TRP's recipe: no fine-tune after it
+    with pytest.raises(ValueError, match="dagger\\+trp needs at least 2 epoch"):
+        split_budget(stack_class("dagger+trp"), 1)
+    with pytest.raises(TypeError, match="no stage"):
+        methods.create("l1+trp", target_macs=0.5, lambda_flops=1.0)  # a Dagger option, not l1's or trp's
+    with pytest.raises(ValueError, match="split must be in"):
+        methods.create("l1+trp", split=1.0)
+
+
+@pytest.mark.parametrize("name", ["dagger+trp", "csgd+trp"])
+def test_trained_stage_lands_on_target_with_trained_weights(name, tiny, tmp_path):
+    """Stage 1 trains (gate search / centripetal SGD) inside prepare, TRP trains in the pipeline; MACs within 1%
+    of the one target; the stacked model saves and loads back to the same outputs."""
+    model = _trained_resnet20()
+    train = shuffled_loader(tiny)
+    test = shuffled_loader(tiny.subset(torch.arange(32)))
+    m = methods.create(name, target_macs=0.4, split=0.5, scheme="spatial")
+    me, ft = split_budget(m, 2)
+    cfg = CompressConfig(target_macs=0.4, method_epochs=me, epochs=ft, latency=False, bn_recalib=2)
+    compact, rep = compress(model, m, train, test, (3, 32, 32), cfg, "cifar_resnet20")
+    assert rep["within_tol"] is True and abs(rep["macs_ratio"] - 0.4) <= 0.004
+    assert slimcnn.profile(compact, (3, 32, 32)).macs == rep["compressed"]["macs"]
+    s1, s2 = rep["stages"]
+    assert (s1["method"], s2["method"]) == tuple(name.split("+")) and (s1["epochs"], s2["epochs"]) == (1, 1)
+    assert abs(s1["macs_ratio"] - 0.4 ** 0.5) <= 0.01 * 0.4 ** 0.5  # the channel stage at target**split
+    assert s2["macs"] == rep["compressed"]["macs"] and s1["macs"] > s2["macs"]
+    assert all(0 <= s["top1"] <= 100 and s["time_s"] >= 0 for s in (s1, s2))
+    assert rep["stack"]["split"] == 0.5 and rep["stack"]["split_source"] == "given"
+    assert rep["epoch_budget"]["total_epochs"] == 2
+    assert any(isinstance(mod, torch.nn.Sequential) for mod in compact.modules())  # TRP factorised convs
+    slimcnn.save(compact, tmp_path / "m")
+    loaded = slimcnn.load(tmp_path / "m").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), compact.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_cli_searched_split_report_and_roundtrip(tmp_path):
+    """`slimcnn compress --method l1+trp` with the split searched: report per stage, every split tried, MACs within
+    1%, and the saved model loads back to the same outputs."""
+    out = tmp_path / "out"
+    assert main(["compress", "--method", "l1+trp", *COMMON, "--target-macs", "0.5", "--epochs", "1",
+                 "--scheme", "spatial", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"] == "l1+trp" and rep["within_tol"] is True
+    assert [s["method"] for s in rep["stages"]] == ["l1", "trp"]
+    search = rep["stack"]["search"]
+    assert rep["stack"]["split_source"] == "searched" and rep["stack"]["split"] == search["chosen"]
+    assert [t["split"] for t in search["tried"]] == [0.25, 0.5, 0.75]
+    for t in search["tried"]:  # every split tried lands on the target too (TRP plans at the overall target)
+        assert "error" in t or abs(t["macs_ratio"] - 0.5) <= 0.005
+    best = max((t for t in search["tried"] if "top1" in t), key=lambda t: t["top1"])
+    assert best["split"] == search["chosen"]
+    md = (out / "report.md").read_text()
+    assert "| 1 | l1 |" in md and "| 2 | trp |" in md and "split 0.75" in md
+    model = slimcnn.load(out).eval()
+    assert slimcnn.profile(model, (3, 32, 32)).macs == rep["compressed"]["macs"]
+    x = torch.randn(4, 3, 32, 32)
+    slimcnn.save(model, tmp_path / "copy")
+    with torch.no_grad():
+        assert torch.allclose(slimcnn.load(tmp_path / "copy").eval()(x), model(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--method", "trp+trp"], "first stage must be a channel method"),
+    (["--method", "foo+trp"], "unknown stage 'foo'"),
+    (["--method", "l1+trp", "--split", "0"], "split must be in (0, 1)"),
+    (["--method", "l1+trp", "--split", "1.5"], "split must be in (0, 1)"),
+    (["--method", "dagger", "--split", "0.5"], "--split applies only to a stack"),
+])
+def test_bad_input(argv, says, capsys, tmp_path):
+    out = tmp_path / "out"
+    err = _one_line_error(capsys, ["compress", *argv, *COMMON, "--epochs", "2", "--out", str(out)])
+    assert says in err
+    assert not out.exists()
