@@ -200,6 +200,7 @@ class Stack(Method):
         self.example_input = example_input
         self._test_loader = test_loader
         device = example_input.device
+        model = model.to(device)  # the pipeline hands over a copy: stage 1 runs here, on the run's device
         x = example_input[:1]
         base = profile(model, example_input=x).macs
         goal = self.target_macs * base if self.target_macs <= 1 else self.target_macs
