@@ -295,7 +295,10 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 stopped = True
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # contiguous NCHW: the in-memory loaders yield channels-last views, and torch 2.14's CPU backward of a
+            # 1x1 stride-2 conv with an odd input width (5, as pruning leaves) on channels-last input corrupts the
+            # heap (measured: "double free or corruption", a pruned seg_tiny's shortcut)
+            x, y = x.to(device, non_blocking=True).contiguous(), y.to(device, non_blocking=True)
             method.before_forward(model, step)
             opt.zero_grad(set_to_none=True)
             with autocast(device, use_amp):
