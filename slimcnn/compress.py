@@ -11,6 +11,15 @@ it trains with the method attached; :func:`split_budget` turns the two into ``me
 (fine-tune), the fields this module works with. A method whose finalize needs training and is left with none
 is an error, never a silent finalize on untrained gates or clusters.
 
+Under torchrun (``torchrun --nproc_per_node N -m slimcnn compress ...``) the training phases run in DDP on
+sharded data (the engine's trainer), every rank evaluates the whole unsharded test split (so every rank computes the
+same figures without communication), and every rank adopts rank 0's model where ranks could part
+(:func:`slimcnn.engine.replicas.adopt_rank0`: before finalize, after finalize and BN recalibration, after the
+fine-tune); report.json's ``ddp`` records whether the ranks ended bit-identical. Rank 0 alone times and writes.
+
+``cfg.task = "segmentation"`` scores by mean IoU (``miou`` in place of ``top1`` in the report) and fine-tunes with the
+pixel-wise loss (void ignored); :data:`SEGMENTATION_METHODS` lists the methods that support it.
+
 Two optional levers, both off by default: distillation from the uncompressed base (``distill``; the teacher is
 a frozen copy of the base, used in the method phase and in the fine-tune) and a weight EMA in the fine-tune
 (``ema``; the averaged weights are what is evaluated and saved).
@@ -38,6 +47,11 @@ if TYPE_CHECKING:
 
 #: report.json key under which a method's finalize figures go (the issues name them so)
 FINALIZE_KEYS = {"csgd": "merge", "trp": "decompose"}
+#: what each task is scored by in the report: top-1 or mean IoU, both in percent
+METRICS = {"classification": "top1", "segmentation": "miou"}
+#: methods that compress segmentation models. tp: Torch-Pruning protects only a final nn.Linear, so it prunes the
+#: classes of a conv classifier; modelopt scores its subnets by top-1; stacks score their split by top-1.
+SEGMENTATION_METHODS = ("l1", "dagger", "csgd", "trp")
 
 
 @dataclass
@@ -56,6 +70,7 @@ class CompressConfig:
     seed: int = 0
     device: str = "cpu"
     amp: bool = False
+    task: str = "classification"    # or "segmentation": mIoU in the report, pixel-wise loss (see METRICS)
     out_dir: str | None = None
     latency_batches: list[int] = field(default_factory=lambda: [1, 128])
     latency_repeats: int = 12       # at most; fewer when the time budget runs out
@@ -79,6 +94,8 @@ class CompressConfig:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if self.ema is not None and not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
+        if self.task not in METRICS:
+            raise ValueError(f"task must be one of {', '.join(METRICS)}, got {self.task!r}")
 
     @property
     def recipe(self) -> str:
@@ -88,6 +105,14 @@ class CompressConfig:
 
 def _method_class(method: Method | type[Method]) -> type[Method]:
     return method if isinstance(method, type) else type(method)
+
+
+def check_task_support(method: Method | type[Method], task: str) -> None:
+    """ValueError (one line) if ``method`` cannot compress a model of ``task``."""
+    name = _method_class(method).name
+    if task == "segmentation" and name not in SEGMENTATION_METHODS:
+        raise ValueError(f"{name} is not supported for segmentation (methods that are: "
+                         f"{', '.join(SEGMENTATION_METHODS)})")
 
 
 def split_budget(method: Method | type[Method], total_epochs: int, method_epochs: int | None = None
@@ -159,9 +184,11 @@ def epoch_budget(method: Method | type[Method], cfg: CompressConfig) -> dict[str
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: str = "cpu", desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels over ``loader`` (eval mode)."""
+    from .engine.distributed import is_main
+
     model.eval().to(device)
     outs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False):
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not is_main()):
         outs.append(model(x.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(outs), torch.cat(labels)
@@ -169,6 +196,19 @@ def predict(model: nn.Module, loader, device: str = "cpu", desc: str = "eval") -
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return round((logits.argmax(1) == labels).float().mean().item() * 100, 2)
+
+
+def _score(model: nn.Module, loader, cfg: CompressConfig, desc: str) -> tuple[float, torch.Tensor | None, int]:
+    """(score, logits, images) on ``loader``: top-1 and the logits for classification; for segmentation the mean IoU
+    and no logits (a test split's per-pixel logits are too large to keep)."""
+    if cfg.task == "segmentation":
+        from .engine import evaluate
+        from .engine.distributed import is_main
+
+        m = evaluate(model.to(cfg.device), loader, task="segmentation", device=cfg.device, progress=is_main())
+        return round(m["miou"], 2), None, m["n"]
+    logits, labels = predict(model, loader, cfg.device, desc)
+    return top1(logits, labels), logits, len(labels)
 
 
 def within_tol(macs: float, base_macs: float, target: float | None, tol: float = 0.01) -> bool | None:
@@ -186,7 +226,7 @@ def _train(model: nn.Module, loader, cfg: CompressConfig, epochs: int, lr: float
 
     tcfg = TrainConfig(epochs=epochs, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                        schedule=cfg.schedule, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
-                       out_dir=str(out) if out else None, ema=ema)
+                       out_dir=str(out) if out else None, ema=ema, task=cfg.task)
     return train(model, loader, tcfg, method=method, distiller=distiller).model
 
 
@@ -259,6 +299,7 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
     """
     if method.trains_before_finalize and cfg.method_epochs < 1:
         raise ValueError(_no_training_message(type(method), cfg.method_epochs + cfg.epochs, cfg.method_epochs))
+    check_task_support(method, cfg.task)
     policy = check_layer_control(method, cfg, model)
     with layer_policy(policy=policy):  # every channel group the method builds, from prepare to finalize
         return _compress(model, method, train_loader, test_loader, input_shape, cfg, model_name, info, policy)
@@ -267,14 +308,20 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
 def _compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
               cfg: CompressConfig, model_name: str, info: dict[str, Any] | None, policy: LayerPolicy
               ) -> tuple[nn.Module, dict[str, Any]]:
+    from .engine import distributed
+    from .engine.replicas import adopt_rank0, state_digests
+
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir) if cfg.out_dir else None
+    world = distributed.world_size()
+    if world > 1:  # every rank starts from rank 0's base (random initialisation may differ between processes)
+        model, _ = adopt_rank0(copy.deepcopy(model))
+    out = Path(cfg.out_dir) if cfg.out_dir and distributed.is_main() else None  # rank 0 alone writes
+    metric = METRICS[cfg.task]
     example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(cfg.seed))
     base_prof = profile(model, input_shape)
-    base_logits, labels = predict(model, test_loader, cfg.device, "eval base")
-    base_top1 = top1(base_logits, labels)
-    tqdm.write(f"base: top1 {base_top1:.2f}  MACs {base_prof.macs / 1e6:.2f}M  params {base_prof.params / 1e6:.3f}M")
+    base_score, _, test_images = _score(model, test_loader, cfg, "eval base")
+    tqdm.write(f"base: {metric} {base_score:.2f}  MACs {base_prof.macs / 1e6:.2f}M  params {base_prof.params / 1e6:.3f}M")
     tqdm.write(f"plan: {recipe_text(method, cfg)}")
     distiller = None
     if cfg.distill:
@@ -296,18 +343,19 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     if phase_epochs > 0:
         work = _train(work, train_loader, cfg, phase_epochs, cfg.method_lr or cfg.lr, method,
                       out / "method_ckpt" if out else None, distiller)
+    # DDP kept the parameters equal; BatchNorm statistics follow each rank's own last batches: finalize rank 0's
+    work, _ = adopt_rank0(work)
     finalize_key = FINALIZE_KEYS.get(method.name, "finalize")
-    before_logits = before_top1 = None
+    before_logits = before_score = None
     if method.trains_before_finalize:
-        before_logits, _ = predict(work, test_loader, cfg.device, f"eval before {finalize_key}")
-        before_top1 = top1(before_logits, labels)
+        before_score, before_logits, _ = _score(work, test_loader, cfg, f"eval before {finalize_key}")
     compact = method.finalize(work).to(cfg.device)
-    after_logits, _ = predict(compact, test_loader, cfg.device, f"eval after {finalize_key}")
-    finalize = {"top1_before": before_top1, "top1_after": top1(after_logits, labels),
+    after_score, after_logits, _ = _score(compact, test_loader, cfg, f"eval after {finalize_key}")
+    finalize = {f"{metric}_before": before_score, f"{metric}_after": after_score,
                 "max_logit_change": (after_logits - before_logits).abs().max().item()
-                if before_logits is not None else None}
-    if before_top1 is not None:
-        finalize["gap"] = round(finalize["top1_after"] - before_top1, 2)
+                if before_logits is not None and after_logits is not None else None}
+    if before_score is not None:
+        finalize["gap"] = round(after_score - before_score, 2)
     fin_warning = (method.report().get(finalize_key) or {}).get("warning") if method.trains_before_finalize else None
     if fin_warning:
         tqdm.write(f"warning: {fin_warning}")
@@ -315,22 +363,32 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
 
     finalize["bn_recalib_batches"] = recalibrate_bn(compact, train_loader, cfg.bn_recalib, cfg.device)
     if finalize["bn_recalib_batches"]:
-        after_logits, _ = predict(compact, test_loader, cfg.device, "eval after BN recalibration")
-        finalize["top1_recalibrated"] = top1(after_logits, labels)
+        after_score, _, _ = _score(compact, test_loader, cfg, "eval after BN recalibration")
+        finalize[f"{metric}_recalibrated"] = after_score
+    # a finalize that read data or drew at random may have kept other channels on another rank, and each rank
+    # recalibrated on its own shard: every rank fine-tunes (and ends with) rank 0's model
+    compact, structure_from_rank0 = adopt_rank0(compact)
     if cfg.ema is not None and cfg.epochs == 0:
         tqdm.write(f"warning: --ema {cfg.ema} has no fine-tune to average (0 fine-tune epochs); not applied")
     if cfg.epochs > 0:
         compact = _train(compact, train_loader, cfg, cfg.epochs, cfg.lr, None, out / "finetune_ckpt" if out else None,
                          distiller, cfg.ema)
-        final_logits, _ = predict(compact, test_loader, cfg.device, "eval compressed")
+        compact, _ = adopt_rank0(compact)  # the BatchNorm statistics of rank 0's last batches
+        comp_score, _, _ = _score(compact, test_loader, cfg, "eval compressed")
     else:
-        final_logits = after_logits
+        comp_score = after_score
     del distiller
     comp_prof = profile(compact, input_shape)
-    comp_top1 = top1(final_logits, labels)
+    ddp = None
+    if world > 1:  # each rank checks for itself that every rank holds the same model
+        digests = state_digests(compact)
+        ddp = {"world_size": world, "ranks_identical": len(set(digests)) == 1,
+               "structure_from_rank0": structure_from_rank0, "digests": digests}
+        if not ddp["ranks_identical"]:
+            tqdm.write(f"warning: the ranks ended with different models: {digests}")
 
     latency_ms = None
-    if cfg.latency:  # on the device the run uses, within a time budget per batch size
+    if cfg.latency and distributed.is_main():  # on the device the run uses, within a time budget per batch size
         timed_base = copy.deepcopy(model).to(cfg.device).eval()
         timed_comp = copy.deepcopy(compact).to(cfg.device).eval()
         lat_base, lat_comp, batches, repeats = [], [], [], []
@@ -354,11 +412,12 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     fin_extra = method_report.pop(finalize_key, {}) if isinstance(method_report.get(finalize_key), dict) else {}
     report: dict[str, Any] = {
         "method": method.name, "model": model_name, "target_macs": cfg.target_macs,
-        "base": {"macs": base_prof.macs, "params": base_prof.params, "top1": base_top1},
-        "compressed": {"macs": comp_prof.macs, "params": comp_prof.params, "top1": comp_top1},
+        "task": cfg.task, "metric": metric,
+        "base": {"macs": base_prof.macs, "params": base_prof.params, metric: base_score},
+        "compressed": {"macs": comp_prof.macs, "params": comp_prof.params, metric: comp_score},
         "macs_ratio": comp_prof.macs / base_prof.macs, "speedup": base_prof.macs / comp_prof.macs,
         "within_tol": within_tol(comp_prof.macs, base_prof.macs, cfg.target_macs),
-        "params_ratio": comp_prof.params / base_prof.params, "top1_change": round(comp_top1 - base_top1, 2),
+        "params_ratio": comp_prof.params / base_prof.params, f"{metric}_change": round(comp_score - base_score, 2),
         "latency_ms": latency_ms,
         "layer_control": _layer_control_record(policy, model, compact, input_shape) if policy else None,
         "finalize_key": finalize_key, finalize_key: {**fin_extra, **finalize},
@@ -368,7 +427,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
                      "phases": [ph for ph, n in (("method", cfg.method_epochs), ("finetune", cfg.epochs)) if n]}
                     if cfg.distill else None),
         "ema": {"decay": cfg.ema, "applied": cfg.epochs > 0} if cfg.ema is not None else None,
-        "test_images": len(labels), "config": asdict(cfg), "environment": environment(), **(info or {}),
+        "test_images": test_images, "ddp": ddp, "config": asdict(cfg), "environment": environment(), **(info or {}),
     }
     skipped = sorted(set(getattr(train_loader, "skipped", [])) | set(getattr(test_loader, "skipped", [])))
     if skipped:  # an image folder read with --skip-bad-images

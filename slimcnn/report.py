@@ -144,16 +144,19 @@ def _epochs(budget: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     b, c = report["base"], report["compressed"]
     lat = report.get("latency_ms") or {}
+    key = report.get("metric", "top1")  # segmentation runs are scored by mIoU
+    name = {"top1": "top-1", "miou": "mIoU"}.get(key, key)
     lines = [f"# slimcnn compress: {report['method']} on {report['model']}", "",
              f"Target MACs: {report.get('target_macs')}. Epochs: {_epochs(report.get('epoch_budget') or {})}. "
-             f"Top-1 on {report.get('test_images')} test images ({report.get('data')}).", "",
-             "| | MACs | params | top-1 |" + "".join(f" latency b={n} (ms) |" for n in lat.get("batch", [])),
+             f"{'Top-1' if key == 'top1' else name} on {report.get('test_images')} test images ({report.get('data')}).",
+             "",
+             f"| | MACs | params | {name} |" + "".join(f" latency b={n} (ms) |" for n in lat.get("batch", [])),
              "|---|---:|---:|---:|" + "---:|" * len(lat.get("batch", []))]
-    for label, row, key in (("base", b, "base"), ("compressed", c, "compressed")):
-        lat_cells = "".join(f" {v:.2f} |" for v in lat.get(key, []))
-        lines.append(f"| {label} | {row['macs'] / 1e6:.2f}M | {row['params'] / 1e6:.3f}M | {_fmt(row['top1'])} |{lat_cells}")
+    for label, row in (("base", b), ("compressed", c)):
+        lat_cells = "".join(f" {v:.2f} |" for v in lat.get(label, []))
+        lines.append(f"| {label} | {row['macs'] / 1e6:.2f}M | {row['params'] / 1e6:.3f}M | {_fmt(row[key])} |{lat_cells}")
     lines += ["", f"MACs ratio {report['macs_ratio']:.3f} ({report['speedup']:.2f}x fewer), "
-                  f"top-1 change {_fmt(report['top1_change'])} pt."]
+                  f"{name} change {_fmt(report[key + '_change'])} pt."]
     if lat.get("ratio"):
         lines.append("Latency ratio compressed/base: " + ", ".join(
             f"batch {n}: {r:.3f}" for n, r in zip(lat["batch"], lat["ratio"])) + ".")
@@ -186,15 +189,21 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("skipped_images"):
         lines.append(f"Skipped {report['skipped_images']} image(s) that could not be decoded (--skip-bad-images).")
     fin = report.get(report.get("finalize_key", "finalize"))
-    if isinstance(fin, dict) and fin.get("top1_before") is not None:
-        lines.append(f"At {report.get('finalize_key', 'finalize')}: top-1 {_fmt(fin['top1_before'])} -> "
-                     f"{_fmt(fin['top1_after'])}, max |logit change| {_fmt(fin.get('max_logit_change'), 6)}.")
-    elif isinstance(fin, dict) and fin.get("top1_after") is not None:
-        lines.append(f"Top-1 right after {report.get('finalize_key', 'finalize')}, before fine-tuning: "
-                     f"{_fmt(fin['top1_after'])}.")
-    if isinstance(fin, dict) and fin.get("top1_recalibrated") is not None:
+    if isinstance(fin, dict) and fin.get(f"{key}_before") is not None:
+        change = (f", max |logit change| {_fmt(fin.get('max_logit_change'), 6)}"
+                  if fin.get("max_logit_change") is not None else "")
+        lines.append(f"At {report.get('finalize_key', 'finalize')}: {name} {_fmt(fin[f'{key}_before'])} -> "
+                     f"{_fmt(fin[f'{key}_after'])}{change}.")
+    elif isinstance(fin, dict) and fin.get(f"{key}_after") is not None:
+        lines.append(f"{'Top-1' if key == 'top1' else name} right after {report.get('finalize_key', 'finalize')}, before "
+                     f"fine-tuning: {_fmt(fin[f'{key}_after'])}.")
+    if isinstance(fin, dict) and fin.get(f"{key}_recalibrated") is not None:
         lines.append(f"After BatchNorm recalibration ({fin['bn_recalib_batches']} batches): "
-                     f"top-1 {_fmt(fin['top1_recalibrated'])}.")
+                     f"{name} {_fmt(fin[f'{key}_recalibrated'])}.")
+    if report.get("ddp"):
+        d = report["ddp"]
+        lines.append(f"Ran on {d['world_size']} ranks (torchrun); every rank ended with "
+                     + ("the same model." if d.get("ranks_identical") else "**different models**."))
     if isinstance(fin, dict) and fin.get("lossless") is False:
         lines.append(f"**The merge was not lossless**: {fin.get('warning', '')}")
     if report.get("stages"):  # a stack (slimcnn/methods/stack.py): one row per stage

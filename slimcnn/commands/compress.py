@@ -1,11 +1,16 @@
-"""``slimcnn compress``: compress a model with one method, fine-tune, and write model + report."""
+"""``slimcnn compress``: compress a model with one method, fine-tune, and write model + report.
+
+    torchrun --nproc_per_node 2 -m slimcnn compress ...   # DDP: --batch-size per process; rank 0 prints and writes
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
 import sys
 
-from .common import add_data_args, add_model_args, adopt_num_classes, build_model, classification_data, input_shape
+from .common import add_data_args, add_model_args, adopt_num_classes, build_model, input_shape
 
 
 class _MethodChoices(list):
@@ -41,8 +46,13 @@ def add_parser(sub) -> None:
                                    "trains with its hooks for its recipe's share of half the epochs (dagger: a "
                                    "quarter; csgd: half; l1, tp: none), trp for the rest; see --split.")
     p.add_argument("--method", required=True, choices=_MethodChoices(list_methods() + list_stacks()))
-    add_model_args(p)
+    add_model_args(p, task=True)
     add_data_args(p)
+    p.add_argument("--task", choices=["classification", "segmentation"], default="classification",
+                   help="classification (top-1) or segmentation (CamVid layout, void label 11 ignored; scored by "
+                        "mIoU, fine-tuned with the pixel-wise loss; methods l1, dagger, csgd, trp)")
+    p.add_argument("--size", default=None, metavar="H,W",
+                   help="segmentation: resize CamVid to H,W (default: as stored, 180,240)")
     p.add_argument("--target-macs", type=float, default=0.5,
                    help="MACs to keep: a ratio of the base (<= 1) or absolute MACs (> 1)")
     p.add_argument("--epochs", type=int, default=0,
@@ -113,11 +123,12 @@ def method_kwargs(args: argparse.Namespace, method: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from .. import methods
-    from ..compress import CompressConfig, check_layer_control, compress, split_budget
+    from ..compress import CompressConfig, check_layer_control, check_task_support, compress, split_budget
     from ..graph.policy import parse_min_keep
 
     # the budget and the layer control are checked first: a run that cannot do what it was asked fails before
     # loading or writing anything
+    check_task_support(methods.method_class(args.method), args.task)
     method_epochs, finetune_epochs = split_budget(methods.method_class(args.method), args.epochs, args.method_epochs)
     if args.split is not None:  # a stack's option: refused for a single method, or outside (0, 1)
         from ..methods.stack import check_split
@@ -138,34 +149,65 @@ def run(args: argparse.Namespace) -> int:
                          kd_temperature=args.kd_temperature, ema=args.ema, bn_recalib=args.bn_recalib,
                          latency=not args.no_latency, latency_budget_s=args.latency_budget,
                          exclude=list(args.exclude), min_keep=dict(parse_min_keep(t) for t in args.min_keep),
-                         round_to=args.round_to)
+                         round_to=args.round_to, task=args.task)
     check_layer_control(methods.method_class(args.method), cfg)
-    loaders = classification_data(args)
+    from ..engine import distributed
+
+    rank, world = distributed.init_distributed(args.device)
+    try:
+        # under torchrun the other ranks work as hard but stay quiet: rank 0 alone prints (and writes)
+        with open(os.devnull, "w") as quiet, (contextlib.redirect_stdout(quiet) if rank else contextlib.nullcontext()):
+            _compress_and_report(args, cfg, rank, world)
+        distributed.barrier()  # the other ranks wait for rank 0's timing and writing before leaving the group
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int) -> None:
+    from .. import methods
+    from ..compress import compress
+    from .eval import data_loaders
+
+    loaders = data_loaders(args, ("train", "test"), rank, world)  # the train split is sharded over the ranks
     adopt_num_classes(args, loaders)
     model = build_model(args)
-    shape = input_shape(args)
+    shape = _input_shape(args, loaders["test"])
     method = methods.create(args.method, **method_kwargs(args, args.method))
     info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
             "weights": args.weights}
     _, report = compress(model, method, loaders["train"], loaders["test"], shape, cfg, args.model, info)
     print_summary(report)
     print(f"wrote {args.out}/model.safetensors, report.json, report.md")
-    return 0
+
+
+def _input_shape(args: argparse.Namespace, test_loader) -> tuple[int, ...]:
+    """The (C, H, W) the model is profiled, timed and traced at; a segmentation model at its data's frame size
+    (MACs grow with the pixels, so the target must be met at the size it runs at)."""
+    if args.task == "segmentation" and not args.input:
+        return (3, *test_loader.data.images.shape[1:3])
+    return input_shape(args)
 
 
 def print_summary(report: dict) -> None:
     b, c = report["base"], report["compressed"]
+    key = report.get("metric", "top1")
     lat = report["latency_ms"] or {"batch": [], "base": [], "compressed": [], "ratio": []}
-    print(f"{'':<12}{'MACs':>10}{'params':>10}{'top-1':>8}" + "".join(f"{'ms b=' + str(n):>12}" for n in lat["batch"]))
-    for label, row, key in (("base", b, "base"), ("compressed", c, "compressed")):
-        print(f"{label:<12}{row['macs'] / 1e6:>9.2f}M{row['params'] / 1e6:>9.3f}M{row['top1']:>8.2f}"
-              + "".join(f"{v:>12.2f}" for v in lat[key]))
-    print(f"macs_ratio: {report['macs_ratio']:.4f}  top1_change: {report['top1_change']:+.2f}  "
+    print(f"{'':<12}{'MACs':>10}{'params':>10}{'mIoU' if key == 'miou' else 'top-1':>8}"
+          + "".join(f"{'ms b=' + str(n):>12}" for n in lat["batch"]))
+    for label, row in (("base", b), ("compressed", c)):
+        print(f"{label:<12}{row['macs'] / 1e6:>9.2f}M{row['params'] / 1e6:>9.3f}M{row[key]:>8.2f}"
+              + "".join(f"{v:>12.2f}" for v in lat[label]))
+    print(f"macs_ratio: {report['macs_ratio']:.4f}  {key}_change: {report[key + '_change']:+.2f}  "
           f"latency_ratio: {', '.join(f'{r:.3f}' for r in lat['ratio']) or 'not timed'}")
     for st in report.get("stages") or []:  # a stack's stages
         top = f"top-1 {st['top1']:.2f}" if st.get("top1") is not None else "top-1 not measured"
         print(f"stage {st['stage']} {st['method']}: MACs ratio {st['macs_ratio']:.4f}  {top}  "
               f"{st['epochs']} epoch(s)  {st['time_s']:.0f} s")
+    if report.get("ddp"):
+        d = report["ddp"]
+        print(f"ddp: {d['world_size']} ranks, " + ("identical models on every rank" if d["ranks_identical"]
+                                                   else "the ranks ended with DIFFERENT models"))
     budget = report.get("epoch_budget") or {}
     if "plan" in budget:
         print(f"budget: {budget['total_epochs']} epoch(s): {budget['plan']}")
