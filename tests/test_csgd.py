@@ -367,3 +367,15 @@ def test_short_run_warns_and_reports_a_lossy_merge(cifar) -> None:
     merge = m.report()["merge"]
     assert merge["lossless"] is False and merge["max_cluster_distance"] > 1e-5
     assert "\n" not in merge["warning"] and "at least 375 centripetal steps" in merge["warning"]
+
+
+def test_capped_strength_leaves_the_vectors_apart_and_says_so() -> None:
+    """The demo's case: 94 cosine steps pass the momentum bound (57 at momentum 0.5) but the BN/bias rows, pulled at
+    vector_scale x eps with eps capped at 1/lr, cannot shrink to tol; vector_scale 1.0 can."""
+    m = CSGD(target_macs=0.5, momentum=0.5)
+    m.prepare(tiny_resnet(), X, total_steps=94, lr=0.01, schedule="cosine")
+    assert m.min_steps() == 57 and m.vector_shrink() > 1e-3
+    assert "BN and bias rows" in m.budget_warning and "--vector-scale" in m.budget_warning
+    m = CSGD(target_macs=0.5, momentum=0.5, vector_scale=1.0)
+    m.prepare(tiny_resnet(), X, total_steps=94, lr=0.01, schedule="cosine")
+    assert m.vector_shrink() <= 1.001e-6 and m.budget_warning is None
