@@ -183,6 +183,14 @@ def markdown(report: dict[str, Any]) -> str:
                      f"-> {_fmt(q['top1']['int8'])} on {q.get('test_images')} test images; latency ratio INT8/FP32 "
                      + ", ".join(f"batch {b}: {r:.3f}" for b, r in zip(lat.get("batch", []), lat.get("ratio", [])))
                      + f" ({lat.get('threads')} thread(s)).")
+    lt = report.get("latency_target")
+    if isinstance(lt, dict) and lt.get("predicted_ratio") is not None:
+        lines.append(f"Latency target {lt.get('target')} on {lt.get('backend')} (batch {lt.get('batch')}, "
+                     f"{lt.get('threads')} thread(s)): predicted ratio {_fmt(lt['predicted_ratio'], 3)}, measured "
+                     f"{_fmt(lt.get('measured_ratio'), 3)} ({_fmt(lt.get('measured_compressed_ms'), 3)} vs "
+                     f"{_fmt(lt.get('measured_base_ms'), 3)} ms, timed interleaved); latency table "
+                     f"{lt.get('layer_shapes')} layer shapes, {lt.get('grid_points')} grid points, built in "
+                     f"{_fmt(lt.get('table_build_s'), 1)} s.")
     if report.get("skipped_images"):
         lines.append(f"Skipped {report['skipped_images']} image(s) that could not be decoded (--skip-bad-images).")
     fin = report.get(report.get("finalize_key", "finalize"))
