@@ -279,18 +279,29 @@ def allocate_latency(table: LatencyTable, groups: list[ChannelGroup], ratio: flo
 def prune_to_latency(model: nn.Module, example_input: torch.Tensor, scores: Scores, table: LatencyTable,
                      ratio: float, mode: str = "uniform", *, groups: list[ChannelGroup] | None = None,
                      tol: float = 0.01, normalize: str = "max", round_to: int | None = None, rounds: int = 3,
-                     measured_tol: float = 0.03) -> tuple[nn.Module, dict[str, int]]:
-    """:func:`allocate_latency`, the highest-scoring channels kept, :func:`remove_channels`; the plan is timed
-    against the base and, while its measured ratio is more than ``measured_tol`` (relative) off ``ratio``, added
-    to the calibration and planned again, at most ``rounds`` plans. Returns the validated copy and its widths
-    (the last plan: each one is predicted from every point measured before it)."""
+                     measured_tol: float = 0.03) -> tuple[nn.Module, dict[str, int], dict[str, Any]]:
+    """:func:`allocate_latency`, the highest-scoring channels kept, :func:`remove_channels`; each plan is timed
+    against the base and added to the calibration, and while its measured ratio is more than ``measured_tol``
+    (relative) off ``ratio`` the next plan is predicted from every point so far, at most ``rounds`` plans.
+    Returns the validated copy, the widths and the calibration point (with the ratio predicted before it was
+    timed) of the plan measured closest to ``ratio``: on a noisy machine a later plan is not always better."""
     groups = groups if groups is not None else channel_groups(model, example_input)
+    best: tuple[float, nn.Module, dict[str, int], dict[str, Any]] | None = None
+    last: dict[str, int] | None = None
     for i in range(rounds):
         widths = allocate_latency(table, groups, ratio, mode, scores, tol=tol, normalize=normalize, round_to=round_to)
+        if widths == last:
+            break  # the new point did not move the plan
+        predicted, last = table.ratio_at(widths), widths
         pruned = remove_channels(model, example_input, _keep_top(scores, widths), groups=groups)
-        if i == rounds - 1 or abs(table.measure(pruned, widths, f"plan {i + 1}") - ratio) <= measured_tol * ratio:
+        miss = abs(table.measure(pruned, widths, f"plan {i + 1}") - ratio)
+        point = table.points[-1]
+        point["predicted"] = round(predicted, 4)
+        if best is None or miss < best[0]:
+            best = (miss, pruned, widths, point)
+        if miss <= measured_tol * ratio:
             break
-    return pruned, widths
+    return best[1], best[2], best[3]
 
 
 def confirm_latency(base: nn.Module, compact: nn.Module, input_shape: tuple[int, ...], backend: str, batch: int,

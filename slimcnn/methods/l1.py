@@ -79,11 +79,13 @@ class L1Pruning(Method):
         table, goal = self.latency_table, self.target_latency
         groups = channel_groups(model, self.example_input)
         ratio = goal.ratio(table.base_ms)
-        small, widths = prune_to_latency(model, self.example_input, self.scores(model), table, ratio, self.mode,
-                                         groups=groups, round_to=self.round_to)
+        small, widths, plan = prune_to_latency(model, self.example_input, self.scores(model), table, ratio,
+                                               self.mode, groups=groups, round_to=self.round_to)
+        # predicted: before the plan was timed; search_ratio: its timing during the search (the report's measured
+        # ratio is a fresh timing after compression)
         self.latency_record = {**table.summary(), "target": str(goal), "target_ratio": round(ratio, 4),
-                               "predicted_ratio": round(table.ratio_at(widths), 4),
-                               "groups": table.group_curves(groups)}
+                               "predicted_ratio": plan["predicted"], "search_ratio": plan["ratio"],
+                               "chosen_plan": plan["what"], "groups": table.group_curves(groups)}
         return small
 
     def state_dict(self) -> dict:
