@@ -145,7 +145,9 @@ def markdown(report: dict[str, Any]) -> str:
     b, c = report["base"], report["compressed"]
     lat = report.get("latency_ms") or {}
     lines = [f"# slimcnn compress: {report['method']} on {report['model']}", "",
-             f"Target MACs: {report.get('target_macs')}. Epochs: {_epochs(report.get('epoch_budget') or {})}. "
+             (f"Target latency: {report['latency_target'].get('target')}" if report.get("target_macs") is None
+              and isinstance(report.get("latency_target"), dict) else f"Target MACs: {report.get('target_macs')}")
+             + f". Epochs: {_epochs(report.get('epoch_budget') or {})}. "
              f"Top-1 on {report.get('test_images')} test images ({report.get('data')}).", "",
              "| | MACs | params | top-1 |" + "".join(f" latency b={n} (ms) |" for n in lat.get("batch", [])),
              "|---|---:|---:|---:|" + "---:|" * len(lat.get("batch", []))]

@@ -90,6 +90,13 @@ def test_the_plan_lands_on_the_target_in_predicted_latency(resnet20, mode, ratio
     assert all(1 <= widths[g.key] <= g.size for g in groups if g.prunable)
 
 
+def test_round_to_keeps_the_latency_plan_aligned(resnet20):
+    _, groups, table = resnet20
+    widths = allocate_latency(table, groups, 0.7, round_to=8)
+    assert all(widths[g.key] % 8 == 0 or widths[g.key] == g.size for g in groups if g.prunable)
+    assert table.ratio_at(widths) <= 1.0
+
+
 def test_a_target_below_the_smallest_net_names_the_smallest_reachable_ratio(resnet20):
     _, groups, table = resnet20
     floor = smallest_ratio(table)
@@ -125,7 +132,9 @@ def test_cli_report_has_the_latency_target_block(tmp_path, capsys):
     assert (lt["backend"], lt["batch"], lt["threads"], lt["target_ratio"]) == ("eager", 1, 1, 0.7)
     assert abs(lt["predicted_ratio"] - 0.7) <= 0.03 * 0.7
     assert rep["target_macs"] is None and rep["within_tol"] is None
-    assert "Latency target 0.7 of the base latency on eager (batch 1" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "Target latency: 0.7 of the base latency." in md
+    assert "Latency target 0.7 of the base latency on eager (batch 1" in md
 
 
 def _one_line_error(capsys, argv: list[str]) -> str:
