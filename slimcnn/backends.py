@@ -70,6 +70,10 @@ def _ort_runner(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
     opts.inter_op_num_threads = 1  # a CNN is a chain: nothing to run side by side
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # ORT's intra-op workers spin-wait after each run by default. With one session per timed width alive at once
+    # (hundreds for ResNet-56) and 2 threads, the spinning workers kept the 2 shared cores busy: load average above
+    # 20 and a 47 s table build (20 s with 1 thread). Off for every session, so base and plan are timed alike.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
     feed = {"input": x.numpy()}
     return lambda: sess.run(None, feed)
