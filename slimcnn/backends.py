@@ -79,8 +79,8 @@ def _ort_runner(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
     return lambda: sess.run(None, feed)
 
 
-def time_runners(runners: dict[str, Runner], repeats: int = 20, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per call of every runner, timed interleaved (order reversed every round)."""
+def time_samples(runners: dict[str, Runner], repeats: int = 20, warmup: int = 2) -> dict[str, list[float]]:
+    """Milliseconds of every call of every runner, timed interleaved (order reversed every round)."""
     names = list(runners)
     for name in names:
         for _ in range(warmup):
@@ -91,7 +91,26 @@ def time_runners(runners: dict[str, Runner], repeats: int = 20, warmup: int = 2)
             t0 = time.perf_counter()
             runners[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank; 0.5 is the median of an odd count).
+
+    >>> quantile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5), quantile(list(map(float, range(1, 11))), 0.1)
+    (3.0, 2.0)
+    """
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def time_runners(runners: dict[str, Runner], repeats: int = 20, warmup: int = 2, q: float = 0.5
+                 ) -> dict[str, float]:
+    """The ``q`` quantile (default: the median) of the milliseconds per call of every runner, timed
+    interleaved."""
+    if q == 0.5:
+        return {k: statistics.median(v) for k, v in time_samples(runners, repeats, warmup).items()}
+    return {k: quantile(v, q) for k, v in time_samples(runners, repeats, warmup).items()}
 
 
 def budgeted_repeats(runners: dict[str, Runner], budget_s: float, max_repeats: int = 200,

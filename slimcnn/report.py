@@ -190,7 +190,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"Latency target {lt.get('target')} on {lt.get('backend')} (batch {lt.get('batch')}, "
                      f"{lt.get('threads')} thread(s)): predicted ratio {_fmt(lt['predicted_ratio'], 3)}, measured "
                      f"{_fmt(lt.get('measured_ratio'), 3)} ({_fmt(lt.get('measured_compressed_ms'), 3)} vs "
-                     f"{_fmt(lt.get('measured_base_ms'), 3)} ms, timed interleaved); latency table "
+                     f"{_fmt(lt.get('measured_base_ms'), 3)} ms, timed interleaved, {lt.get('statistic')}; by the "
+                     f"median {_fmt(lt.get('measured_ratio_median'), 3)}); latency table "
                      f"{lt.get('layer_shapes')} layer shapes, {lt.get('grid_points')} grid points, built in "
                      f"{_fmt(lt.get('table_build_s'), 1)} s.")
     if report.get("skipped_images"):
