@@ -409,6 +409,12 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
                        f"{cfg.latency_budget_s:g} s per batch size")
 
     method_report = method.report()
+    if isinstance(method_report.get("latency_target"), dict):  # --target-latency: confirm where it was planned
+        from .graph.latency import confirm_latency
+
+        lt = method_report["latency_target"]
+        lt.update(confirm_latency(model, compact, input_shape, lt["backend"], lt["batch"], lt["threads"],
+                                  cfg.latency_budget_s))
     fin_extra = method_report.pop(finalize_key, {}) if isinstance(method_report.get(finalize_key), dict) else {}
     report: dict[str, Any] = {
         "method": method.name, "model": model_name, "target_macs": cfg.target_macs,

@@ -147,7 +147,9 @@ def markdown(report: dict[str, Any]) -> str:
     key = report.get("metric", "top1")  # segmentation runs are scored by mIoU
     name = {"top1": "top-1", "miou": "mIoU"}.get(key, key)
     lines = [f"# slimcnn compress: {report['method']} on {report['model']}", "",
-             f"Target MACs: {report.get('target_macs')}. Epochs: {_epochs(report.get('epoch_budget') or {})}. "
+             (f"Target latency: {report['latency_target'].get('target')}" if report.get("target_macs") is None
+              and isinstance(report.get("latency_target"), dict) else f"Target MACs: {report.get('target_macs')}")
+             + f". Epochs: {_epochs(report.get('epoch_budget') or {})}. "
              f"{'Top-1' if key == 'top1' else name} on {report.get('test_images')} test images ({report.get('data')}).",
              "",
              f"| | MACs | params | {name} |" + "".join(f" latency b={n} (ms) |" for n in lat.get("batch", [])),
@@ -186,6 +188,15 @@ def markdown(report: dict[str, Any]) -> str:
                      f"-> {_fmt(q['top1']['int8'])} on {q.get('test_images')} test images; latency ratio INT8/FP32 "
                      + ", ".join(f"batch {b}: {r:.3f}" for b, r in zip(lat.get("batch", []), lat.get("ratio", [])))
                      + f" ({lat.get('threads')} thread(s)).")
+    lt = report.get("latency_target")
+    if isinstance(lt, dict) and lt.get("predicted_ratio") is not None:
+        lines.append(f"Latency target {lt.get('target')} on {lt.get('backend')} (batch {lt.get('batch')}, "
+                     f"{lt.get('threads')} thread(s)): predicted ratio {_fmt(lt['predicted_ratio'], 3)}, measured "
+                     f"{_fmt(lt.get('measured_ratio'), 3)} ({_fmt(lt.get('measured_compressed_ms'), 3)} vs "
+                     f"{_fmt(lt.get('measured_base_ms'), 3)} ms, timed interleaved, {lt.get('statistic')}; by the "
+                     f"median {_fmt(lt.get('measured_ratio_median'), 3)}); latency table "
+                     f"{lt.get('layer_shapes')} layer shapes, {lt.get('grid_points')} grid points, built in "
+                     f"{_fmt(lt.get('table_build_s'), 1)} s.")
     if report.get("skipped_images"):
         lines.append(f"Skipped {report['skipped_images']} image(s) that could not be decoded (--skip-bad-images).")
     fin = report.get(report.get("finalize_key", "finalize"))

@@ -53,8 +53,17 @@ def add_parser(sub) -> None:
                         "mIoU, fine-tuned with the pixel-wise loss; methods l1, dagger, csgd, trp)")
     p.add_argument("--size", default=None, metavar="H,W",
                    help="segmentation: resize CamVid to H,W (default: as stored, 180,240)")
-    p.add_argument("--target-macs", type=float, default=0.5,
-                   help="MACs to keep: a ratio of the base (<= 1) or absolute MACs (> 1)")
+    p.add_argument("--target-macs", type=float, default=None,
+                   help="MACs to keep: a ratio of the base (<= 1) or absolute MACs (> 1); default 0.5 unless "
+                        "--target-latency is given (the two cannot be combined: a width plan follows one budget)")
+    p.add_argument("--target-latency", default=None, metavar="R",
+                   help="latency to keep instead of MACs (l1 only, for now): a ratio of the base's (e.g. 0.5) or "
+                        "milliseconds (e.g. 12ms), timed on --latency-backend at the first --latency-batch with "
+                        "--threads threads; a per-layer latency table is measured first, then the plan is "
+                        "confirmed by timing it against the base (report: latency_target)")
+    p.add_argument("--latency-backend", choices=["eager", "onnxruntime", "cuda"], default="eager",
+                   help="where --target-latency is measured: PyTorch eager on CPU (default), ONNX Runtime on CPU, "
+                        "or CUDA")
     p.add_argument("--epochs", type=int, default=0,
                    help="the whole epoch budget of the run, split by the method's recipe (default 0: no training, "
                         "which only l1, tp and modelopt accept)")
@@ -78,7 +87,8 @@ def add_parser(sub) -> None:
     p.add_argument("--bn-recalib", type=int, default=100, metavar="N",
                    help="batches of BatchNorm recalibration after finalize, the same for every method (0: none)")
     p.add_argument("--latency-batch", type=int, nargs="+", default=[1, 128],
-                   help="batch sizes timed (a batch too large for the time budget is shrunk; the report says so)")
+                   help="batch sizes timed (a batch too large for the time budget is shrunk; the report says so); "
+                        "the first is the batch --target-latency is measured at")
     p.add_argument("--latency-budget", type=float, default=5.0, metavar="SECONDS",
                    help="seconds of latency timing per batch size, both models together (default 5)")
     p.add_argument("--no-latency", action="store_true", help="do not time the models")
@@ -113,6 +123,7 @@ def method_kwargs(args: argparse.Namespace, method: str) -> dict:
         params |= set(inspect.signature(method_class(stage).__init__).parameters)
     kw = {k: v for k, v in vars(args).items() if k in params and k != "self" and v is not None}
     kw["target_macs"] = args.target_macs
+    kw.pop("target_latency", None)  # the raw text: run() passes the parsed goal
     if method == "trp" and getattr(args, "exclude", None):
         # TRP decomposes convs rather than pruning channels: an excluded layer is one it leaves undecomposed
         given = kw.get("layers") or ""
@@ -142,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         check_round_to(args.round_to)
         if "round_to" not in inspect.signature(methods.method_class(args.method).__init__).parameters:
             raise ValueError(f"{args.method} does not take --round-to")
+    goal = latency_goal(args)
     cfg = CompressConfig(target_macs=args.target_macs, method_epochs=method_epochs, epochs=finetune_epochs,
                          lr=args.lr, method_lr=args.method_lr, weight_decay=args.weight_decay, schedule=args.schedule,
                          seed=args.seed, device=args.device, amp=args.amp, out_dir=args.out,
@@ -157,14 +169,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         # under torchrun the other ranks work as hard but stay quiet: rank 0 alone prints (and writes)
         with open(os.devnull, "w") as quiet, (contextlib.redirect_stdout(quiet) if rank else contextlib.nullcontext()):
-            _compress_and_report(args, cfg, rank, world)
+            _compress_and_report(args, cfg, rank, world, goal)
         distributed.barrier()  # the other ranks wait for rank 0's timing and writing before leaving the group
     finally:
         distributed.cleanup()
     return 0
 
 
-def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int) -> None:
+def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int, goal=None) -> None:
     from .. import methods
     from ..compress import compress
     from .eval import data_loaders
@@ -173,7 +185,8 @@ def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int) -
     adopt_num_classes(args, loaders)
     model = build_model(args)
     shape = _input_shape(args, loaders["test"])
-    method = methods.create(args.method, **method_kwargs(args, args.method))
+    method = methods.create(args.method, **method_kwargs(args, args.method),
+                            **({"target_latency": goal} if goal else {}))
     info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
             "weights": args.weights}
     _, report = compress(model, method, loaders["train"], loaders["test"], shape, cfg, args.model, info)
@@ -189,6 +202,31 @@ def _input_shape(args: argparse.Namespace, test_loader) -> tuple[int, ...]:
     return input_shape(args)
 
 
+def latency_goal(args: argparse.Namespace):
+    """The run's :class:`~slimcnn.graph.latency.LatencyGoal` (None without --target-latency), checked before anything
+    loads; sets ``args.target_macs`` to its default 0.5 when neither target is given."""
+    import inspect
+
+    import torch
+
+    from .. import methods
+    from ..backends import check_backend
+    from ..graph.latency import LatencyGoal, parse_latency_target
+
+    if args.target_latency is None:
+        if args.target_macs is None:
+            args.target_macs = 0.5
+        return None
+    if args.target_macs is not None:
+        raise ValueError("--target-latency and --target-macs are two budgets for one width plan: give one (the report "
+                         "gives the MACs of a latency-targeted run)")
+    value, unit = parse_latency_target(args.target_latency)
+    if "target_latency" not in inspect.signature(methods.method_class(args.method).__init__).parameters:
+        raise ValueError(f"{args.method} is not supported with --target-latency yet (methods that do: l1)")
+    return LatencyGoal(value, unit, check_backend(args.latency_backend), args.latency_batch[0],
+                       torch.get_num_threads())
+
+
 def print_summary(report: dict) -> None:
     b, c = report["base"], report["compressed"]
     key = report.get("metric", "top1")
@@ -200,6 +238,7 @@ def print_summary(report: dict) -> None:
               + "".join(f"{v:>12.2f}" for v in lat[label]))
     print(f"macs_ratio: {report['macs_ratio']:.4f}  {key}_change: {report[key + '_change']:+.2f}  "
           f"latency_ratio: {', '.join(f'{r:.3f}' for r in lat['ratio']) or 'not timed'}")
+<<<<<<< HEAD
     for st in report.get("stages") or []:  # a stack's stages
         top = f"top-1 {st['top1']:.2f}" if st.get("top1") is not None else "top-1 not measured"
         print(f"stage {st['stage']} {st['method']}: MACs ratio {st['macs_ratio']:.4f}  {top}  "
@@ -208,6 +247,12 @@ def print_summary(report: dict) -> None:
         d = report["ddp"]
         print(f"ddp: {d['world_size']} ranks, " + ("identical models on every rank" if d["ranks_identical"]
                                                    else "the ranks ended with DIFFERENT models"))
+=======
+    lt = report.get("latency_target")
+    if lt:
+        print(f"latency target {lt['target']} ({lt['backend']}, batch {lt['batch']}, {lt['threads']} thread(s)): "
+              f"predicted {lt['predicted_ratio']:.3f}, measured {lt.get('measured_ratio', float('nan')):.3f}")
+>>>>>>> issue15
     budget = report.get("epoch_budget") or {}
     if "plan" in budget:
         print(f"budget: {budget['total_epochs']} epoch(s): {budget['plan']}")

@@ -32,13 +32,13 @@ or down while that brings the predicted MACs closer to the target. When no allow
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import torch
 from torch import nn
 
 from ..profile import profile
-from .costs import CostModel, cost_model
+from .costs import cost_model
 from .groups import ChannelGroup, channel_groups
 from .surgery import remove_channels
 from .validate import SurgeryError
@@ -48,6 +48,27 @@ Scores = Mapping[str, torch.Tensor]
 
 class TargetError(ValueError):
     """The MACs target cannot be reached; the message states what can."""
+
+
+class WidthCost(Protocol):
+    """What the width search needs of a cost: its value for any choice of group widths (``macs_at``: the name
+    of :class:`CostModel`'s exact MACs, the first such cost) and its value with every group whole (``total``).
+    :mod:`slimcnn.graph.latency` plugs predicted milliseconds in here."""
+
+    total: float
+
+    def macs_at(self, widths: Mapping[str, int]) -> float: ...
+
+
+def allocate_by_cost(cost: WidthCost, groups: list[ChannelGroup], target: float, mode: str = "uniform",
+                     scores: Scores | None = None, *, tol: float = 0.01, normalize: str = "max",
+                     round_to: int | None = None, strict: bool = True) -> dict[str, int]:
+    """The search of :func:`allocate_widths` on any :class:`WidthCost`, ``target`` in the cost's own units
+    (absolute, never a ratio). The caller checks first that ``target`` is reachable, so that its error speaks
+    of its own units. ``strict``: a target one channel cannot get within ``tol`` of is an error; else the
+    closest widths are returned (a cost in steps, such as measured latency, may have no widths within ``tol``)."""
+    return _allocate(cost, _considered(groups, scores), target, mode, scores, tol, normalize, check_round_to(round_to),
+                     strict)
 
 
 def allocate_widths(model: nn.Module, example_input: torch.Tensor, target: float, mode: str = "uniform",
@@ -171,7 +192,7 @@ def _considered(groups: list[ChannelGroup], scores: Scores | None) -> list[Chann
     return [g for g in groups if g.prunable and g.key in scores]
 
 
-def _check_reachable(cm: CostModel, considered: list[ChannelGroup], target: float, tol: float,
+def _check_reachable(cm: WidthCost, considered: list[ChannelGroup], target: float, tol: float,
                      round_to: int | None = None) -> None:
     floor = cm.macs_at({g.key: aligned_widths(g.size, round_to, g.min_keep)[0] for g in considered})
     if target < floor * (1 - tol):
@@ -183,8 +204,8 @@ def _check_reachable(cm: CostModel, considered: list[ChannelGroup], target: floa
                           + (f" under --round-to {round_to}" if round_to else ""))
 
 
-def _allocate(cm: CostModel, considered: list[ChannelGroup], target: float, mode: str, scores: Scores | None,
-              tol: float, normalize: str, round_to: int | None = None) -> dict[str, int]:
+def _allocate(cm: WidthCost, considered: list[ChannelGroup], target: float, mode: str, scores: Scores | None,
+              tol: float, normalize: str, round_to: int | None = None, strict: bool = True) -> dict[str, int]:
     _check_reachable(cm, considered, target, tol, round_to)
     if mode == "uniform":
         widths = _uniform(cm, considered, target, tol) if round_to is None else \
@@ -198,13 +219,13 @@ def _allocate(cm: CostModel, considered: list[ChannelGroup], target: float, mode
     else:
         raise ValueError(f"mode must be 'uniform' or 'global', got {mode!r}")
     est = cm.macs_at(widths)
-    if abs(est - target) > tol * target and round_to is None:
+    if abs(est - target) > tol * target and round_to is None and strict:
         raise TargetError(f"cannot get within {tol:.0%} of {target:,.0f} MACs: one channel changes the MACs too much "
                           f"here; the closest reachable is {est:,} MACs")
     return widths
 
 
-def _uniform(cm: CostModel, considered: list[ChannelGroup], target: float, tol: float) -> dict[str, int]:
+def _uniform(cm: WidthCost, considered: list[ChannelGroup], target: float, tol: float) -> dict[str, int]:
     def at(r: float) -> dict[str, int]:
         return {g.key: min(g.size, max(g.min_keep, round(r * g.size))) for g in considered}
 
@@ -230,7 +251,7 @@ def _uniform(cm: CostModel, considered: list[ChannelGroup], target: float, tol: 
     return widths
 
 
-def _uniform_aligned(cm: CostModel, considered: list[ChannelGroup], target: float, tol: float,
+def _uniform_aligned(cm: WidthCost, considered: list[ChannelGroup], target: float, tol: float,
                      round_to: int) -> dict[str, int]:
     """:func:`_uniform` over aligned widths: one common ratio, each group snapped to its nearest allowed width,
     then :func:`_refine` closes what the coarse steps leave."""
@@ -246,7 +267,7 @@ def _uniform_aligned(cm: CostModel, considered: list[ChannelGroup], target: floa
     return _refine(cm, at(lo), allowed, target, tol)
 
 
-def _global_aligned(cm: CostModel, considered: list[ChannelGroup], scores: dict[str, torch.Tensor],
+def _global_aligned(cm: WidthCost, considered: list[ChannelGroup], scores: dict[str, torch.Tensor],
                     target: float, tol: float, round_to: int) -> dict[str, int]:
     """:func:`_global` over aligned widths: the channels still compete on their scores, and the count each group
     wins is snapped to its nearest allowed width before the MACs are predicted; then :func:`_refine`."""
@@ -270,7 +291,7 @@ def _global_aligned(cm: CostModel, considered: list[ChannelGroup], scores: dict[
     return _refine(cm, at(lo), allowed, target, tol)
 
 
-def _refine(cm: CostModel, widths: dict[str, int], allowed: dict[str, list[int]], target: float,
+def _refine(cm: WidthCost, widths: dict[str, int], allowed: dict[str, list[int]], target: float,
             tol: float) -> dict[str, int]:
     """Move groups one allowed step at a time while that brings the predicted MACs closer to ``target``.
 
@@ -333,7 +354,7 @@ def _normalised(scores: Scores, considered: list[ChannelGroup], normalize: str) 
     return out
 
 
-def _global(cm: CostModel, considered: list[ChannelGroup], scores: dict[str, torch.Tensor],
+def _global(cm: WidthCost, considered: list[ChannelGroup], scores: dict[str, torch.Tensor],
             target: float, tol: float) -> dict[str, int]:
     sizes = {g.key: g.size for g in considered}
     queue: list[tuple[float, str]] = []  # every channel but each group's best (or its floor's worth), best first

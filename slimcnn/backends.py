@@ -1,0 +1,123 @@
+"""Where latency is measured: PyTorch eager on CPU, ONNX Runtime on CPU, or CUDA, behind one timing loop.
+
+A *runner* is a zero-argument callable that runs one forward pass of one model on a fixed input, as the deploy
+runtime would (ONNX Runtime gets the model exported in memory, never through a file; CUDA waits for the GPU before
+returning). :func:`time_runners` times several runners interleaved, their order reversed every round, so that a
+machine that slows down during the run (2 cores shared with other jobs, here) slows every model alike.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+BACKENDS = ("eager", "onnxruntime", "cuda")
+
+Runner = Callable[[], None]
+
+
+def check_backend(name: str) -> str:
+    """``name`` if this machine can time on it; ValueError (one line, naming what would work) otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown latency backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("latency backend cuda needs a CUDA GPU, and torch sees none here; time on eager or "
+                         "onnxruntime instead")
+    if name == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"latency backend onnxruntime needs onnxruntime ({e}): pip install -e \".[export]\"") \
+                from None
+    return name
+
+
+def runner(model: nn.Module, input_shape: tuple[int, ...], batch: int, backend: str, threads: int) -> Runner:
+    """One forward pass of ``model`` (eval mode, a fixed random input of ``batch`` images) on ``backend``.
+    ``threads``: ONNX Runtime's intra-op threads; eager and CUDA use torch's own setting (the CLI's --threads)."""
+    x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+    if backend == "onnxruntime":
+        return _ort_runner(model, x, threads)
+    device = torch.device("cuda" if backend == "cuda" else "cpu")
+    model = model.to(device).eval()
+    x = x.to(device)
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def _ort_runner(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
+    import warnings
+
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter is chatty
+        torch.onnx.export(model.cpu().eval(), (x,), buf, dynamo=False, input_names=["input"],
+                          output_names=["output"], opset_version=17)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1  # a CNN is a chain: nothing to run side by side
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    # ORT's intra-op workers spin-wait after each run by default. With one session per timed width alive at once
+    # (hundreds for ResNet-56) and 2 threads, the spinning workers kept the 2 shared cores busy: load average above
+    # 20 and a 47 s table build (20 s with 1 thread). Off for every session, so base and plan are timed alike.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    feed = {"input": x.numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def time_samples(runners: dict[str, Runner], repeats: int = 20, warmup: int = 2) -> dict[str, list[float]]:
+    """Milliseconds of every call of every runner, timed interleaved (order reversed every round)."""
+    names = list(runners)
+    for name in names:
+        for _ in range(warmup):
+            runners[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            runners[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank; 0.5 is the median of an odd count).
+
+    >>> quantile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5), quantile(list(map(float, range(1, 11))), 0.1)
+    (3.0, 2.0)
+    """
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def time_runners(runners: dict[str, Runner], repeats: int = 20, warmup: int = 2, q: float = 0.5
+                 ) -> dict[str, float]:
+    """The ``q`` quantile (default: the median) of the milliseconds per call of every runner, timed
+    interleaved."""
+    if q == 0.5:
+        return {k: statistics.median(v) for k, v in time_samples(runners, repeats, warmup).items()}
+    return {k: quantile(v, q) for k, v in time_samples(runners, repeats, warmup).items()}
+
+
+def budgeted_repeats(runners: dict[str, Runner], budget_s: float, max_repeats: int = 200,
+                     min_repeats: int = 5) -> int:
+    """How many interleaved rounds of ``runners`` fit in about ``budget_s`` seconds (one warm call each priced)."""
+    t0 = time.perf_counter()
+    for r in runners.values():
+        r()
+    once = max(time.perf_counter() - t0, 1e-6)
+    return max(min_repeats, min(max_repeats, int(budget_s / once)))
