@@ -51,6 +51,12 @@ def add_model_args(p: argparse.ArgumentParser, weights: bool = True, task: bool 
     g.add_argument("--variant", choices=["cascaded", "same_stage", "previous_stage", "top_only", "none"], default=None,
                    help="dig: where feedback comes from (cascaded = DIGNet; none = feed-forward baseline)")
     g.add_argument("--gate-source", choices=["next", "top"], default=None, help="rig: gate from the next or the top stage")
+    g.add_argument("--gate-bn", choices=["shared", "per_iter"], default=None,
+                   help="gating: BatchNorm layers shared by all iterations (default) or one set per iteration, so "
+                        "gated and ungated activations keep separate statistics")
+    g.add_argument("--gate-init", choices=["default", "open", "zero"], default=None,
+                   help="gating: gate conv init; default: bias +3 (gates ~0.95); open: weight 0, bias +4 (every gate "
+                        "0.982, the plain backbone at first); zero: weight 0, bias 0 (every gate 0.5, steepest)")
 
 
 def available_cores() -> int:
@@ -179,9 +185,11 @@ def build_model(args: argparse.Namespace):
     kw = {}
     if args.shortcut:
         kw["shortcut"] = args.shortcut
-    for key in ("width", "gating", "iterations", "gate_type", "variant", "gate_source"):
+    for key in ("width", "gating", "iterations", "gate_type", "variant", "gate_source", "gate_init"):
         if getattr(args, key, None) is not None:
             kw[key] = getattr(args, key)
+    if getattr(args, "gate_bn", None) is not None:  # create()'s keyword is bn; the option names what it is for
+        kw["bn"] = args.gate_bn
     model = create(args.model, num_classes=num_classes(args), **kw)
     if weights:
         load_checkpoint(model, weights)

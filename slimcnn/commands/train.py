@@ -5,7 +5,9 @@
     torchrun --nproc_per_node 2 -m slimcnn train ...      # DDP: --batch-size is per process
 
 The run folder gets ``last.safetensors`` (the resumable checkpoint, rewritten every epoch), ``train.json``
-(history, test metrics, settings) and the final model saved with ``slimcnn.io.save``.
+(history, test metrics, settings; for a RIG/DIG model also ``gating``: its options and ``gate_stats``, the
+gates' mean and std per stage and iteration over the test split, see :mod:`slimcnn.gating.stats`) and the final
+model saved with ``slimcnn.io.save``.
 """
 from __future__ import annotations
 
@@ -61,10 +63,20 @@ def run(args: argparse.Namespace) -> int:
         except TrainingDiverged as e:
             raise UserError(str(e)) from None
         if rank == 0:
-            metrics = evaluate(result.model, loaders["test"], task=args.task, device=cfg.device, amp=args.amp,
-                               progress=cfg.progress)
+            from ..gating import FeedbackNet, collect_gate_stats
+
+            with collect_gate_stats(result.model) as stats:  # hooks read the gates during this same evaluation
+                metrics = evaluate(result.model, loaders["test"], task=args.task, device=cfg.device, amp=args.amp,
+                                   progress=cfg.progress)
             print_metrics(metrics, args.task)
-            _write_summary(args, cfg, result, metrics, world)
+            net = getattr(result.model, "module", result.model)
+            gating = None
+            if isinstance(net, FeedbackNet):  # the settings an ablation row is told apart by, beside its gates
+                gating = {"wrapper": type(net).__name__, "iterations": net.iterations, "gate_type": net.gate_type,
+                          "gate_stages": net.gate_stages, "share_gates": net.share_gates, "bn": net.bn,
+                          "gate_init": net.gate_init, "loss_all_iterations": net.loss_all_iterations,
+                          "gate_stats": stats.result()}
+            _write_summary(args, cfg, result, metrics, world, gating)
             _save_model(result.model, Path(args.out), result.checkpoint)
         distributed.barrier()  # the other ranks wait for rank 0's evaluation before leaving the group
     finally:
@@ -72,12 +84,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_summary(args: argparse.Namespace, cfg, result, metrics: dict, world: int) -> None:
+def _write_summary(args: argparse.Namespace, cfg, result, metrics: dict, world: int,
+                   gating: dict | None = None) -> None:
     from ..engine.trainer import config_record
 
     summary = {"model": args.model, "weights": args.weights, "data": args.data, "world_size": world,
                "steps": result.steps, "history": result.history, "test": metrics,
                "replica_digests": result.replica_digests, "config": config_record(cfg)}
+    if gating is not None:
+        summary["gating"] = gating
     path = Path(args.out) / "train.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")

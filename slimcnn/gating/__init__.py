@@ -8,14 +8,19 @@ Importing this package registers the wrappers with the model zoo, so that::
     >>> type(m).__name__
     'RIG'
 
-``create(..., gating="dig", variant="cascaded")`` builds a :class:`DIG`. Gate modules are declared
-unprunable for channel surgery: a gate couples the channels of the stream it gates to those of its source.
+``create(..., gating="dig", variant="cascaded")`` builds a :class:`DIG`. Both take ``bn="shared"|"per_iter"``
+and ``gate_init="default"|"open"|"zero"`` (:mod:`slimcnn.gating.rig` says what they do and why);
+:func:`collect_gate_stats` records the gates' mean and spread per stage and iteration during an evaluation.
+Gate modules are declared unprunable for channel surgery: a gate couples the channels of the stream it gates
+to those of its source; so are per-iteration BN layers (their copies would have to shrink together).
 """
 from ..models.registry import register_wrapper
 from .dig import DIG, VARIANTS
-from .rig import GATE_TYPES, RIG, FeedbackNet, Gate, iteration_loss
+from .rig import BN_MODES, GATE_INITS, GATE_TYPES, RIG, FeedbackNet, Gate, IterationBN, iteration_loss
+from .stats import collect_gate_stats
 
-__all__ = ["RIG", "DIG", "Gate", "FeedbackNet", "GATE_TYPES", "VARIANTS", "iteration_loss"]
+__all__ = ["RIG", "DIG", "Gate", "FeedbackNet", "IterationBN", "GATE_TYPES", "GATE_INITS", "BN_MODES", "VARIANTS",
+           "iteration_loss", "collect_gate_stats"]
 
 register_wrapper("rig", RIG)
 register_wrapper("dig", DIG)
@@ -28,6 +33,8 @@ def _declare_unprunable() -> None:
         return
     register_unprunable(Gate, "feedback gate: its 1x1 conv reads the channels of a higher stage and writes one "
                               "gate value per channel of the gated stream, coupling both streams' channels")
+    register_unprunable(IterationBN, "per-iteration BatchNorm: one copy per feedback iteration, which surgery "
+                                     "does not resize together")
 
 
 _declare_unprunable()

@@ -16,9 +16,10 @@ chooses src_s:
 - ``"none"``: no feedback at all, one plain pass whatever ``iterations`` says (the feed-forward baseline; its
   MACs are the backbone's).
 
-Propagators P_s are :class:`~slimcnn.gating.rig.Gate` modules too (same ``gate_type``), shared across
-iterations or not with the gates (``share_gates``); they exist only for the cascade. Every other choice
-(1x1 convs before upsampling, gate bias +3, shared BN, stem computed once) is the one described in
+Propagators P_s are :class:`~slimcnn.gating.rig.Gate` modules too (same ``gate_type`` and ``gate_init``, so
+``"open"`` starts the cascade at f_s = 0.982 h_s), shared across iterations or not with the gates
+(``share_gates``); they exist only for the cascade. Every other choice (1x1 convs before upsampling,
+``gate_init``, ``bn`` shared or per iteration, stem computed once) is the one described in
 :mod:`slimcnn.gating.rig`.
 """
 from __future__ import annotations
@@ -44,11 +45,13 @@ class DIG(FeedbackNet):
 
     def __init__(self, backbone: nn.Module, iterations: int = 2, gate_type: str = "spatial",
                  gate_stages: Sequence[int] | str | int | None = None, share_gates: bool = True,
-                 loss_all_iterations: bool = False, variant: str = "cascaded") -> None:
+                 loss_all_iterations: bool = False, variant: str = "cascaded", bn: str = "shared",
+                 gate_init: str = "default") -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
         self.variant = variant
-        super().__init__(backbone, iterations, gate_type, gate_stages, share_gates, loss_all_iterations)
+        super().__init__(backbone, iterations, gate_type, gate_stages, share_gates, loss_all_iterations, bn,
+                         gate_init)
 
     def _describe(self) -> str:
         return f"DIG with variant={self.variant!r}"
@@ -64,7 +67,7 @@ class DIG(FeedbackNet):
         top = len(self.out_channels) - 1
         needed = range(low, top) if self.variant == "cascaded" else range(0)
         self.propagators = nn.ModuleList(
-            nn.ModuleDict({str(s): Gate(self.out_channels[s + 1], self.out_channels[s], self.gate_type)
+            nn.ModuleDict({str(s): Gate(self.out_channels[s + 1], self.out_channels[s], self.gate_type, self.gate_init)
                            for s in needed})
             for _ in range(n_sets if len(needed) else 0))
 

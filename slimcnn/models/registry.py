@@ -109,4 +109,4 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
 
 #: keywords of create() that belong to the gating wrapper, not to the backbone builder
 _GATING_KEYS = {"iterations", "gate_type", "gate_stages", "share_gates", "variant", "loss_all_iterations",
-                "gate_source"}
+                "gate_source", "bn", "gate_init"}
