@@ -238,7 +238,6 @@ def print_summary(report: dict) -> None:
               + "".join(f"{v:>12.2f}" for v in lat[label]))
     print(f"macs_ratio: {report['macs_ratio']:.4f}  {key}_change: {report[key + '_change']:+.2f}  "
           f"latency_ratio: {', '.join(f'{r:.3f}' for r in lat['ratio']) or 'not timed'}")
-<<<<<<< HEAD
     for st in report.get("stages") or []:  # a stack's stages
         top = f"top-1 {st['top1']:.2f}" if st.get("top1") is not None else "top-1 not measured"
         print(f"stage {st['stage']} {st['method']}: MACs ratio {st['macs_ratio']:.4f}  {top}  "
@@ -247,12 +246,10 @@ def print_summary(report: dict) -> None:
         d = report["ddp"]
         print(f"ddp: {d['world_size']} ranks, " + ("identical models on every rank" if d["ranks_identical"]
                                                    else "the ranks ended with DIFFERENT models"))
-=======
     lt = report.get("latency_target")
     if lt:
         print(f"latency target {lt['target']} ({lt['backend']}, batch {lt['batch']}, {lt['threads']} thread(s)): "
               f"predicted {lt['predicted_ratio']:.3f}, measured {lt.get('measured_ratio', float('nan')):.3f}")
->>>>>>> issue15
     budget = report.get("epoch_budget") or {}
     if "plan" in budget:
         print(f"budget: {budget['total_epochs']} epoch(s): {budget['plan']}")
