@@ -290,24 +290,29 @@ def _named_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
 
 
 def compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
-             cfg: CompressConfig, model_name: str = "", info: dict[str, Any] | None = None
-             ) -> tuple[nn.Module, dict[str, Any]]:
+             cfg: CompressConfig, model_name: str = "", info: dict[str, Any] | None = None,
+             memo: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` with ``method``; returns the compact model and the report (``model`` is untouched).
 
     Raises ValueError before any work if ``method`` needs training before finalize and ``cfg.method_epochs`` is 0,
     or if ``cfg.exclude`` / ``cfg.min_keep`` ask for a layer control the method lacks or name no layer.
+
+    ``memo``: a dict kept by a caller that compresses the same ``model`` on the same loaders several times (the
+    demo's rows, one per method): the base's evaluation and, with ``cfg.distill``, the teacher's logits per batch
+    are computed once and reused from it. Do not share one between different base models or test sets.
     """
     if method.trains_before_finalize and cfg.method_epochs < 1:
         raise ValueError(_no_training_message(type(method), cfg.method_epochs + cfg.epochs, cfg.method_epochs))
     check_task_support(method, cfg.task)
     policy = check_layer_control(method, cfg, model)
     with layer_policy(policy=policy):  # every channel group the method builds, from prepare to finalize
-        return _compress(model, method, train_loader, test_loader, input_shape, cfg, model_name, info, policy)
+        return _compress(model, method, train_loader, test_loader, input_shape, cfg, model_name, info, policy,
+                         memo)
 
 
 def _compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
-              cfg: CompressConfig, model_name: str, info: dict[str, Any] | None, policy: LayerPolicy
-              ) -> tuple[nn.Module, dict[str, Any]]:
+              cfg: CompressConfig, model_name: str, info: dict[str, Any] | None, policy: LayerPolicy,
+              memo: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
     from .engine import distributed
     from .engine.replicas import adopt_rank0, state_digests
 
@@ -320,7 +325,12 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     metric = METRICS[cfg.task]
     example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(cfg.seed))
     base_prof = profile(model, input_shape)
-    base_score, _, test_images = _score(model, test_loader, cfg, "eval base")
+    if memo is not None and "base_score" in memo:
+        base_score, test_images = memo["base_score"]
+    else:
+        base_score, _, test_images = _score(model, test_loader, cfg, "eval base")
+        if memo is not None:
+            memo["base_score"] = (base_score, test_images)
     tqdm.write(f"base: {metric} {base_score:.2f}  MACs {base_prof.macs / 1e6:.2f}M  params {base_prof.params / 1e6:.3f}M")
     tqdm.write(f"plan: {recipe_text(method, cfg)}")
     distiller = None
@@ -328,7 +338,8 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
         from .distill import Distiller
 
         # a frozen copy of the uncompressed base teaches both phases; ``model`` itself stays untouched
-        distiller = Distiller(copy.deepcopy(model).eval(), cfg.kd_alpha, cfg.kd_temperature)
+        distiller = Distiller(copy.deepcopy(model).eval(), cfg.kd_alpha, cfg.kd_temperature,
+                              memo.setdefault("teacher_logits", {}) if memo is not None else None)
 
     budget = {"total_steps": len(train_loader) * cfg.method_epochs, "lr": cfg.method_lr or cfg.lr,
               "schedule": cfg.schedule}

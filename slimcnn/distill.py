@@ -78,9 +78,15 @@ class Distiller:
     ``alpha`` in [0, 1] is the share of the distillation term; ``temperature`` > 0 softens both distributions.
     The teacher is frozen here, in place (eval mode, ``requires_grad=False``): pass a copy if the same module
     must train elsewhere.
+
+    ``memo``, a dict shared by runs that feed the same teacher the same batches, keeps the teacher's logits per
+    batch, keyed by the batch's bytes (so a different batch never gets another's targets): the demo's rows share one
+    loader seed, so every row sees the same augmented batches and the teacher runs once per batch instead of once
+    per row (3.8 s of a 26 s ResNet-20 row on 2 cores).
     """
 
-    def __init__(self, teacher: nn.Module, alpha: float = 0.7, temperature: float = 4.0) -> None:
+    def __init__(self, teacher: nn.Module, alpha: float = 0.7, temperature: float = 4.0,
+                 memo: dict | None = None) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"the distillation weight alpha must be in [0, 1], got {alpha}")
         if not temperature > 0:
@@ -89,6 +95,7 @@ class Distiller:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.alpha, self.temperature = float(alpha), float(temperature)
+        self.memo = memo
 
     @property
     def active(self) -> bool:
@@ -104,8 +111,19 @@ class Distiller:
         """The teacher's prediction for ``x`` (its last output if it is an iterative model), without gradient."""
         from .engine.evaluate import logits_of
 
+        key = None
+        if self.memo is not None:
+            import hashlib
+
+            key = (tuple(x.shape), str(x.dtype), hashlib.blake2b(x.detach().cpu().numpy().tobytes(),
+                                                               digest_size=16).digest())
+            if key in self.memo:
+                return self.memo[key].to(x.device)
         self.teacher.eval()  # cheap insurance in case someone called .train() on it since
-        return logits_of(self.teacher(x))
+        out = logits_of(self.teacher(x))
+        if key is not None:
+            self.memo[key] = out.cpu()
+        return out
 
     def combine(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 task_loss: torch.Tensor) -> torch.Tensor:

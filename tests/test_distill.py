@@ -166,3 +166,20 @@ def test_ema_resume_is_bit_identical(tiny, tmp_path):
 def test_ema_decay_must_be_below_one():
     with pytest.raises(ValueError, match="ema decay"):
         TrainConfig(ema=1.0)
+
+
+def test_memo_runs_the_teacher_once_per_distinct_batch():
+    """compress(memo=) shares teacher logits between the demo's rows: the same batch reuses them, bit for bit; a
+    different batch (even one value changed) never gets another batch's targets."""
+    teacher = create("cifar_resnet20")
+    calls = []
+    teacher.register_forward_hook(lambda m, i, o: calls.append(1))
+    memo: dict = {}
+    d1, d2 = Distiller(teacher, memo=memo), Distiller(teacher, memo=memo)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    first = d1.teacher_logits(x)
+    assert torch.equal(d2.teacher_logits(x.clone()), first) and len(calls) == 1
+    y = x.clone()
+    y[0, 0, 0, 0] += 1e-3
+    assert not torch.equal(d2.teacher_logits(y), first) and len(calls) == 2
+    assert torch.equal(Distiller(teacher).teacher_logits(x), first) and len(calls) == 3  # no memo: always runs

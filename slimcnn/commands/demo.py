@@ -13,19 +13,24 @@ with l1 on this subset (2 fine-tune epochs, lr 0.01, top-1 on the 1,000 embedded
 - SGD momentum 0.5: with distillation 70.90 vs 49.20 at momentum 0.9 (lr 0.02) and 67.10 at lr 0.05; and C-SGD's
   merge is exact only after ``CSGD.min_steps()`` centripetal steps, 375 at momentum 0.9 but 57 at 0.5 (a
   cluster's spread shrinks at best by sqrt(momentum) per step), so at 0.9 its 94 steps would end in a lossy
-  merge (reported as such, with a warning); and C-SGD's BN rows get the kernels' strength (``vector_scale`` 1.0
-  instead of the official 0.1): at 0.1 they stayed 0.0036 apart after 94 steps while the kernels met to 1e-8
-  (see ``CSGD.vector_shrink``);
-- latency timed for 1 s per batch size instead of 5 (ratios on a 2-core machine are noisy either way; see
+  merge (reported as such, with a warning). 94 steps still leave it short: its kernels meet (1e-8) but the BN
+  running statistics forget old differences at 0.9 per step (~130 steps), so the demo's C-SGD merge is reported
+  lossy with a change of ~0.07 in the logits;
+- latency timed for 0.5 s per batch size instead of 5, and 20 batches of BatchNorm recalibration instead of 100 (ratios on a 2-core machine are noisy either way; see
   ``benchmarks/`` for the interleaved timings).
-The ModelOpt peer scores its candidates on 100 training images instead of 1,000 (its search time).
+The rows run one after the other and share what does not depend on the method (``compress(..., memo=)``): the
+base's evaluation and the teacher's logits for each batch (every row sees the same augmented batches). Two rows
+at a time in processes of one thread each was slower on 2 cores (172 s against ~150 s for one row at a time with
+two threads before this sharing). The ModelOpt peer is not in the
+default rows: its FastNAS search alone took 144 s on 2 idle cores (100 score images; 1,000 take longer), more than
+the whole demo's budget; ``--methods l1,tp,modelopt`` adds it (173 s for its row).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 
-DEFAULT_METHODS = "l1,tp,modelopt,csgd,dagger,trp"
+DEFAULT_METHODS = "l1,tp,csgd,dagger,trp"
 
 
 def add_parser(sub) -> None:
@@ -35,9 +40,8 @@ def add_parser(sub) -> None:
                                    "a side-by-side table and write a report and a PNG per method. About 2 minutes "
                                    "on 2 idle CPU cores (the README gives the measured time).")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma list of methods to run side by side (default: {DEFAULT_METHODS}: every method, the "
-                        "Torch-Pruning peer and the ModelOpt peer; modelopt is skipped with a note when the peers "
-                        "extra is not installed)")
+                   help=f"comma list of methods to run side by side (default: {DEFAULT_METHODS}: every method and "
+                        "the Torch-Pruning peer; add modelopt for the ModelOpt peer, about 3 more minutes)")
     p.add_argument("--target-macs", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=2,
                    help="the epoch budget of every row on the 1,500 embedded training images, split by each "
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from ..compress import CompressConfig, compress, split_budget
     from ..data import Loader, load_demo
     from ..data.embedded import DEMO_WEIGHTS
+    from ..methods import method_class
     from ..models import create, load_checkpoint
     from .compress import print_summary
 
@@ -66,24 +71,26 @@ def run(args: argparse.Namespace) -> int:
     if "modelopt" in names and not _modelopt_installed():
         print('note: skipping the modelopt row: NVIDIA ModelOpt is not installed (pip install -e ".[peers]")')
         names.remove("modelopt")
+    for name in names:  # an unknown method or a budget a method cannot use: one line before any work
+        split_budget(method_class(name), args.epochs)
     base = load_checkpoint(create("cifar_resnet20"), DEMO_WEIGHTS)
     train = Loader(load_demo("train"), batch_size=32, shuffle=True, augment=True, seed=0)
-    test = Loader(load_demo("test"), batch_size=250)
+    test = Loader(load_demo("test"), batch_size=500)
     print("slimcnn demo: public CIFAR-10 ResNet-20, embedded subset (1,500 train / 1,000 test JPEG images); every "
           f"row: {args.epochs} epochs at batch 32, distilled from the base, SGD momentum 0.5")
+    memo: dict = {}  # the base's evaluation and the teacher's logits, shared by the rows
     summary = []
     for name in names:
         # momentum 0.5 and distillation in every row: measured in the module docstring
-        options = {"momentum": 0.5, "vector_scale": 1.0} if name == "csgd" else {"score_images": 100} if name == "modelopt" else {}
-        method = methods.create(name, target_macs=args.target_macs, **options)
+        method = methods.create(name, target_macs=args.target_macs, **({"momentum": 0.5} if name == "csgd" else {}))
         method_epochs, finetune_epochs = split_budget(method, args.epochs)
         cfg = CompressConfig(target_macs=args.target_macs, method_epochs=method_epochs, epochs=finetune_epochs,
-                             lr=0.01, momentum=0.5, distill=True, out_dir=str(Path(args.out) / name), latency_batches=[1, 128],
-                             latency_repeats=5, latency_budget_s=1.0)
+                             lr=0.01, momentum=0.5, distill=True, out_dir=str(Path(args.out) / name),
+                             latency_batches=[1, 128], latency_repeats=5, latency_budget_s=0.5, bn_recalib=20)
         _, report = compress(base, method, train, test, (3, 32, 32), cfg, "cifar_resnet20",
-                             {"command": "slimcnn demo", "data": "embedded cifar10-demo subset"})
+                             {"command": "slimcnn demo", "data": "embedded cifar10-demo subset"}, memo=memo)
         print(f"\n== {name}: target {args.target_macs:.0%} MACs, {method_epochs} method + {finetune_epochs} "
-              f"fine-tune epoch(s) (top-1 on the 1,000 embedded test images)")
+              f"fine-tune epoch(s) (top-1 on the 1,000 embedded test images), {report['wall_s']:.0f} s")
         print_summary(report)
         print(f"report: {Path(args.out) / name / 'report.md'}  plot: {Path(args.out) / name / 'widths.png'}")
         summary.append(report)
