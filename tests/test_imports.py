@@ -153,3 +153,28 @@ sys.exit(main(["export", {str(tmp_path / "m")!r}, "--onnx", {str(tmp_path / "m.o
     assert proc.returncode == 2, err[-3000:]
     assert len(err.splitlines()) == 1 and 'pip install -e ".[onnx]"' in err and "onnx" in err, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+# Packages the CLI's parser and `--help` must not import: Torch-Pruning alone (with the timm, torchvision,
+# torch._dynamo and sympy it pulls in) doubled `slimcnn --help` on a 2-core machine (issue 20); the others are
+# extras or plotting/ML libraries only some commands use.
+HEAVY_AT_STARTUP = ["torch_pruning", "timm", "torchvision", "torch._dynamo", "sympy", "matplotlib", "onnx",
+                    "onnxruntime", "modelopt", "sklearn", "scipy"]
+
+
+def test_cli_help_imports_no_heavy_package():
+    code = f"""
+import json, sys
+import slimcnn, slimcnn.cli
+slimcnn.cli.build_parser()
+for argv in (["--help"], ["demo", "--help"]):
+    try:
+        slimcnn.cli.main(argv)
+    except SystemExit:
+        pass
+print(json.dumps([m for m in {HEAVY_AT_STARTUP!r} if m in sys.modules]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not loaded, f"importing slimcnn / building the CLI parser imported {loaded}: import them where first used"

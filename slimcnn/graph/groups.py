@@ -12,15 +12,29 @@ verifies its result numerically (see ``surgery.py``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import torch
-import torch_pruning as tp
 from torch import nn
-from torch_pruning.pruner import function as tp_function
 
 from ..models.cifar_resnet import PadShortcut
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
+    from torch_pruning.pruner import function as tp_function
+
+
+@functools.cache
+def _tp() -> ModuleType:
+    """Torch-Pruning, imported on first use: importing it pulls timm, torchvision, torch._dynamo and sympy, which
+    took 3.9 s of the 7.7 s that ``slimcnn --help`` spent importing (torch itself 3.6 s) on a 2-core machine,
+    and only tracing needs it."""
+    import torch_pruning
+
+    return torch_pruning
 
 Role = Literal["out", "in", "bn", "dw"]
 
@@ -99,22 +113,29 @@ def unprunable_reason(module: nn.Module) -> str | None:
     return None
 
 
-class _SplitPruner(tp_function.BasePruningFunc):
-    """Tells Torch-Pruning that a module's inputs and outputs are different channel spaces (different
-    ``prune_in_channels`` / ``prune_out_channels`` functions cut the dependency through it). We never let
-    Torch-Pruning edit tensors, so the functions only exist to be told apart."""
+@functools.cache
+def _split_pruner_class() -> type[tp_function.BasePruningFunc]:
+    """The ``_SplitPruner`` class, built on first use because its base class lives in Torch-Pruning (see
+    :func:`_tp`)."""
 
-    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
-        raise NotImplementedError("slimcnn edits tensors itself")
+    class _SplitPruner(_tp().pruner.function.BasePruningFunc):
+        """Tells Torch-Pruning that a module's inputs and outputs are different channel spaces (different
+        ``prune_in_channels`` / ``prune_out_channels`` functions cut the dependency through it). We never let
+        Torch-Pruning edit tensors, so the functions only exist to be told apart."""
 
-    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
-        raise NotImplementedError("slimcnn edits tensors itself")
+        def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+            raise NotImplementedError("slimcnn edits tensors itself")
 
-    def get_out_channels(self, layer: nn.Module) -> int | None:
-        return getattr(layer, "out_channels", None)
+        def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
+            raise NotImplementedError("slimcnn edits tensors itself")
 
-    def get_in_channels(self, layer: nn.Module) -> int | None:
-        return getattr(layer, "in_channels", None)
+        def get_out_channels(self, layer: nn.Module) -> int | None:
+            return getattr(layer, "out_channels", None)
+
+        def get_in_channels(self, layer: nn.Module) -> int | None:
+            return getattr(layer, "in_channels", None)
+
+    return _SplitPruner
 
 
 # Autograd ops that keep channel i at channel i (or reduce only over other dims). Anything else is suspect.
@@ -175,7 +196,7 @@ class _Trace:
     order: dict[str, int]
     calls: dict[str, int]
     internal: set = field(default_factory=set)
-    pad_pruner: _SplitPruner | None = None
+    pad_pruner: tp_function.BasePruningFunc | None = None
     output_fns: set = field(default_factory=set)
 
 
@@ -204,10 +225,11 @@ def _collect_internal(out_fn: Any, in_fns: set, into: set) -> None:
 def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
     names = {m: n for n, m in model.named_modules()}
     opaque_types = {type(m) for m in model.modules() if unprunable_reason(m) is not None}
-    pad_pruner = _SplitPruner()
+    tp, split_pruner = _tp(), _split_pruner_class()
+    pad_pruner = split_pruner()
     customized: dict[Any, tp_function.BasePruningFunc] = {PadShortcut: pad_pruner}
     for t in opaque_types:
-        customized[t] = _SplitPruner()
+        customized[t] = split_pruner()
     order: dict[str, int] = {}
     calls: dict[str, int] = {}
     internal: set = set()
@@ -258,16 +280,23 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 # From Torch-Pruning groups to ours
 
 
-_UNSUPPORTED_TP = (tp.ops.TORCH_LAYERNORM, tp.ops.TORCH_GROUPNORM, tp.ops.TORCH_INSTANCENORM, tp.ops.TORCH_PRELU,
-                   tp.ops.TORCH_EMBED, tp.ops.TORCH_MHA, tp.ops.TORCH_LSTM)
-_PASS_THROUGH = (tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._ReshapeOp, tp.ops._SliceOp, tp.ops._UnbindOp,
-                 tp.ops._ExpandOp)
+@functools.cache
+def _tp_op_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(layer types Torch-Pruning knows but surgery does not support, shape ops that pass channels through),
+    built on first use (see :func:`_tp`)."""
+    ops = _tp().ops
+    unsupported = (ops.TORCH_LAYERNORM, ops.TORCH_GROUPNORM, ops.TORCH_INSTANCENORM, ops.TORCH_PRELU, ops.TORCH_EMBED,
+                   ops.TORCH_MHA, ops.TORCH_LSTM)
+    pass_through = (ops._ConcatOp, ops._SplitOp, ops._ReshapeOp, ops._SliceOp, ops._UnbindOp, ops._ExpandOp)
+    return unsupported, pass_through
 
 
 def _classify(tr: _Trace, node: Any, handler: Any) -> tuple[str, Role | None, str | None]:
     """(module name, role or None for pass-through nodes, problem or None) of one Torch-Pruning group item."""
     mod = node.module
     name = tr.names.get(mod, "")
+    ops = _tp().ops
+    unsupported, pass_through = _tp_op_types()
     problem = None
     if name and tr.calls.get(name, 0) > 1:
         problem = f"{name} runs {tr.calls[name]} times per forward (shared weights)"
@@ -288,15 +317,15 @@ def _classify(tr: _Trace, node: Any, handler: Any) -> tuple[str, Role | None, st
         return name, ("out" if is_out else "in"), problem
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
         return name, "bn", problem
-    if isinstance(mod, tp.ops._OutputOp):
+    if isinstance(mod, ops._OutputOp):
         return name, None, "its channels are part of the model output"
-    if isinstance(mod, tp.ops._ElementWiseOp):
+    if isinstance(mod, ops._ElementWiseOp):
         return name, None, _op_problem(node, tr.internal)
-    if isinstance(mod, _PASS_THROUGH):
+    if isinstance(mod, pass_through):
         return name, None, _shape_op_problem(node)
     if isinstance(mod, nn.Parameter):
         return name, None, f"a bare parameter {tr.graph._param_to_name.get(mod, '')!r} multiplies it"
-    if isinstance(mod, _UNSUPPORTED_TP):
+    if isinstance(mod, unsupported):
         return name, None, f"{name} ({type(mod).__name__}) is not supported by slimcnn surgery"
     return name, None, f"{name or type(mod).__name__} is not supported by slimcnn surgery"
 
@@ -306,16 +335,17 @@ def _shape_op_problem(node: Any) -> str | None:
     Torch-Pruning has seen (so the offsets are right). Split and slice sizes are written in the forward code,
     which surgery cannot change."""
     mod, fn = node.module, node.grad_fn
+    ops = _tp().ops
     op = type(mod).__name__.strip("_").removesuffix("Op").lower()
-    dim = mod.dim if isinstance(mod, tp.ops._SliceOp) else getattr(fn, "_saved_dim", None)
-    if isinstance(mod, tp.ops._ExpandOp):
+    dim = mod.dim if isinstance(mod, ops._SliceOp) else getattr(fn, "_saved_dim", None)
+    if isinstance(mod, ops._ExpandOp):
         sizes = getattr(fn, "_saved_self_sym_sizes", None)
         return "an expand over the channel dimension" if sizes is not None and len(sizes) > 1 and sizes[1] == 1 else None
-    if isinstance(mod, tp.ops._ReshapeOp) or dim is None or dim > 1 or dim == 0:
+    if isinstance(mod, ops._ReshapeOp) or dim is None or dim > 1 or dim == 0:
         return None
     if dim < 0:
         return f"a {op} along dimension {dim} (not analysed)"
-    if isinstance(mod, tp.ops._ConcatOp):
+    if isinstance(mod, ops._ConcatOp):
         n_inputs = len(getattr(fn, "next_functions", ()))
         if len(node.inputs) != n_inputs or mod.offsets is None or len(mod.offsets) != n_inputs + 1:
             return "a concatenation with a tensor from outside the traced graph (e.g. the network input)"
