@@ -42,3 +42,15 @@ def shuffled_loader(data):
     from slimcnn.data import Loader
 
     return Loader(data, 32, shuffle=True, augment=True, seed=0)
+
+
+def one_line_compress_error(capsys, argv: list[str]) -> str:
+    """Run ``slimcnn compress`` in-process; assert exit 2 with exactly one error line (progress bars aside), and
+    return that line."""
+    from slimcnn.cli import main
+
+    code = main(argv)
+    lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln]  # the rest are progress bars
+    assert code == 2 and len(errors) == 1 and lines[-1].startswith("slimcnn compress: error:"), lines
+    return lines[-1]

@@ -2,24 +2,16 @@
 import pytest
 
 from slimcnn.cli import main
-from conftest import CIFAR, RESNET20
+from conftest import CIFAR, RESNET20, one_line_compress_error
 
 COMMON = ["--model", "cifar_resnet20", "--weights", str(RESNET20), "--data", str(CIFAR), "--train-limit", "64",
           "--test-limit", "50", "--latency-batch", "1"]
 
 
-def _one_line_error(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln]  # the rest are progress bars
-    assert code == 2 and len(errors) == 1 and lines[-1].startswith("slimcnn compress: error:"), lines
-    return lines[-1]
-
-
 @pytest.mark.parametrize("method", ["l1", "tp", "dagger", "csgd", "trp"])
 def test_unreachable_target(method, capsys, tmp_path):
     out = tmp_path / "out"
-    err = _one_line_error(capsys, ["compress", "--method", method, *COMMON, "--target-macs", "0.001",
+    err = one_line_compress_error(capsys, ["compress", "--method", method, *COMMON, "--target-macs", "0.001",
                                    "--epochs", "1", "--out", str(out)])
     assert "MACs" in err
     assert not out.exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CIFAR, RESNET20
+from conftest import CIFAR, RESNET20, one_line_compress_error
 from slimcnn.backends import check_backend, runner, time_runners
 from slimcnn.cli import main
 from slimcnn.graph import channel_groups
@@ -137,14 +137,6 @@ def test_cli_report_has_the_latency_target_block(tmp_path, capsys):
     assert "Latency target 0.7 of the base latency on eager (batch 1" in md
 
 
-def _one_line_error(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln]  # the rest are progress bars
-    assert code == 2 and len(errors) == 1 and lines[-1].startswith("slimcnn compress: error:"), lines
-    return lines[-1]
-
-
 @pytest.mark.parametrize("extra,expected", [
     (["--target-latency", "0.5", "--target-macs", "0.5"], "two budgets for one width plan"),
     (["--target-latency", "0.5", "--round-to", "0"], "positive integer"),
@@ -153,7 +145,7 @@ def _one_line_error(capsys, argv: list[str]) -> str:
 ])
 def test_bad_input_is_one_line_before_anything_loads(extra, expected, capsys, tmp_path):
     out = tmp_path / "o"
-    err = _one_line_error(capsys, [*COMMON, "--out", str(out), *extra])
+    err = one_line_compress_error(capsys, [*COMMON, "--out", str(out), *extra])
     assert expected in err and not out.exists()
 
 
@@ -164,7 +156,7 @@ def test_unknown_backend_and_missing_cuda(capsys, tmp_path):
     with pytest.raises(ValueError, match="unknown latency backend"):
         check_backend("tpu")
     if not torch.cuda.is_available():
-        err = _one_line_error(capsys, [*COMMON, "--target-latency", "0.5", "--latency-backend", "cuda",
+        err = one_line_compress_error(capsys, [*COMMON, "--target-latency", "0.5", "--latency-backend", "cuda",
                                        "--out", str(tmp_path / "o")])
         assert "needs a CUDA GPU" in err
     assert not (tmp_path / "o").exists()
@@ -172,5 +164,5 @@ def test_unknown_backend_and_missing_cuda(capsys, tmp_path):
 
 def test_a_target_below_the_smallest_net_is_one_line_and_writes_nothing(capsys, tmp_path):
     out = tmp_path / "o"
-    err = _one_line_error(capsys, [*COMMON, "--target-latency", "0.001", "--out", str(out)])
+    err = one_line_compress_error(capsys, [*COMMON, "--target-latency", "0.001", "--out", str(out)])
     assert "smallest reachable ratio" in err and "on eager at batch 1" in err and not out.exists()

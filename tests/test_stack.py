@@ -16,18 +16,10 @@ from slimcnn import methods
 from slimcnn.cli import main
 from slimcnn.compress import CompressConfig, compress, split_budget
 from slimcnn.methods.stack import Stack, stack_class
-from conftest import CIFAR, RESNET20, shuffled_loader
+from conftest import CIFAR, RESNET20, shuffled_loader, one_line_compress_error
 
 COMMON = ["--model", "cifar_resnet20", "--weights", str(RESNET20), "--data", str(CIFAR), "--train-limit", "64",
           "--test-limit", "64", "--latency-batch", "1", "--no-latency", "--bn-recalib", "2"]
-
-
-def _one_line_error(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln]  # the rest are progress bars
-    assert code == 2 and len(errors) == 1 and lines[-1].startswith("slimcnn compress: error:"), lines
-    return lines[-1]
 
 
 def _trained_resnet20() -> torch.nn.Module:
@@ -118,6 +110,6 @@ def test_cli_searched_split_report_and_roundtrip(tmp_path):
 ])
 def test_bad_input(argv, says, capsys, tmp_path):
     out = tmp_path / "out"
-    err = _one_line_error(capsys, ["compress", *argv, *COMMON, "--epochs", "2", "--out", str(out)])
+    err = one_line_compress_error(capsys, ["compress", *argv, *COMMON, "--epochs", "2", "--out", str(out)])
     assert says in err
     assert not out.exists()
