@@ -9,6 +9,8 @@ helper here behaves as a single process, so the same code runs with and without 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import hashlib
 import os
 
@@ -74,21 +76,30 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def param_digest(model: nn.Module) -> str:
-    """SHA-256 over every parameter's name, dtype, shape and bytes: equal digests mean bit-identical weights."""
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over each tensor's name, dtype, shape and bytes: equal digests mean bit-identical tensors."""
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        t = p.detach().to("cpu").contiguous()
+    for name, t in named:
+        t = t.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def gather_digests(model: nn.Module) -> list[str]:
-    """Every rank's :func:`param_digest`, in rank order (one entry in a single process)."""
-    mine = param_digest(model)
+def param_digest(model: nn.Module) -> str:
+    """:func:`tensors_digest` over every parameter: equal digests mean bit-identical weights."""
+    return tensors_digest(model.named_parameters())
+
+
+def gather_strings(mine: str) -> list[str]:
+    """Every rank's ``mine``, in rank order (one entry in a single process). A collective under torchrun."""
     if not is_distributed():
         return [mine]
     out: list[str] = [""] * world_size()
     dist.all_gather_object(out, mine)
     return out
+
+
+def gather_digests(model: nn.Module) -> list[str]:
+    """Every rank's :func:`param_digest`, in rank order (one entry in a single process)."""
+    return gather_strings(param_digest(model))

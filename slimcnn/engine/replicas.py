@@ -12,7 +12,6 @@ Outside torchrun both are no-ops.
 """
 from __future__ import annotations
 
-import hashlib
 
 import torch
 import torch.distributed as dist
@@ -79,19 +78,9 @@ def adopt_rank0(model: nn.Module) -> tuple[nn.Module, bool]:
 
 def state_digest(model: nn.Module) -> str:
     """SHA-256 over every parameter *and buffer* (BatchNorm statistics included): equal digests, identical models."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return distributed.tensors_digest(model.state_dict().items())
 
 
 def state_digests(model: nn.Module) -> list[str]:
     """Every rank's :func:`state_digest`, in rank order (one entry outside torchrun). A collective."""
-    mine = state_digest(model)
-    if not distributed.is_distributed():
-        return [mine]
-    out: list[str] = [""] * distributed.world_size()
-    dist.all_gather_object(out, mine)
-    return out
+    return distributed.gather_strings(state_digest(model))
