@@ -85,6 +85,14 @@ def register_layer(cls: _L) -> _L:
     return cls
 
 
+def register_layer_alias(type_name: str, cls: type[nn.Module]) -> None:
+    """Let specs that name a registered layer ``cls`` by an older ``module:QualName`` (from before the class
+    moved) still load. Saving always writes the current name."""
+    if _LAYERS.get(_type_name(cls)) is not cls:
+        raise TypeError(f"register {cls.__qualname__} with register_layer before giving it an alias")
+    _LAYERS[type_name] = cls
+
+
 def _config(m: nn.Module) -> dict[str, Any] | None:
     """The constructor arguments that rebuild ``m`` (children excluded), or None if we cannot tell."""
     t = type(m)

@@ -22,17 +22,20 @@ aten = torch.ops.aten
 
 
 def _conv_macs(args: tuple, out: torch.Tensor) -> int:
+    from .graph.handlers import conv_macs  # here, not at the top: slimcnn.graph imports this module
+
     x, w = args[0], args[1]
     transposed = bool(args[6]) if len(args) > 6 else False
-    groups = int(args[8]) if len(args) > 8 else 1
     kernel = prod(w.shape[2:])
     if transposed:  # w: (in, out/groups, k...); every input element meets out/groups * k weights
-        return x.numel() * w.shape[1] * kernel
-    return out.numel() * (w.shape[1]) * kernel  # w: (out, in/groups, k...)
+        return conv_macs(x.numel(), w.shape[1], kernel)
+    return conv_macs(out.numel(), w.shape[1], kernel)  # w: (out, in/groups, k...)
 
 
 def _mm_macs(a: torch.Tensor, b: torch.Tensor) -> int:
-    return prod(a.shape[:-1]) * a.shape[-1] * b.shape[-1]
+    from .graph.handlers import conv_macs
+
+    return conv_macs(prod(a.shape[:-1]) * b.shape[-1], a.shape[-1], 1)  # a matmul is a 1x1 conv
 
 
 def _macs_of(func: Any, args: tuple, out: Any) -> int:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal
 import torch
 from torch import nn
 
-from ..models.cifar_resnet import PadShortcut
+from .handlers import handler_for, is_depthwise, opaque_types
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -196,22 +196,13 @@ class _Trace:
     order: dict[str, int]
     calls: dict[str, int]
     internal: set = field(default_factory=set)
-    pad_pruner: tp_function.BasePruningFunc | None = None
     output_fns: set = field(default_factory=set)
 
 
-def _is_conv(m: Any) -> bool:
-    return isinstance(m, nn.modules.conv._ConvNd)
-
-
-def is_depthwise(m: nn.Module) -> bool:
-    """A conv whose every output channel reads exactly the input channel of the same index."""
-    return _is_conv(m) and not m.transposed and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
 def _collect_internal(out_fn: Any, in_fns: set, into: set) -> None:
-    """Autograd nodes between a module's inputs and its output: its own implementation (used for PadShortcut,
-    whose index and pad ops on the channel dimension are what its handler models)."""
+    """Autograd nodes between a module's inputs and its output: its own implementation (used for layers opaque to
+    the tracer, such as the option-A shortcut, whose index and pad ops on the channel dimension are what their
+    handler models)."""
     stack = [out_fn]
     while stack:
         fn = stack.pop()
@@ -224,11 +215,12 @@ def _collect_internal(out_fn: Any, in_fns: set, into: set) -> None:
 
 def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
     names = {m: n for n, m in model.named_modules()}
-    opaque_types = {type(m) for m in model.modules() if unprunable_reason(m) is not None}
+    unprunable_types = {type(m) for m in model.modules() if unprunable_reason(m) is not None}
     tp, split_pruner = _tp(), _split_pruner_class()
-    pad_pruner = split_pruner()
-    customized: dict[Any, tp_function.BasePruningFunc] = {PadShortcut: pad_pruner}
-    for t in opaque_types:
+    # layers with a handler that Torch-Pruning does not know: separate input and output channel spaces
+    own_ops = tuple(opaque_types())
+    customized: dict[Any, tp_function.BasePruningFunc] = {t: split_pruner() for t in own_ops}
+    for t in unprunable_types:
         customized[t] = split_pruner()
     order: dict[str, int] = {}
     calls: dict[str, int] = {}
@@ -240,13 +232,13 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
         name = names[mod]
         order.setdefault(name, len(order))
         calls[name] = calls.get(name, 0) + 1
-        if isinstance(mod, PadShortcut):
+        if isinstance(mod, own_ops):
             pending_inputs[mod] = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor)}
 
     def post(mod, inputs, output):
         if mod is model:
             output_fns.update(t.grad_fn for t in _tensors(output))
-        if isinstance(mod, PadShortcut) and isinstance(output, torch.Tensor):
+        if isinstance(mod, own_ops) and isinstance(output, torch.Tensor):
             _collect_internal(output.grad_fn, pending_inputs.pop(mod, set()), internal)
             internal.discard(output.grad_fn)  # the module's own node is judged by its type, not as an op
 
@@ -263,7 +255,7 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return _Trace(graph, names, order, calls, internal, pad_pruner, output_fns)
+    return _Trace(graph, names, order, calls, internal, output_fns)
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -303,20 +295,13 @@ def _classify(tr: _Trace, node: Any, handler: Any) -> tuple[str, Role | None, st
     is_out = tr.graph.is_out_channel_pruning_fn(handler)
     if is_out and node.grad_fn in tr.output_fns:
         problem = "its channels are part of the model output"
-    if isinstance(mod, PadShortcut):
-        return name, ("out" if handler == tr.pad_pruner.prune_out_channels else "in"), problem
+    layer = handler_for(mod) if isinstance(mod, nn.Module) else None
+    if layer is not None and layer.opaque_to_tracer:  # its handler models it, even inside an opaque module
+        return name, layer.role(mod, is_out), problem
     if isinstance(mod, nn.Module) and unprunable_reason(mod) is not None:
         return name, None, unprunable_reason(mod)
-    if _is_conv(mod):
-        if is_depthwise(mod):
-            return name, "dw", problem
-        if mod.groups != 1:
-            return name, ("out" if is_out else "in"), problem or f"{name} is a grouped convolution (groups={mod.groups})"
-        return name, ("out" if is_out else "in"), problem
-    if isinstance(mod, nn.Linear):
-        return name, ("out" if is_out else "in"), problem
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        return name, "bn", problem
+    if layer is not None:
+        return name, layer.role(mod, is_out), problem or layer.problem(name, mod)
     if isinstance(mod, ops._OutputOp):
         return name, None, "its channels are part of the model output"
     if isinstance(mod, ops._ElementWiseOp):
@@ -358,15 +343,10 @@ def _axis(role: Role) -> str:
 
 
 def _module_width(module: nn.Module, role: Role) -> int:
-    if isinstance(module, PadShortcut):
-        return module.in_channels if role == "in" else module.out_channels
-    if _is_conv(module):
-        return module.in_channels if role == "in" else module.out_channels
-    if isinstance(module, nn.Linear):
-        return module.in_features if role == "in" else module.out_features
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features
-    raise TypeError(type(module).__name__)
+    layer = handler_for(module)
+    if layer is None:
+        raise TypeError(type(module).__name__)
+    return layer.width(module, _axis(role))
 
 
 def _segments(root_idxs: list[int], maps: dict[tuple[str, Role], dict[int, list[int]]]):
@@ -396,21 +376,38 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     The network input is not a group; the classifier's outputs form an unprunable group. An active
     :func:`~slimcnn.graph.policy.layer_policy` marks excluded groups unprunable and sets floors (``min_keep``).
 
-    >>> from slimcnn.models import create
+    >>> from slimcnn import create
     >>> groups = channel_groups(create("cifar_resnet20"), torch.randn(1, 3, 32, 32))
     >>> [g.key for g in groups][:3], len(groups)
     (['conv1', 'layer1.0.conv1', 'layer1.1.conv1'], 13)
     """
+    groups = build_groups(model, example_input)
+    from .policy import active_policy
+
+    policy = active_policy()
+    if policy:  # --exclude / --min-keep of the run in progress
+        policy.apply(groups)
+    return groups
+
+
+def _is_root(m: Any) -> bool:
+    layer = handler_for(m) if isinstance(m, nn.Module) else None
+    return layer is not None and layer.is_root
+
+
+def build_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
+    """:func:`channel_groups` before any layer policy: what one trace of the model says (the part
+    :class:`~slimcnn.graph.ChannelGraph` keeps, applying the policy active at each use)."""
     tr = _trace(model, example_input)
     graph = tr.graph
     ignored = set(graph.IGNORED_LAYERS_IN_TRACING)
-    roots = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m not in ignored]
+    roots = [m for m in graph.module2node if _is_root(m) and m not in ignored]
     roots.sort(key=lambda m: tr.order.get(tr.names[m], 1 << 30))
     covered: dict[str, set[int]] = {}
     groups: list[ChannelGroup] = []
     for root in roots:
         rname = tr.names[root]
-        width = root.out_channels if _is_conv(root) else root.out_features
+        width = handler_for(root).width(root, "out")
         todo = [i for i in range(width) if i not in covered.get(rname, set())]
         if not todo:
             continue
@@ -438,11 +435,6 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     _check_widths(model, groups)
     _check_overlaps(groups)
     _name_and_sort(model, groups, tr.order)
-    from .policy import active_policy
-
-    policy = active_policy()
-    if policy:  # --exclude / --min-keep of the run in progress
-        policy.apply(groups)
     return groups
 
 

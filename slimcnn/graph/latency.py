@@ -210,7 +210,7 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, backend: 
     smallest allowed net and an anchor pruned uniformly to a raw predicted ratio of ``anchor_ratio`` (see the
     module docstring). ``repeats``: interleaved timings per grid point (the median is kept).
 
-    >>> from slimcnn.models import create
+    >>> from slimcnn import create
     >>> t = build_latency_table(create("cifar_resnet20"), torch.randn(1, 3, 32, 32), repeats=3,
     ...                         calibration_budget_s=1)
     >>> 0 < t.ratio_at({"layer1.0.conv1": 1}) < 1

@@ -10,11 +10,9 @@ Checks on every result: a forward pass with the original output shape (a failure
 zeroed, which must give the same outputs whatever the weights: a missed consumer or coupling cannot slip through.
 ``merge_channels`` compares with the original outputs when ``lossless_tol`` is given.
 
-Option-A shortcuts (:class:`~slimcnn.models.PadShortcut`) are edited through their ``src``/``dst`` maps: as a
-consumer of the lower stream, a map entry reading a merged-away channel now reads the cluster's kept channel (exact:
-the members are identical once merged); as a producer of the upper stream, only the entry of the cluster's first
-channel survives, so merging upper-stream channels is lossless only when the shortcut maps the cluster's channels
-identically (all unmapped, or all from the same source channel). A failed lossless check says so.
+Every layer is edited by its handler (:mod:`slimcnn.graph.handlers`): convs and linears select their output rows
+and sum their input columns, norms select their entries, option-A shortcuts (:mod:`slimcnn.layers`) rewrite their
+channel maps. A layer that knows why a merge of its channels cannot be exact says so when a lossless check fails.
 """
 from __future__ import annotations
 
@@ -24,14 +22,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..models.cifar_resnet import PadShortcut
-from .groups import ChannelGroup, Member, channel_groups, groups_by_key, is_depthwise
-from .replace import set_submodule
+from .groups import ChannelGroup, Member, channel_groups, groups_by_key
+from .handlers import LayerHandler, NewChannel, handler_for
 from .validate import SurgeryError, reference_output, validate
 
 Clusters = list[list[int]]
-# A new channel along one axis of one module: (kept old index, old indices whose input slices are summed).
-NewChannel = tuple[int, list[int]]
 
 
 def remove_channels(model: nn.Module, example_input: torch.Tensor, keep: Mapping[str, Sequence[int]],
@@ -40,7 +35,7 @@ def remove_channels(model: nn.Module, example_input: torch.Tensor, keep: Mapping
     named stay whole. The copy is validated (see the module doc; ``tol`` is the relative tolerance of the masked
     comparison). ``model`` is untouched.
 
-    >>> from slimcnn.models import create
+    >>> from slimcnn import create
     >>> x = torch.randn(2, 3, 32, 32)
     >>> small = remove_channels(create("cifar_resnet20"), x, {"layer1.0.conv1": [0, 2, 5]})
     >>> small.layer1[0].conv1.out_channels
@@ -63,7 +58,7 @@ def merge_channels(model: nn.Module, example_input: torch.Tensor, clusters: Mapp
     every cluster's producer rows and norm entries are identical (norms on the consumer side too, as DenseNet's,
     and see the module doc for option-A shortcuts); ``lossless_tol`` checks it (max abs difference).
 
-    >>> from slimcnn.models import create
+    >>> from slimcnn import create
     >>> x = torch.randn(2, 3, 32, 32)
     >>> m = merge_channels(create("cifar_resnet20"), x, {"layer1.0.conv1": [[0, 3], [1, 2]] + [[i] for i in range(4, 16)]})
     >>> m.layer1[0].conv1.out_channels
@@ -91,19 +86,10 @@ def equalize_clusters(model: nn.Module, groups: list[ChannelGroup], clusters: Ma
     by_key = groups_by_key(groups)
     for key, cl in clusters.items():
         for m in by_key[key].members:
-            mod = model.get_submodule(m.module)
-            if m.role == "in" or isinstance(mod, PadShortcut):
+            if m.role == "in":
                 continue
-            w_dim = 1 if getattr(mod, "transposed", False) else 0
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                t = getattr(mod, attr, None)
-                if t is None:
-                    continue
-                dim = w_dim if attr == "weight" else 0
-                for c in cl:
-                    first = t.narrow(dim, m.offset + c[0], 1)
-                    for i in c[1:]:
-                        t.narrow(dim, m.offset + i, 1).copy_(first)
+            mod = model.get_submodule(m.module)
+            _handler(mod, m.module).equalize(mod, m.offset, cl)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,72 +174,16 @@ def _new_channels(width: int, ranges: list[tuple[int, int, Clusters]]) -> list[N
     return result
 
 
-def _select(t: torch.Tensor, dim: int, chans: list[NewChannel]) -> torch.Tensor:
-    return t.index_select(dim, torch.tensor([rep for rep, _ in chans], device=t.device))
-
-
-def _sum_into(t: torch.Tensor, dim: int, chans: list[NewChannel]) -> torch.Tensor:
-    src = [i for _, members in chans for i in members]
-    dst = [j for j, (_, members) in enumerate(chans) for _ in members]
-    shape = list(t.shape)
-    shape[dim] = len(chans)
-    out = t.new_zeros(shape)
-    return out.index_add(dim, torch.tensor(dst, device=t.device), t.index_select(dim, torch.tensor(src, device=t.device)))
-
-
-def _param(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+def _handler(mod: nn.Module, name: str) -> LayerHandler:
+    layer = handler_for(mod)
+    if layer is None:
+        raise SurgeryError(f"cannot edit channels of {name} ({type(mod).__name__})")
+    return layer
 
 
 def _edit(model: nn.Module, name: str, out: list[NewChannel] | None, inp: list[NewChannel] | None) -> None:
     mod = model.get_submodule(name)
-    if isinstance(mod, PadShortcut):
-        _edit_pad(model, name, mod, out, inp)
-    elif isinstance(mod, nn.modules.conv._ConvNd):
-        w_out, w_in = (1, 0) if mod.transposed else (0, 1)
-        depthwise = is_depthwise(mod)
-        if out is not None:
-            mod.weight = _param(mod.weight, _select(mod.weight.data, w_out, out))
-            if mod.bias is not None:
-                mod.bias = _param(mod.bias, _select(mod.bias.data, 0, out))
-            mod.out_channels = len(out)
-            if depthwise:  # in and out channels are the same channels
-                mod.in_channels = mod.groups = len(out)
-        if inp is not None:
-            mod.weight = _param(mod.weight, _sum_into(mod.weight.data, w_in, inp))
-            mod.in_channels = len(inp)
-    elif isinstance(mod, nn.Linear):
-        if out is not None:
-            mod.weight = _param(mod.weight, _select(mod.weight.data, 0, out))
-            if mod.bias is not None:
-                mod.bias = _param(mod.bias, _select(mod.bias.data, 0, out))
-            mod.out_features = len(out)
-        if inp is not None:
-            mod.weight = _param(mod.weight, _sum_into(mod.weight.data, 1, inp))
-            mod.in_features = len(inp)
-    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        for attr in ("weight", "bias"):
-            if getattr(mod, attr) is not None:
-                setattr(mod, attr, _param(getattr(mod, attr), _select(getattr(mod, attr).data, 0, out)))
-        for attr in ("running_mean", "running_var"):
-            if getattr(mod, attr) is not None:
-                setattr(mod, attr, _select(getattr(mod, attr), 0, out))
-        mod.num_features = len(out)
-    else:
-        raise SurgeryError(f"cannot edit channels of {name} ({type(mod).__name__})")
-
-
-def _edit_pad(model: nn.Module, name: str, mod: PadShortcut, out: list[NewChannel] | None,
-              inp: list[NewChannel] | None) -> None:
-    # producer side: only a cluster's kept channel survives; consumer side: any member reads the kept channel
-    new_dst = {rep: j for j, (rep, _) in enumerate(out)} if out is not None else {d: d for d in mod.dst}
-    new_src = {i: j for j, (_, members) in enumerate(inp) for i in members} if inp is not None else {s: s for s in mod.src}
-    pairs = [(new_src[s], new_dst[d]) for s, d in zip(mod.src, mod.dst) if s in new_src and d in new_dst]
-    n_in = len(inp) if inp is not None else mod.in_channels
-    n_out = len(out) if out is not None else mod.out_channels
-    shortcut = PadShortcut(n_in, n_out, mod.stride, [s for s, _ in pairs], [d for _, d in pairs])
-    shortcut.to(mod._src.device)
-    set_submodule(model, name, shortcut)
+    _handler(mod, name).edit(model, name, mod, out, inp)
 
 
 def _apply(model: nn.Module, by_key: dict[str, ChannelGroup], plan: Mapping[str, Clusters]) -> nn.Module:
@@ -273,11 +203,10 @@ def _apply(model: nn.Module, by_key: dict[str, ChannelGroup], plan: Mapping[str,
 
 
 def _width(mod: nn.Module, axis: str) -> int:
-    if isinstance(mod, nn.Linear):
-        return mod.out_features if axis == "out" else mod.in_features
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        return mod.num_features
-    return mod.out_channels if axis == "out" else mod.in_channels
+    layer = handler_for(mod)
+    if layer is None:  # _edit names the module and its type
+        return mod.out_channels if axis == "out" else mod.in_channels
+    return layer.width(mod, axis)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,13 +228,7 @@ def masked_copy(model: nn.Module, by_key: dict[str, ChannelGroup], plan: Mapping
 @torch.no_grad()
 def _mask_input(model: nn.Module, m: Member, channels: list[int]) -> None:
     mod = model.get_submodule(m.module)
-    if isinstance(mod, PadShortcut):
-        pairs = [(s, d) for s, d in zip(mod.src, mod.dst) if s not in set(channels)]
-        masked = PadShortcut(mod.in_channels, mod.out_channels, mod.stride, [s for s, _ in pairs], [d for _, d in pairs])
-        set_submodule(model, m.module, masked.to(mod._src.device))
-        return
-    dim = 0 if getattr(mod, "transposed", False) else 1
-    mod.weight.index_fill_(dim, torch.tensor(channels, dtype=torch.long, device=mod.weight.device), 0.0)
+    _handler(mod, m.module).mask_inputs(model, m.module, mod, channels)
 
 
 def _check_against_masked(model: nn.Module, got: torch.Tensor, x: torch.Tensor, by_key: dict[str, ChannelGroup],
@@ -335,13 +258,8 @@ def _pad_merge_note(model: nn.Module, by_key: dict[str, ChannelGroup], plan: Map
     for key, clusters in plan.items():
         for m in by_key[key].producers:
             mod = model.get_submodule(m.module)
-            if not isinstance(mod, PadShortcut):
-                continue
-            where = dict(zip(mod.dst, mod.src))
-            for c in clusters:
-                sources = {where.get(m.offset + i) for i in c}
-                if len(sources) > 1:
-                    notes.append(f"{m.module} maps channels {c} of group {key!r} from different inputs, so merging "
-                                 "them cannot be exact (the shortcut keeps only the first channel's mapping)")
-                    break
+            layer = handler_for(mod)
+            note = layer.merge_note(mod, m.offset, clusters, key) if layer is not None else None
+            if note:
+                notes.append(f"{m.module} {note}")
     return ("; note: " + "; ".join(notes)) if notes else ""

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..profile import profile
-from .costs import cost_model
+from .costs import CostModel, cost_model
 from .groups import ChannelGroup, channel_groups
 from .surgery import remove_channels
 from .validate import SurgeryError
@@ -73,55 +73,59 @@ def allocate_by_cost(cost: WidthCost, groups: list[ChannelGroup], target: float,
 
 def allocate_widths(model: nn.Module, example_input: torch.Tensor, target: float, mode: str = "uniform",
                     scores: Scores | None = None, *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
-                    normalize: str = "max", round_to: int | None = None) -> dict[str, int]:
+                    normalize: str = "max", round_to: int | None = None, cost: CostModel | None = None
+                    ) -> dict[str, int]:
     """Channels to keep per group, ``{key: n_kept}``, so the predicted MACs are within ``tol`` of ``target``
     (``target <= 1``: a fraction of the model's MACs; ``> 1``: absolute MACs). ``round_to``: aligned widths
-    (see the module docstring).
+    (see the module docstring). ``groups`` and ``cost`` (the model's :func:`cost_model`) save a trace and a
+    profile when the caller has them (a :class:`~slimcnn.graph.ChannelGraph` does).
 
-    >>> from slimcnn.models import create
+    >>> from slimcnn import create
     >>> widths = allocate_widths(create("cifar_resnet20"), torch.randn(1, 3, 32, 32), 0.5)
     >>> widths["layer1.0.conv1"]
     11
     """
     groups = groups if groups is not None else channel_groups(model, example_input)
-    cm = cost_model(model, example_input, groups)
+    cm = cost if cost is not None else cost_model(model, example_input, groups)
     return _allocate(cm, _considered(groups, scores), _target_macs(target, cm.total), mode, scores, tol, normalize,
                      check_round_to(round_to))
 
 
 def select_channels(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
                     mode: str = "global", *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
-                    normalize: str = "max", round_to: int | None = None) -> dict[str, list[int]]:
+                    normalize: str = "max", round_to: int | None = None, cost: CostModel | None = None
+                    ) -> dict[str, list[int]]:
     """Channels to keep per group (sorted indices; highest scores kept) so that the real MACs of the pruned
     model are within ``tol`` of ``target``. Groups without scores stay whole.
 
-    >>> from slimcnn.models import create
+    >>> from slimcnn import create
     >>> m, x = create("cifar_resnet20"), torch.randn(1, 3, 32, 32)
     >>> scores = {g.key: torch.rand(g.size) for g in channel_groups(m, x) if g.prunable}
     >>> keep = select_channels(m, x, scores, 0.5)
     """
-    return _select(model, example_input, scores, target, mode, groups, tol, normalize, round_to)[0]
+    return _select(model, example_input, scores, target, mode, groups, tol, normalize, round_to, cost)[0]
 
 
 def select_and_prune(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
                      mode: str = "global", *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
-                     normalize: str = "max", round_to: int | None = None) -> tuple[dict[str, list[int]], nn.Module]:
+                     normalize: str = "max", round_to: int | None = None, cost: CostModel | None = None
+                     ) -> tuple[dict[str, list[int]], nn.Module]:
     """Both results of one search: the kept channels (as :func:`select_channels`) and the validated pruned copy
     (as :func:`prune_to_target`), for callers that need the two without doing the surgery twice."""
-    return _select(model, example_input, scores, target, mode, groups, tol, normalize, round_to)
+    return _select(model, example_input, scores, target, mode, groups, tol, normalize, round_to, cost)
 
 
 def prune_to_target(model: nn.Module, example_input: torch.Tensor, scores: Scores, target: float = 0.5,
                     mode: str = "global", *, groups: list[ChannelGroup] | None = None, tol: float = 0.01,
-                    normalize: str = "max", round_to: int | None = None) -> nn.Module:
+                    normalize: str = "max", round_to: int | None = None, cost: CostModel | None = None) -> nn.Module:
     """:func:`select_channels` then :func:`remove_channels`: a validated copy within ``tol`` of ``target``.
 
-    >>> from slimcnn.models import create
+    >>> from slimcnn import create
     >>> m, x = create("cifar_resnet20"), torch.randn(1, 3, 32, 32)
     >>> scores = {g.key: torch.rand(g.size) for g in channel_groups(m, x) if g.prunable}
     >>> small = prune_to_target(m, x, scores, 0.5)
     """
-    return _select(model, example_input, scores, target, mode, groups, tol, normalize, round_to)[1]
+    return _select(model, example_input, scores, target, mode, groups, tol, normalize, round_to, cost)[1]
 
 
 def check_round_to(round_to: int | None) -> int | None:
@@ -401,11 +405,11 @@ def _keep_top(scores: Scores, widths: Mapping[str, int]) -> dict[str, list[int]]
 
 
 def _select(model: nn.Module, x: torch.Tensor, scores: Scores, target: float, mode: str,
-            groups: list[ChannelGroup] | None, tol: float, normalize: str, round_to: int | None = None
-            ) -> tuple[dict[str, list[int]], nn.Module]:
+            groups: list[ChannelGroup] | None, tol: float, normalize: str, round_to: int | None = None,
+            cost: CostModel | None = None) -> tuple[dict[str, list[int]], nn.Module]:
     round_to = check_round_to(round_to)
     groups = groups if groups is not None else channel_groups(model, x)
-    cm = cost_model(model, x, groups)
+    cm = cost if cost is not None else cost_model(model, x, groups)
     considered = _considered(groups, scores)
     goal = _target_macs(target, cm.total)
     aim = goal

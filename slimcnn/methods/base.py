@@ -18,10 +18,13 @@ A method never touches data loading.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..graph import ChannelGraph
 
 
 class Method:
@@ -40,8 +43,15 @@ class Method:
     #: what the epochs with the method attached do, in words, for reports ("centripetal SGD", "gate search", ...)
     method_phase: ClassVar[str] = "training with the method attached"
 
-    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    def prepare(self, model: nn.Module, example_input: torch.Tensor, graph: ChannelGraph | None = None) -> nn.Module:
+        """Keep the example input and the model's :class:`~slimcnn.graph.ChannelGraph` (``graph`` when the caller
+        has one, else a new one: it traces only when first asked, so methods that need no groups pay nothing).
+        Methods call this first from their own ``prepare`` and ask ``self.graph`` for groups, costs and surgery,
+        so the model is traced once from prepare to finalize."""
+        from ..graph import ChannelGraph
+
         self.example_input = example_input
+        self.graph = graph if graph is not None else ChannelGraph(model, example_input)
         return model
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:

@@ -69,12 +69,15 @@ import math
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .base import Method
+
+if TYPE_CHECKING:
+    from ..graph import ChannelGraph
 
 OFFICIAL_EPS = 3e-3
 _ROW_ROLES = ("out", "dw", "bn")  # member roles whose parameters hold the group's channels as rows (dim 0)
@@ -387,15 +390,14 @@ class CSGD(Method):
     def prepare(self, model: nn.Module, example_input: torch.Tensor, total_steps: int | None = None,
                 epochs: int | None = None, steps_per_epoch: int | None = None, lr: float | None = None,
                 lr_at: Callable[[int], float] | None = None, schedule: str | None = None,
-                warmup_steps: int = 0) -> nn.Module:
+                warmup_steps: int = 0, graph: ChannelGraph | None = None) -> nn.Module:
         """Cluster every group that loses channels; the model itself is not changed.
 
         ``total_steps`` (or ``epochs * steps_per_epoch``), ``lr``/``lr_at``/``schedule`` describe the training
         budget for the default strength rule (see the module docstring); ``rounds`` need ``total_steps``.
+        ``graph``: the model's :class:`~slimcnn.graph.ChannelGraph` when the caller has one.
         """
-        from ..graph import channel_groups
-
-        self.example_input = example_input
+        super().prepare(model, example_input, graph)
         if total_steps is None and epochs is not None and steps_per_epoch is not None:
             total_steps = epochs * steps_per_epoch
         if total_steps is not None and total_steps < 1:
@@ -404,7 +406,7 @@ class CSGD(Method):
         self.lr = lr if lr is not None else self.lr
         self.lr_at, self.warmup_steps = lr_at, warmup_steps
         self.schedule = schedule or self.schedule
-        every = channel_groups(model, example_input)
+        every = self.graph.groups_for(model)
         # module -> the groups it reads (consumer role), to follow an option-A shortcut back to its sources
         self._readers = {}
         for g in every:
@@ -468,14 +470,11 @@ class CSGD(Method):
         if fraction is not None:
             want = {k: max(1, math.floor(fraction * n + 1e-9)) for k, n in sizes.items()}
         elif self.squeeze:
-            want = squeeze_widths(model, self.example_input)
+            want = squeeze_widths(model, self.example_input, graph=self.graph)
         elif self.widths is not None:
             want = _explicit_widths(self.widths, sizes)
         else:
-            from ..graph import allocate_widths
-
-            want = allocate_widths(model, self.example_input, self.target_macs, mode="uniform",
-                                   round_to=self.round_to)
+            want = self.graph.allocate_widths(self.target_macs, mode="uniform", model=model, round_to=self.round_to)
         from ..graph.targeting import aligned_widths, snap_width
 
         out = {}
@@ -537,7 +536,7 @@ class CSGD(Method):
         """Per channel: what parameter-free producers (option-A shortcuts) put into it. Channels may share a
         cluster only if they get the same: nothing, or the same (cluster of) source channel; training cannot
         make two different sources equal, so merging them would not be lossless."""
-        from ..models.cifar_resnet import PadShortcut
+        from ..layers import PadShortcut
 
         g = self._groups[key]
         sig: list[tuple] = [() for _ in range(g.size)]
@@ -721,8 +720,6 @@ class CSGD(Method):
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Report the remaining intra-cluster distances, then merge every cluster into one channel."""
-        from ..graph import merge_channels
-
         if self.example_input is None:
             raise RuntimeError("C-SGD: call prepare() before finalize()")
         per_layer = self.cluster_distances(model)
@@ -740,7 +737,7 @@ class CSGD(Method):
         if not self.ids:
             return model
         clusters = {key: cluster_lists(ids) for key, ids in self.ids.items()}
-        return merge_channels(model, self.example_input, clusters, lossless_tol=self.lossless_tol)
+        return self.graph.merge(clusters, model=model, lossless_tol=self.lossless_tol)
 
     def report(self) -> dict[str, Any]:
         """``merge`` (after finalize): max relative intra-cluster distance, overall and per layer; ``csgd``: the
@@ -798,15 +795,17 @@ def _explicit_widths(widths: float | dict[str, float], sizes: dict[str, int]) ->
     return out
 
 
-def squeeze_widths(model: nn.Module, example_input: torch.Tensor, reference: nn.Module | None = None) -> dict[str, int]:
-    """Group widths of ``reference`` (default: ``model``'s recipe rebuilt at width 1) for a wide ``model``.
+def squeeze_widths(model: nn.Module, example_input: torch.Tensor, reference: nn.Module | None = None,
+                   graph: ChannelGraph | None = None) -> dict[str, int]:
+    """Group widths of ``reference`` (default: ``model``'s recipe rebuilt at width 1) for a wide ``model``
+    (``graph``: ``model``'s :class:`~slimcnn.graph.ChannelGraph`, when the caller has one).
 
     >>> from slimcnn.models import create
     >>> wide = create("cifar_resnet20", width=1.5)
     >>> squeeze_widths(wide, torch.zeros(1, 3, 32, 32))["conv1"]                # doctest: +SKIP
     16
     """
-    from ..graph import channel_groups
+    from ..graph import ChannelGraph, channel_groups
 
     if reference is None:
         spec = getattr(model, "slimcnn_spec", None)
@@ -817,7 +816,8 @@ def squeeze_widths(model: nn.Module, example_input: torch.Tensor, reference: nn.
 
         kwargs = {k: v for k, v in spec["kwargs"].items() if k != "width"}
         reference = create(spec["name"], num_classes=spec["num_classes"], **kwargs)
-    wide = {g.key: g.size for g in channel_groups(model, example_input) if g.prunable}
+    graph = graph if graph is not None else ChannelGraph(model, example_input)
+    wide = {g.key: g.size for g in graph.groups_for(model) if g.prunable}
     narrow = {g.key: g.size for g in channel_groups(reference, example_input)}
     missing = sorted(set(wide) - set(narrow))
     if missing:
@@ -852,15 +852,18 @@ def run_rounds(model: nn.Module, example_input: torch.Tensor, fractions: Sequenc
     >>> compact, reports = run_rounds(model, x, [13/16, 11/16, 5/8],
     ...     lambda m, method, r: train(m, loader, cfg, method=method).model)            # doctest: +SKIP
     """
-    from ..graph import channel_groups
+    from ..graph import ChannelGraph
 
-    base = {g.key: g.size for g in channel_groups(model, example_input) if g.prunable}
+    graph = ChannelGraph(model, example_input)
+    base = {g.key: g.size for g in graph.prunable}
     reports = []
     for r, f in enumerate(fractions):
-        now = {g.key: g.size for g in channel_groups(model, example_input) if g.prunable}
+        if r:  # the previous round merged channels: a new model, a new graph
+            graph = graph.rebuild(model)
+        now = {g.key: g.size for g in graph.prunable}
         widths = {k: min(now[k], max(1, math.floor(f * base[k] + 1e-9))) for k in now if k in base}
         method = CSGD(widths=widths, **options)
-        model = method.prepare(model, example_input, total_steps=total_steps)
+        model = method.prepare(model, example_input, total_steps=total_steps, graph=graph)
         model = train(model, method, r) or model
         model = method.finalize(model)
         reports.append(method.report())

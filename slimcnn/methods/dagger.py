@@ -91,8 +91,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import allocate_widths, channel_groups, select_and_prune
-from ..graph.costs import cost_model
+from ..graph import ChannelGraph
+from ..graph.costs import soft_macs  # the cost model's soft MACs, kept importable from here
 from ..importance import group_rows
 from .base import Method
 
@@ -211,37 +211,6 @@ class DaggerNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- soft MACs, regulariser
-
-def soft_macs(costs: Sequence[Any], gates: dict[str, torch.Tensor], rest: float = 0.0) -> torch.Tensor:
-    """Differentiable MACs of the gated network.
-
-    ``costs``: :func:`slimcnn.graph.layer_costs` rows (``macs, in_channels, out_channels, groups`` and the group
-    slices on each side, ``in_parts``/``out_parts`` of ``(key, offset, size)``, or just ``in_group``/``out_group``);
-    ``gates``: group key -> gate vector; ``rest``: MACs that do not depend on any width. A channel whose group is
-    not in ``gates`` counts as kept. With 0/1 gates this is the MACs of the model with the 0-gated channels removed.
-
-    >>> soft_macs(costs, {k: torch.ones(n) for k, n in sizes.items()})  # == sum of costs' macs  # doctest: +SKIP
-    """
-    sums = {k: g.sum().double() for k, g in gates.items()}
-    any_gate = next(iter(gates.values()), None)
-    total = torch.tensor(float(rest), dtype=torch.float64, device=any_gate.device if any_gate is not None else None)
-
-    def fraction(parts: Sequence[tuple[str, int, int]], channels: int) -> torch.Tensor | float:
-        kept: torch.Tensor | float = float(channels)
-        for key, _, size in parts:
-            if key in sums:
-                kept = kept - size + sums[key]
-        return kept / channels
-
-    for c in costs:
-        p_in = getattr(c, "in_parts", ()) or ([(c.in_group, 0, c.in_channels)] if c.in_group else [])
-        p_out = getattr(c, "out_parts", ()) or ([(c.out_group, 0, c.out_channels)] if c.out_group else [])
-        if c.groups > 1:  # depthwise (one group on both sides): linear in the kept channels, not quadratic
-            total = total + c.macs * fraction(p_out or p_in, c.out_channels)
-        else:
-            total = total + c.macs * fraction(p_in, c.in_channels) * fraction(p_out, c.out_channels)
-    return total
-
 
 def flops_regularizer(soft: torch.Tensor, target: float, kind: str = "square") -> torch.Tensor:
     """``(soft/target - 1)^2`` (``square``) or ``max(0, soft/target - 1)`` (``hinge``); zero at the target.
@@ -441,27 +410,28 @@ class Dagger(Method):
         self._handles = []
 
     # ------------------------------------------------------------------ Method interface
-    def prepare(self, model: nn.Module, example_input: torch.Tensor, total_steps: int | None = None) -> nn.Module:
+    def prepare(self, model: nn.Module, example_input: torch.Tensor, total_steps: int | None = None,
+                graph: ChannelGraph | None = None) -> nn.Module:
         """Attach the gates. ``total_steps`` (the search length, passed by ``slimcnn compress``) sets the
-        annealing length unless ``anneal_steps`` was given."""
+        annealing length unless ``anneal_steps`` was given; ``graph``: the model's ChannelGraph, if at hand."""
         if total_steps and not self._anneal_given:
             self.anneal_steps = int(total_steps)
         self._detach_hooks()  # prepared twice: trace the clean model
-        self.example_input = example_input
+        super().prepare(model, example_input, graph)
         self.step, self.trajectory, self.widths, self.final_gates = 0, [], {}, {}
         self.lambda_flops = self.lambda_start
-        groups = channel_groups(model, example_input)
+        groups = self.graph.groups_for(model)
         self.groups = [g for g in groups if g.prunable]
         if not self.groups:
             raise ValueError("Dagger: the model has no prunable channel group")
-        costs = cost_model(model, example_input, groups)  # layer_costs plus the measured total
+        costs = self.graph.costs(model)  # layer_costs plus the measured total
         self.costs = costs.layers
         self.base_macs = float(costs.total)
         # MACs no conv/linear layer accounts for (functional matmuls) do not change with widths: a constant.
         self.rest = float(costs.rest)
         self.target_abs = self.target_macs * self.base_macs if self.target_macs <= 1 else self.target_macs
         # an unreachable target fails here, before any training, with the MACs that can be reached
-        allocate_widths(model, example_input, self.target_macs, groups=groups, round_to=self.round_to)
+        self.graph.allocate_widths(self.target_macs, model=model, round_to=self.round_to)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             init_logit = math.log(self.init_gate / (1 - self.init_gate)) * self.t_start
@@ -542,8 +512,8 @@ class Dagger(Method):
         self.final_gates = {k: torch.sigmoid(v).tolist() for k, v in scores.items()}
         # logits are comparable across groups as they are. Once the search has reached the target, the channels
         # kept are those its hard gates kept, give or take the few that the 1% tolerance moves.
-        keep, compact = select_and_prune(model, self.example_input, scores=scores, target=self.target_macs,
-                                         mode=self.mode, normalize="none", round_to=self.round_to)
+        keep, compact = self.graph.select_and_prune(scores, self.target_macs, self.mode, model=model,
+                                                    normalize="none", round_to=self.round_to)
         self.widths = {k: len(v) for k, v in keep.items()}
         searched = {k: set((v > 0).nonzero().flatten().tolist()) | {int(v.argmax())} for k, v in scores.items()}
         self.changed_at_finalize = sum(len(searched[k] ^ set(keep.get(k, range(len(scores[k]))))) for k in scores)

@@ -20,6 +20,7 @@ from ..importance import SCORERS, check_scorer, score
 from .base import Method
 
 if TYPE_CHECKING:
+    from ..graph import ChannelGraph
     from ..graph.latency import LatencyGoal, LatencyTable
 
 
@@ -47,8 +48,8 @@ class L1Pruning(Method):
         self.latency_table: LatencyTable | None = None
         self.latency_record: dict[str, Any] = {}
 
-    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
-        self.example_input = example_input
+    def prepare(self, model: nn.Module, example_input: torch.Tensor, graph: ChannelGraph | None = None) -> nn.Module:
+        super().prepare(model, example_input, graph)
         if self.target_latency is not None:
             from ..graph.latency import build_latency_table
 
@@ -56,28 +57,23 @@ class L1Pruning(Method):
             # the anchor sits at the target (a ratio; for milliseconds, 0.5 until the base is timed)
             self.latency_table = build_latency_table(model, example_input[:1], goal.backend, goal.batch, goal.threads,
                                                      goal.value if goal.unit == "ratio" else 0.5,
-                                                     round_to=self.round_to)
+                                                     groups=self.graph.groups_for(model), round_to=self.round_to)
         return model
 
     def scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        from ..graph import channel_groups
-
-        return {g.key: score(self.scorer, model, g) for g in channel_groups(model, self.example_input) if g.prunable}
+        return {g.key: score(self.scorer, model, g) for g in self.graph.groups_for(model) if g.prunable}
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        from ..graph import prune_to_target
-
         if self.latency_table is not None:
             return self._finalize_latency(model)
-        return prune_to_target(model, self.example_input, self.scores(model), self.target_macs, mode=self.mode,
-                               round_to=self.round_to)
+        return self.graph.prune_to_target(self.scores(model), self.target_macs, mode=self.mode, model=model,
+                                          round_to=self.round_to)
 
     def _finalize_latency(self, model: nn.Module) -> nn.Module:
-        from ..graph import channel_groups
         from ..graph.latency import prune_to_latency
 
         table, goal = self.latency_table, self.target_latency
-        groups = channel_groups(model, self.example_input)
+        groups = self.graph.groups_for(model)
         ratio = goal.ratio(table.base_ms)
         small, widths, plan = prune_to_latency(model, self.example_input, self.scores(model), table, ratio,
                                                self.mode, groups=groups, round_to=self.round_to)

@@ -29,15 +29,19 @@ Fairness (the peer gets exactly what our rows get, no more):
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..graph.replace import set_submodule
 from ..graph.validate import SurgeryError, reference_output, validate
-from ..models.cifar_resnet import PadShortcut
+from ..layers import PadShortcut
 from ..profile import profile
 from .base import Method
+
+if TYPE_CHECKING:
+    from ..graph import ChannelGraph
 
 
 def shortcut_as_conv(sc: PadShortcut) -> nn.Conv2d:
@@ -51,15 +55,14 @@ def shortcut_as_conv(sc: PadShortcut) -> nn.Conv2d:
     return conv
 
 
-def _excluded_producers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+def _excluded_producers(graph: ChannelGraph, model: nn.Module) -> list[str]:
     """--exclude for Torch-Pruning: the producers of every channel group the active layer policy leaves whole,
     as its ``ignored_layers``, so the peer keeps the same layers whole as our methods do (inputs included)."""
-    from ..graph import channel_groups
     from ..graph.policy import active_policy
 
     if not active_policy():
         return []
-    return sorted({m.module for g in channel_groups(model, example_input) if "excluded:" in g.reason
+    return sorted({m.module for g in graph.groups_for(model) if "excluded:" in g.reason
                    for m in g.members if m.role in ("out", "dw")})
 
 
@@ -82,10 +85,10 @@ class TorchPruningPeer(Method):
             self.global_pruning = mode == "global"
         self.result: dict = {}
 
-    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
-        self.example_input = example_input
+    def prepare(self, model: nn.Module, example_input: torch.Tensor, graph: ChannelGraph | None = None) -> nn.Module:
+        super().prepare(model, example_input, graph)
         self.base_macs = profile(model, example_input=example_input[:1]).macs
-        self.excluded = _excluded_producers(model, example_input)
+        self.excluded = _excluded_producers(self.graph, model)
         shortcuts = [n for n, m in model.named_modules() if isinstance(m, PadShortcut)]
         if not shortcuts:
             return model
@@ -93,6 +96,7 @@ class TorchPruningPeer(Method):
         for name in shortcuts:
             set_submodule(model, name, shortcut_as_conv(model.get_submodule(name)))
         validate(model, example_input, ref, "option-A shortcuts as 1x1 convs", lossless_tol=1e-5)
+        self.graph.invalidate()  # the model changed in place: its groups must be traced again if asked for
         self.result["shortcuts_converted"] = len(shortcuts)
         self.shortcuts = shortcuts
         return model

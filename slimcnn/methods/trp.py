@@ -43,6 +43,8 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import nn
 
+from ..graph.handlers import ConvHandler
+from ..graph.handlers import conv_macs as conv_macs_of
 from ..graph.replace import replace_modules
 from ..profile import profile
 from .base import Method
@@ -141,10 +143,9 @@ def _conv_out_hw(conv: nn.Conv2d, in_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 def conv_macs(conv: nn.Conv2d, in_hw: tuple[int, int]) -> int:
-    """MACs of one call of ``conv`` on an input of spatial size ``in_hw`` (as :func:`slimcnn.profile.profile`)."""
-    ho, wo = _conv_out_hw(conv, in_hw)
-    n, cg, kh, kw = conv.weight.shape
-    return n * cg * kh * kw * ho * wo
+    """MACs of one call of ``conv`` on an input of spatial size ``in_hw`` (as :func:`slimcnn.profile.profile`:
+    both use the conv handler's formula)."""
+    return ConvHandler.macs(conv, _conv_out_hw(conv, in_hw))
 
 
 def decomposed_macs(conv: nn.Conv2d, scheme: str, rank: int, in_hw: tuple[int, int]) -> int:
@@ -157,11 +158,12 @@ def decomposed_macs(conv: nn.Conv2d, scheme: str, rank: int, in_hw: tuple[int, i
     ho, wo = _conv_out_hw(conv, in_hw)
     n, cg, kh, kw = conv.weight.shape
     g, (h, w) = conv.groups, in_hw
-    if scheme == "channel":
-        return g * rank * cg * kh * kw * ho * wo + n * rank * ho * wo
+    # each scheme is two convs (see decompose_conv): (output elements, inputs per group, kernel elements) each
+    if scheme == "channel":  # kh x kw to g * rank channels, then 1x1 back to n
+        return conv_macs_of(g * rank * ho * wo, cg, kh * kw) + conv_macs_of(n * ho * wo, rank, 1)
     if scheme == "spatial":  # the vertical conv keeps the full input width: it has no horizontal stride
-        return g * rank * cg * kh * ho * w + n * rank * kw * ho * wo
-    return n * rank * cg * h * w + n * rank * kh * kw * ho * wo
+        return conv_macs_of(g * rank * ho * w, cg, kh) + conv_macs_of(n * ho * wo, rank, kw)
+    return conv_macs_of(n * rank * h * w, cg, 1) + conv_macs_of(n * ho * wo, rank, kh * kw)
 
 
 # ---------------------------------------------------------------------------------------------------------

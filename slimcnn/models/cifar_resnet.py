@@ -9,57 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import register_layer
+from ..layers import PadShortcut
 from .registry import register
-
-
-@register_layer
-class PadShortcut(nn.Module):
-    """Option-A shortcut: subsample by ``stride`` and place the input channels into a wider, zero-filled output.
-
-    The original form is ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p))``: input channel ``i`` lands on output
-    channel ``i + p``. We store that map explicitly (``src`` input channels go to ``dst`` output channels) so that
-    channel surgery can prune the input stream and the output stream independently and the shapes still line up;
-    this is equivalent to a stride-``s`` 1x1 conv whose weight is a fixed 0/1 embedding.
-    It is a real module (not a lambda) so models can be deep-copied, traced and exported.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 2,
-                 src: list[int] | None = None, dst: list[int] | None = None) -> None:
-        super().__init__()
-        if src is None or dst is None:
-            pad = (out_channels - in_channels) // 2
-            src = list(range(in_channels))
-            dst = [i + pad for i in range(in_channels)]
-        if len(src) != len(dst):
-            raise ValueError("PadShortcut: src and dst must have the same length")
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.src, self.dst = list(src), list(dst)
-        # Not persistent: the public checkpoints have no keys for the shortcut.
-        self.register_buffer("_src", torch.tensor(self.src, dtype=torch.long), persistent=False)
-        self.register_buffer("_dst", torch.tensor(self.dst, dtype=torch.long), persistent=False)
-        # Contiguous placement of all inputs is a plain pad: cheapest, and the form ONNX runtimes like best.
-        self._pad: tuple[int, int] | None = None
-        if self.src == list(range(in_channels)) and self.dst == list(range(self.dst[0] if self.dst else 0,
-                                                                            (self.dst[0] if self.dst else 0) + len(self.dst))):
-            before = self.dst[0] if self.dst else 0
-            self._pad = (before, out_channels - before - len(self.dst))
-
-    def get_config(self) -> dict:
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "stride": self.stride,
-                "src": self.src, "dst": self.dst}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
-        if self._pad is not None:
-            return F.pad(x, (0, 0, 0, 0, *self._pad))
-        out = x.new_zeros(x.shape[0], self.out_channels, x.shape[2], x.shape[3])
-        if self.src:
-            out = out.index_copy(1, self._dst, x.index_select(1, self._src))
-        return out
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}->{self.out_channels}, stride={self.stride}, kept={len(self.src)}"
 
 
 class BasicBlock(nn.Module):

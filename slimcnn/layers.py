@@ -1,0 +1,120 @@
+"""Layers slimcnn puts into models, with their channel handlers.
+
+:class:`PadShortcut`, the option-A shortcut of the CIFAR ResNets, lives here rather than in the model file
+because channel surgery edits it (its handler says how) and the graph package must not depend on any model file.
+``slimcnn.models`` re-exports it, and saved specs that name it by its old place still load.
+
+>>> sc = PadShortcut(16, 32, 2)
+>>> sc(torch.ones(1, 16, 8, 8)).shape, sc.dst[:2]
+(torch.Size([1, 32, 4, 4]), [8, 9])
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .graph.handlers import LayerHandler, NewChannel, register_handler
+from .graph.replace import set_submodule
+from .io import register_layer, register_layer_alias
+
+
+@register_layer
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by ``stride`` and place the input channels into a wider, zero-filled output.
+
+    The original form is ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p))``: input channel ``i`` lands on output
+    channel ``i + p``. We store that map explicitly (``src`` input channels go to ``dst`` output channels) so that
+    channel surgery can prune the input stream and the output stream independently and the shapes still line up;
+    this is equivalent to a stride-``s`` 1x1 conv whose weight is a fixed 0/1 embedding.
+    It is a real module (not a lambda) so models can be deep-copied, traced and exported.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2,
+                 src: list[int] | None = None, dst: list[int] | None = None) -> None:
+        super().__init__()
+        if src is None or dst is None:
+            pad = (out_channels - in_channels) // 2
+            src = list(range(in_channels))
+            dst = [i + pad for i in range(in_channels)]
+        if len(src) != len(dst):
+            raise ValueError("PadShortcut: src and dst must have the same length")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.src, self.dst = list(src), list(dst)
+        # Not persistent: the public checkpoints have no keys for the shortcut.
+        self.register_buffer("_src", torch.tensor(self.src, dtype=torch.long), persistent=False)
+        self.register_buffer("_dst", torch.tensor(self.dst, dtype=torch.long), persistent=False)
+        # Contiguous placement of all inputs is a plain pad: cheapest, and the form ONNX runtimes like best.
+        self._pad: tuple[int, int] | None = None
+        if self.src == list(range(in_channels)) and self.dst == list(range(self.dst[0] if self.dst else 0,
+                                                                            (self.dst[0] if self.dst else 0) + len(self.dst))):
+            before = self.dst[0] if self.dst else 0
+            self._pad = (before, out_channels - before - len(self.dst))
+
+    def get_config(self) -> dict:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "stride": self.stride,
+                "src": self.src, "dst": self.dst}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        if self._pad is not None:
+            return F.pad(x, (0, 0, 0, 0, *self._pad))
+        out = x.new_zeros(x.shape[0], self.out_channels, x.shape[2], x.shape[3])
+        if self.src:
+            out = out.index_copy(1, self._dst, x.index_select(1, self._src))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}->{self.out_channels}, stride={self.stride}, kept={len(self.src)}"
+
+
+register_layer_alias("slimcnn.models.cifar_resnet:PadShortcut", PadShortcut)  # its home until issue 16
+
+
+class PadShortcutHandler(LayerHandler):
+    """The option-A shortcut in channel groups: it produces the upper stream (role ``out``, its ``dst``) and reads
+    the lower one (role ``in``, its ``src``); surgery rewrites the two maps.
+
+    As a consumer of the lower stream, a map entry reading a merged-away channel now reads the cluster's kept
+    channel (exact: the members are identical once merged); as a producer of the upper stream, only the entry of
+    the cluster's first channel survives, so merging upper-stream channels is lossless only when the shortcut
+    maps the cluster's channels identically (all unmapped, or all from the same source channel).
+    """
+
+    types = (PadShortcut,)
+    opaque_to_tracer = True
+
+    def edit(self, model: nn.Module, name: str, module: nn.Module, out: list[NewChannel] | None,
+             inp: list[NewChannel] | None) -> None:
+        new_dst = {rep: j for j, (rep, _) in enumerate(out)} if out is not None else {d: d for d in module.dst}
+        new_src = ({i: j for j, (_, members) in enumerate(inp) for i in members} if inp is not None
+                   else {s: s for s in module.src})
+        pairs = [(new_src[s], new_dst[d]) for s, d in zip(module.src, module.dst) if s in new_src and d in new_dst]
+        n_in = len(inp) if inp is not None else module.in_channels
+        n_out = len(out) if out is not None else module.out_channels
+        shortcut = PadShortcut(n_in, n_out, module.stride, [s for s, _ in pairs], [d for _, d in pairs])
+        shortcut.to(module._src.device)
+        set_submodule(model, name, shortcut)
+
+    def mask_inputs(self, model: nn.Module, name: str, module: nn.Module, channels: list[int]) -> None:
+        dropped = set(channels)
+        pairs = [(s, d) for s, d in zip(module.src, module.dst) if s not in dropped]
+        masked = PadShortcut(module.in_channels, module.out_channels, module.stride, [s for s, _ in pairs],
+                             [d for _, d in pairs])
+        set_submodule(model, name, masked.to(module._src.device))
+
+    def equalize(self, module: nn.Module, offset: int, clusters: Sequence[Sequence[int]]) -> None:
+        pass  # no weights: what it puts into a channel is its map, which merging rewrites
+
+    def merge_note(self, module: nn.Module, offset: int, clusters: Sequence[Sequence[int]], group: str) -> str | None:
+        where = dict(zip(module.dst, module.src))
+        for c in clusters:
+            if len({where.get(offset + i) for i in c}) > 1:
+                return (f"maps channels {c} of group {group!r} from different inputs, so merging them cannot be "
+                        "exact (the shortcut keeps only the first channel's mapping)")
+        return None
+
+
+register_handler(PadShortcutHandler())
