@@ -29,13 +29,14 @@ from torch import nn
 
 FORMAT = "slimcnn-model/1"
 
-# Constructor arguments of the torch layers surgery produces; anything else must define get_config().
+# Constructor arguments of the torch layers surgery produces; anything else must define get_config(). ``bias``
+# is the constructor's flag (whether the layer has one), read from the layer's bias tensor.
 _TORCH_LAYERS: dict[type, tuple[str, ...]] = {
     nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                "padding_mode"),
+                "padding_mode", "bias"),
     nn.ConvTranspose2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "output_padding",
-                         "groups", "dilation", "padding_mode"),
-    nn.Linear: ("in_features", "out_features"),
+                         "groups", "dilation", "padding_mode", "bias"),
+    nn.Linear: ("in_features", "out_features", "bias"),
     nn.BatchNorm1d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
     nn.BatchNorm2d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
     nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"),
@@ -97,9 +98,7 @@ def _config(m: nn.Module) -> dict[str, Any] | None:
     """The constructor arguments that rebuild ``m`` (children excluded), or None if we cannot tell."""
     t = type(m)
     if t in _TORCH_LAYERS:
-        cfg = {k: getattr(m, k) for k in _TORCH_LAYERS[t]}
-        if t in (nn.Conv2d, nn.ConvTranspose2d, nn.Linear):
-            cfg["bias"] = m.bias is not None
+        cfg = {k: (m.bias is not None) if k == "bias" else getattr(m, k) for k in _TORCH_LAYERS[t]}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
     if t in _PLAIN:
         return {k: getattr(m, k) for k in ("inplace", "p") if hasattr(m, k)}
