@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .graph.handlers import handler_for
+
 Scorer = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -49,8 +51,9 @@ def group_rows(model: nn.Module, group: Any, detach: bool = True) -> Iterator[tu
         if detach:
             w = w.detach()
             b = b.detach() if isinstance(b, torch.Tensor) else None
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):
-            w = w.transpose(0, 1)  # (in, out, ...) -> (out, in, ...)
+        layer = handler_for(module)
+        if layer is not None:
+            w = layer.out_first(module, w)  # a transposed conv stores (in, out, ...)
         if m.role in ("out", "dw"):
             yield m.module, "out_weight" if m.role == "out" else "dw_weight", w[sl].flatten(1)
             if isinstance(b, torch.Tensor):

@@ -36,6 +36,9 @@ def test_roles_widths_and_shapes():
         == (5, 7, (5, 7, 1))
     assert handler_for(bn).role(bn, False) == "bn" and handler_for(bn).width(bn, "in") == 6
     assert handler_for(bn).layer_shape(bn) is None and handler_for(PadShortcut(4, 8)).layer_shape(PadShortcut(4, 8)) is None
+    tconv, conv = nn.ConvTranspose2d(4, 8, 3), nn.Conv2d(4, 8, 3)
+    assert handler_for(tconv).out_first(tconv, tconv.weight).shape[:2] == (8, 4)  # stored as (in, out, ...)
+    assert handler_for(conv).out_first(conv, conv.weight) is conv.weight
 
 
 def test_conv_shrinks_outputs_and_merges_inputs():

@@ -94,6 +94,11 @@ class LayerHandler:
         """``(in, out, groups)`` for the MACs model, or None for a layer with no MACs of its own."""
         return None
 
+    def out_first(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the layer's, or a copy) laid out with output channels on dim 0 and inputs on dim 1, the
+        layout scorers read rows and columns from."""
+        return weight
+
     def merge_note(self, module: nn.Module, offset: int, clusters: Sequence[Sequence[int]], group: str) -> str | None:
         """Why merging ``clusters`` of ``group`` (at ``offset`` of the layer's outputs) cannot be exact, when the
         layer knows: a sentence that follows the layer's name."""
@@ -131,6 +136,9 @@ class ConvHandler(LayerHandler):
 
     def layer_shape(self, module: nn.Module) -> tuple[int, int, int]:
         return module.in_channels, module.out_channels, module.groups
+
+    def out_first(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        return weight.transpose(0, 1) if module.transposed else weight  # transposed: (in, out, ...)
 
     @staticmethod
     def macs(module: nn.Module, out_spatial: Sequence[int]) -> int:

@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import ChannelGraph
+from ..graph.handlers import handler_for
 from ..graph.costs import soft_macs  # the cost model's soft MACs, kept importable from here
 from ..importance import group_rows
 from .base import Method
@@ -120,8 +121,9 @@ def _filter_rows(module: nn.Module) -> torch.Tensor | None:
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         return None
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        w = w.transpose(0, 1)
+    layer = handler_for(module)
+    if layer is not None:
+        w = layer.out_first(module, w)  # a transposed conv stores (in, out, ...)
     return w.flatten(1)
 
 
