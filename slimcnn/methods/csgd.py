@@ -304,6 +304,14 @@ class CSGD(Method):
     trains_before_finalize = True
     method_share = 1.0  # its recipe: share of the epoch budget before finalize
     method_phase = "centripetal SGD"
+    options = frozenset({"target_macs", "widths", "rounds", "squeeze", "eps", "cluster", "cluster_on", "vector_scale",
+                         "weight_decay", "tol", "seed", "lossless_tol", "ramp", "momentum", "converged_distance",
+                         "round_to"})
+    targets = frozenset({"target_macs", "widths", "rounds", "squeeze"})
+    prepare_inputs = frozenset({"total_steps", "lr", "schedule"})
+    finalize_key = "merge"
+    segmentation = True
+    layer_control = frozenset({"exclude", "min_keep"})
     cli_args = [
         ("--eps", {"type": float, "default": None,
                    "help": "csgd: centripetal strength (default: derived from lr and the number of steps)"}),
@@ -341,7 +349,7 @@ class CSGD(Method):
         if len(given) > 1:
             raise ValueError(f"C-SGD takes one of widths, rounds, squeeze; got {', '.join(given)}")
         if given and target_macs is not None:
-            # `slimcnn compress` always passes its --target-macs; explicit widths are the more specific request
+            # both asked for: explicit widths are the more specific request
             warnings.warn(f"C-SGD: the widths come from {given[0]}; target_macs={target_macs} is not used")
             target_macs = None
         if not given and target_macs is None:
