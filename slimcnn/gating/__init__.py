@@ -22,15 +22,13 @@ from .stats import collect_gate_stats
 __all__ = ["RIG", "DIG", "Gate", "FeedbackNet", "IterationBN", "GATE_TYPES", "GATE_INITS", "BN_MODES", "VARIANTS",
            "iteration_loss", "collect_gate_stats"]
 
-register_wrapper("rig", RIG)
-register_wrapper("dig", DIG)
+register_wrapper("rig", RIG, RIG.options)
+register_wrapper("dig", DIG, DIG.options)
 
 
 def _declare_unprunable() -> None:
-    try:  # the graph package may not provide it yet; gating must work without it
-        from ..graph import register_unprunable
-    except ImportError:
-        return
+    from ..graph import register_unprunable
+
     register_unprunable(Gate, "feedback gate: its 1x1 conv reads the channels of a higher stage and writes one "
                               "gate value per channel of the gated stream, coupling both streams' channels")
     register_unprunable(IterationBN, "per-iteration BatchNorm: one copy per feedback iteration, which surgery "

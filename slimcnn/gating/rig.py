@@ -54,7 +54,7 @@ The wrappers (and :class:`Gate`) define no ``get_config`` on purpose: :mod:`slim
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -383,6 +383,10 @@ class RIG(FeedbackNet):
     >>> m(torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 10])
     """
+
+    #: its keywords, which ``slimcnn.create(name, gating="rig", ...)`` hands to it rather than to the backbone
+    options: ClassVar[frozenset[str]] = frozenset({"iterations", "gate_type", "gate_stages", "share_gates",
+                                                   "loss_all_iterations", "gate_source", "bn", "gate_init"})
 
     def __init__(self, backbone: nn.Module, iterations: int = 2, gate_type: str = "spatial",
                  gate_stages: Sequence[int] | str | int | None = None, share_gates: bool = True,

@@ -441,10 +441,8 @@ def _ranks_for(cands: list[_Candidate], rule: str, value: float, round_to: int |
 
 
 def _target_error(message: str) -> Exception:
-    try:
-        from ..graph import TargetError
-    except ImportError:  # the graph package may not export it (yet)
-        return ValueError(message)
+    from ..graph import TargetError
+
     return TargetError(message)
 
 
