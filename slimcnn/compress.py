@@ -180,33 +180,17 @@ def epoch_budget(method: Method | type[Method], cfg: CompressConfig) -> dict[str
             "recipe": cfg.recipe, "plan": recipe_text(cls, cfg)}
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader, device: str = "cpu", desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over ``loader`` (eval mode)."""
-    from .engine.distributed import is_main
-
-    model.eval().to(device)
-    outs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not is_main()):
-        outs.append(model(x.to(device)).float().cpu())
-        labels.append(y)
-    return torch.cat(outs), torch.cat(labels)
-
-
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return round((logits.argmax(1) == labels).float().mean().item() * 100, 2)
-
-
 def _score(model: nn.Module, loader, cfg: CompressConfig, desc: str) -> tuple[float, torch.Tensor | None, int]:
-    """(score, logits, images) on ``loader``: top-1 and the logits for classification; for segmentation the mean IoU
-    and no logits (a test split's per-pixel logits are too large to keep)."""
-    if cfg.task == "segmentation":
-        from .engine import evaluate
-        from .engine.distributed import is_main
+    """(score, logits, images) on ``loader``: top-1 and the logits for classification (to compare the models
+    around finalize output by output); for segmentation the mean IoU and no logits (a test split's per-pixel
+    logits are too large to keep). The formulas are the engine's (slimcnn/engine/evaluate.py)."""
+    from .engine.distributed import is_main
+    from .engine.evaluate import evaluate, predict, top1
 
+    if cfg.task == "segmentation":
         m = evaluate(model.to(cfg.device), loader, task="segmentation", device=cfg.device, progress=is_main())
         return round(m["miou"], 2), None, m["n"]
-    logits, labels = predict(model, loader, cfg.device, desc)
+    logits, labels = predict(model, loader, cfg.device, desc, progress=is_main())
     return top1(logits, labels), logits, len(labels)
 
 
