@@ -10,7 +10,7 @@
 from . import gating, methods  # noqa: F401  (gating registers the rig/dig wrappers)
 from .io import export_onnx, export_torchscript, load, save
 from .models import create, list_models, load_checkpoint
-from .profile import profile
+from . import profile  # a callable module: slimcnn.profile(model, shape) runs slimcnn.profile.profile
 
 __version__ = "0.1.0"
 __all__ = ["create", "list_models", "load_checkpoint", "load", "save", "profile", "methods", "export_onnx",

@@ -26,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"slimcnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"slimcnn.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"slimcnn.commands.{name}":
-                continue  # not built yet
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(f"slimcnn.commands.{name}").add_parser(sub)
     from .commands.common import add_threads_arg
 
     for command in sub.choices.values():

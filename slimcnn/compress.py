@@ -18,7 +18,10 @@ same figures without communication), and every rank adopts rank 0's model where 
 fine-tune); report.json's ``ddp`` records whether the ranks ended bit-identical. Rank 0 alone times and writes.
 
 ``cfg.task = "segmentation"`` scores by mean IoU (``miou`` in place of ``top1`` in the report) and fine-tunes with the
-pixel-wise loss (void ignored); :data:`SEGMENTATION_METHODS` lists the methods that support it.
+pixel-wise loss (void ignored), with the methods that declare :attr:`~slimcnn.methods.base.Method.segmentation`.
+
+The pipeline knows no method by name: what it passes and records follows each method's class attributes
+(:class:`~slimcnn.methods.base.Method`: ``prepare_inputs``, ``finalize_key``, ``layer_control``, ...).
 
 Two optional levers, both off by default: distillation from the uncompressed base (``distill``; the teacher is
 a frozen copy of the base, used in the method phase and in the fine-tune) and a weight EMA in the fine-tune
@@ -27,7 +30,6 @@ a frozen copy of the base, used in the method phase and in the fine-tune) and a 
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,13 +47,8 @@ from .report import alignment, environment, layer_widths, write_report
 if TYPE_CHECKING:
     from .distill import Distiller
 
-#: report.json key under which a method's finalize figures go (the issues name them so)
-FINALIZE_KEYS = {"csgd": "merge", "trp": "decompose"}
 #: what each task is scored by in the report: top-1 or mean IoU, both in percent
 METRICS = {"classification": "top1", "segmentation": "miou"}
-#: methods that compress segmentation models. tp: Torch-Pruning protects only a final nn.Linear, so it prunes the
-#: classes of a conv classifier; modelopt scores its subnets by top-1; stacks score their split by top-1.
-SEGMENTATION_METHODS = ("l1", "dagger", "csgd", "trp")
 
 
 @dataclass
@@ -109,10 +106,12 @@ def _method_class(method: Method | type[Method]) -> type[Method]:
 
 def check_task_support(method: Method | type[Method], task: str) -> None:
     """ValueError (one line) if ``method`` cannot compress a model of ``task``."""
-    name = _method_class(method).name
-    if task == "segmentation" and name not in SEGMENTATION_METHODS:
-        raise ValueError(f"{name} is not supported for segmentation (methods that are: "
-                         f"{', '.join(SEGMENTATION_METHODS)})")
+    from .methods import methods_where
+
+    cls = _method_class(method)
+    if task == "segmentation" and not cls.segmentation:
+        raise ValueError(f"{cls.name} is not supported for segmentation (methods that are: "
+                         f"{', '.join(methods_where(lambda c: c.segmentation))})")
 
 
 def split_budget(method: Method | type[Method], total_epochs: int, method_epochs: int | None = None
@@ -181,33 +180,17 @@ def epoch_budget(method: Method | type[Method], cfg: CompressConfig) -> dict[str
             "recipe": cfg.recipe, "plan": recipe_text(cls, cfg)}
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader, device: str = "cpu", desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over ``loader`` (eval mode)."""
-    from .engine.distributed import is_main
-
-    model.eval().to(device)
-    outs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not is_main()):
-        outs.append(model(x.to(device)).float().cpu())
-        labels.append(y)
-    return torch.cat(outs), torch.cat(labels)
-
-
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return round((logits.argmax(1) == labels).float().mean().item() * 100, 2)
-
-
 def _score(model: nn.Module, loader, cfg: CompressConfig, desc: str) -> tuple[float, torch.Tensor | None, int]:
-    """(score, logits, images) on ``loader``: top-1 and the logits for classification; for segmentation the mean IoU
-    and no logits (a test split's per-pixel logits are too large to keep)."""
-    if cfg.task == "segmentation":
-        from .engine import evaluate
-        from .engine.distributed import is_main
+    """(score, logits, images) on ``loader``: top-1 and the logits for classification (to compare the models
+    around finalize output by output); for segmentation the mean IoU and no logits (a test split's per-pixel
+    logits are too large to keep). The formulas are the engine's (slimcnn/engine/evaluate.py)."""
+    from .engine.distributed import is_main
+    from .engine.evaluate import evaluate, predict, top1
 
+    if cfg.task == "segmentation":
         m = evaluate(model.to(cfg.device), loader, task="segmentation", device=cfg.device, progress=is_main())
         return round(m["miou"], 2), None, m["n"]
-    logits, labels = predict(model, loader, cfg.device, desc)
+    logits, labels = predict(model, loader, cfg.device, desc, progress=is_main())
     return top1(logits, labels), logits, len(labels)
 
 
@@ -230,25 +213,19 @@ def _train(model: nn.Module, loader, cfg: CompressConfig, epochs: int, lr: float
     return train(model, loader, tcfg, method=method, distiller=distiller).model
 
 
-#: which layer controls each method obeys. Channel pruners get both through the channel groups (graph/policy.py);
-#: the Torch-Pruning peer maps --exclude to its ignored_layers; TRP leaves excluded convs undecomposed (through its
-#: layer patterns, see slimcnn.commands.compress); ModelOpt's search space has no per-layer switch here.
-LAYER_CONTROL: dict[str, frozenset[str]] = {
-    "l1": frozenset({"exclude", "min_keep"}), "dagger": frozenset({"exclude", "min_keep"}),
-    "csgd": frozenset({"exclude", "min_keep"}), "tp": frozenset({"exclude"}), "trp": frozenset({"exclude"}),
-}
-
-
 def check_layer_control(method: Method | type[Method], cfg: CompressConfig, model: nn.Module | None = None
                         ) -> LayerPolicy:
-    """The run's :class:`LayerPolicy`; ValueError if the method cannot obey it or a glob matches no layer."""
+    """The run's :class:`LayerPolicy`; ValueError if the method cannot obey it (its
+    :attr:`~slimcnn.methods.base.Method.layer_control`) or a glob matches no layer."""
+    from .methods import methods_where
+
     policy = LayerPolicy(tuple(cfg.exclude), tuple(cfg.min_keep.items()))
     cls = _method_class(method)
     asked = {k for k, v in (("exclude", cfg.exclude), ("min_keep", cfg.min_keep)) if v}
-    missing = asked - LAYER_CONTROL.get(cls.name, frozenset())
+    missing = asked - cls.layer_control
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(missing))
-        able = ", ".join(n for n, c in LAYER_CONTROL.items() if missing <= c)
+        able = ", ".join(methods_where(lambda c: missing <= c.layer_control))
         raise ValueError(f"{cls.name} does not support {flags} (methods that do: {able})")
     if model is not None and policy:
         policy.check(model)
@@ -343,20 +320,20 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
 
     budget = {"total_steps": len(train_loader) * cfg.method_epochs, "lr": cfg.method_lr or cfg.lr,
               "schedule": cfg.schedule}
-    accepted = inspect.signature(method.prepare).parameters
+    accepted = method.prepare_inputs
     # offered to the methods that take them: data-scored peers read train_loader; a stack runs its first stage
     # whole inside prepare (methods/stack.py) and needs the loaders and the run's settings
     offered = {"train_loader": train_loader, "test_loader": test_loader, "cfg": cfg}
     work = method.prepare(copy.deepcopy(model), example.to(cfg.device),
                           **{k: v for k, v in budget.items() if k in accepted and cfg.method_epochs > 0},
                           **{k: v for k, v in offered.items() if k in accepted})
-    phase_epochs = cfg.method_epochs - getattr(method, "epochs_in_prepare", 0)  # a stack spent some in prepare
+    phase_epochs = cfg.method_epochs - method.epochs_in_prepare  # a stack spent some in prepare
     if phase_epochs > 0:
         work = _train(work, train_loader, cfg, phase_epochs, cfg.method_lr or cfg.lr, method,
                       out / "method_ckpt" if out else None, distiller)
     # DDP kept the parameters equal; BatchNorm statistics follow each rank's own last batches: finalize rank 0's
     work, _ = adopt_rank0(work)
-    finalize_key = FINALIZE_KEYS.get(method.name, "finalize")
+    finalize_key = method.finalize_key
     before_logits = before_score = None
     if method.trains_before_finalize:
         before_score, before_logits, _ = _score(work, test_loader, cfg, f"eval before {finalize_key}")
@@ -455,7 +432,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     if report["within_tol"] is False:
         tqdm.write(f"warning: MACs ratio {report['macs_ratio']:.4f} is more than 1% off the target {cfg.target_macs}")
     # aligned widths: counted at the run's --round-to, else at 8, so rows with and without it compare
-    round_to = cfg.round_to or getattr(method, "round_to", None)
+    round_to = cfg.round_to or method.round_to
     report["alignment"] = {"round_to": round_to, **alignment(compact, round_to or 8),
                            "base_aligned_layers": alignment(model, round_to or 8)["aligned_layers"]}
     report["wall_s"] = round(time.time() - t0, 1)

@@ -109,7 +109,7 @@ class Distiller:
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's prediction for ``x`` (its last output if it is an iterative model), without gradient."""
-        from .engine.evaluate import logits_of
+        from .engine.outputs import final_output
 
         key = None
         if self.memo is not None:
@@ -120,7 +120,7 @@ class Distiller:
             if key in self.memo:
                 return self.memo[key].to(x.device)
         self.teacher.eval()  # cheap insurance in case someone called .train() on it since
-        out = logits_of(self.teacher(x))
+        out = final_output(self.teacher(x))
         if key is not None:
             self.memo[key] = out.cpu()
         return out

@@ -5,11 +5,21 @@ the convention behind the published figures; BN, activations and pooling are not
 parameters. Counting happens at the op level (every ``aten.convolution`` / ``aten.mm`` call), so layers
 that a module-hook counter would miss (factorised convs, functional calls, gated iterations run T times)
 are all counted. Each op is attributed to the innermost module running when it was issued.
+
+``slimcnn.profile`` is this module, and calling it calls :func:`profile`: the package's one-call profiler
+without rebinding the module's name to a function (so ``import slimcnn.profile as p`` gives the module).
+
+>>> import slimcnn
+>>> slimcnn.profile(slimcnn.create("cifar_resnet20"), (3, 32, 32)).macs == slimcnn.profile.profile(
+...     slimcnn.create("cifar_resnet20"), (3, 32, 32)).macs
+True
 """
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from math import prod
 from typing import Any
@@ -113,8 +123,8 @@ def profile(model: nn.Module, input_shape: tuple[int, ...] | list[int] = (3, 32,
 
     >>> import slimcnn
     >>> p = slimcnn.profile(slimcnn.create("cifar_resnet56"), (3, 32, 32))
-    >>> round(p.macs / 1e6, 2), round(p.params / 1e6, 2)
-    (125.49, 0.86)
+    >>> round(p.macs / 1e6, 2), round(p.params / 1e6, 3)
+    (125.49, 0.853)
     """
     x = example_input if example_input is not None else torch.zeros(1, *input_shape)
     batch = x.shape[0]
@@ -212,3 +222,14 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
         for k, m in models.items():
             results[k].append(latency(m, input_shape, batch, repeats=max(1, repeats // rounds), warmup=2))
     return {k: statistics.median(v) for k, v in results.items()}
+
+
+class _ProfileModule(types.ModuleType):
+    """The type of this module: calling ``slimcnn.profile(...)`` runs :func:`profile`."""
+
+    def __call__(self, model: nn.Module, input_shape: tuple[int, ...] | list[int] = (3, 32, 32),
+                 example_input: torch.Tensor | None = None) -> Profile:
+        return profile(model, input_shape, example_input)
+
+
+sys.modules[__name__].__class__ = _ProfileModule

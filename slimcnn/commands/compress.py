@@ -12,6 +12,9 @@ import sys
 
 from .common import add_data_args, add_model_args, adopt_num_classes, build_model, input_shape
 
+#: the MACs target of a run given neither --target-macs nor --target-latency (nor a method's own budget option)
+DEFAULT_TARGET_MACS = 0.5
+
 
 class _MethodChoices(list):
     """--method's choices: the methods and the stacks; any other 'a+b' passes argparse so that the run can say in
@@ -111,24 +114,18 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def method_kwargs(args: argparse.Namespace, method: str) -> dict:
-    """The options of ``args`` that ``method``'s constructor takes and the user set."""
-    import inspect
-
+def method_kwargs(args: argparse.Namespace, method: str, target_macs: float | None) -> dict:
+    """The options of ``args`` that ``method`` declares (:attr:`~slimcnn.methods.base.Method.options`) and the
+    user set, with the run's ``target_macs`` (the user's, else the default; None under a latency goal) unless the
+    user set none and another of the method's ``targets`` gives the budget instead."""
     from ..methods import method_class
 
     cls = method_class(method)
-    params = set(inspect.signature(cls.__init__).parameters)
-    for stage in getattr(cls, "stages", ()):  # a stack hands each stage the options its constructor takes
-        params |= set(inspect.signature(method_class(stage).__init__).parameters)
-    kw = {k: v for k, v in vars(args).items() if k in params and k != "self" and v is not None}
-    kw["target_macs"] = args.target_macs
+    kw = {k: v for k, v in vars(args).items() if k in cls.options and v is not None}
     kw.pop("target_latency", None)  # the raw text: run() passes the parsed goal
-    if method == "trp" and getattr(args, "exclude", None):
-        # TRP decomposes convs rather than pruning channels: an excluded layer is one it leaves undecomposed
-        given = kw.get("layers") or ""
-        skip = [f"!{p}" for g in args.exclude for p in (g, f"{g}.*")]
-        kw["layers"] = ",".join([given, *skip] if given else skip)
+    kw["target_macs"] = target_macs
+    if args.target_macs is None and any(k in kw for k in cls.targets - {"target_macs"}):
+        del kw["target_macs"]  # a default is no request: the method's own budget option (C-SGD's --rounds) stands
     return kw
 
 
@@ -146,15 +143,14 @@ def run(args: argparse.Namespace) -> int:
 
         check_split(args.split, args.method)
     if args.round_to is not None:
-        import inspect
-
         from ..graph.targeting import check_round_to
 
         check_round_to(args.round_to)
-        if "round_to" not in inspect.signature(methods.method_class(args.method).__init__).parameters:
+        if "round_to" not in methods.method_class(args.method).options:
             raise ValueError(f"{args.method} does not take --round-to")
     goal = latency_goal(args)
-    cfg = CompressConfig(target_macs=args.target_macs, method_epochs=method_epochs, epochs=finetune_epochs,
+    target_macs = args.target_macs if args.target_macs is not None or goal else DEFAULT_TARGET_MACS
+    cfg = CompressConfig(target_macs=target_macs, method_epochs=method_epochs, epochs=finetune_epochs,
                          lr=args.lr, method_lr=args.method_lr, weight_decay=args.weight_decay, schedule=args.schedule,
                          seed=args.seed, device=args.device, amp=args.amp, out_dir=args.out,
                          latency_batches=args.latency_batch, distill=args.distill, kd_alpha=args.kd_alpha,
@@ -185,7 +181,7 @@ def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int, g
     adopt_num_classes(args, loaders)
     model = build_model(args)
     shape = _input_shape(args, loaders["test"])
-    method = methods.create(args.method, **method_kwargs(args, args.method),
+    method = methods.create(args.method, **method_kwargs(args, args.method, cfg.target_macs),
                             **({"target_latency": goal} if goal else {}))
     info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
             "weights": args.weights}
@@ -204,9 +200,7 @@ def _input_shape(args: argparse.Namespace, test_loader) -> tuple[int, ...]:
 
 def latency_goal(args: argparse.Namespace):
     """The run's :class:`~slimcnn.graph.latency.LatencyGoal` (None without --target-latency), checked before anything
-    loads; sets ``args.target_macs`` to its default 0.5 when neither target is given."""
-    import inspect
-
+    loads."""
     import torch
 
     from .. import methods
@@ -214,15 +208,14 @@ def latency_goal(args: argparse.Namespace):
     from ..graph.latency import LatencyGoal, parse_latency_target
 
     if args.target_latency is None:
-        if args.target_macs is None:
-            args.target_macs = 0.5
         return None
     if args.target_macs is not None:
         raise ValueError("--target-latency and --target-macs are two budgets for one width plan: give one (the report "
                          "gives the MACs of a latency-targeted run)")
     value, unit = parse_latency_target(args.target_latency)
-    if "target_latency" not in inspect.signature(methods.method_class(args.method).__init__).parameters:
-        raise ValueError(f"{args.method} is not supported with --target-latency yet (methods that do: l1)")
+    if "target_latency" not in methods.method_class(args.method).options:
+        able = ", ".join(methods.methods_where(lambda c: "target_latency" in c.options))
+        raise ValueError(f"{args.method} is not supported with --target-latency yet (methods that do: {able})")
     return LatencyGoal(value, unit, check_backend(args.latency_backend), args.latency_batch[0],
                        torch.get_num_threads())
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .outputs import final_output
 
 TASKS = ("classification", "segmentation")
 #: CamVid's void label: ignored by the segmentation loss and metrics
@@ -24,15 +25,6 @@ SEG_IGNORE_INDEX = 11
 def check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-
-
-def logits_of(out: Any) -> torch.Tensor:
-    """The prediction tensor of a model's output; an iterative model's list of outputs gives its last one."""
-    if isinstance(out, (list, tuple)):
-        out = out[-1]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model returned {type(out).__name__}; the engine needs a logits tensor")
-    return out
 
 
 def match_size(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -72,6 +64,33 @@ def seg_metrics(num_classes: int):
 
 
 @torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu", desc: str = "eval",
+            progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every prediction (float32, on the CPU) and label over ``loader``, to compare two models output by output;
+    the model is put in eval mode and left so.
+
+    >>> from torch import nn
+    >>> logits, labels = predict(nn.Flatten(), [(torch.eye(3).view(3, 3, 1), torch.tensor([0, 1, 1]))],
+    ...                          progress=False)
+    >>> logits.shape, top1(logits, labels)
+    (torch.Size([3, 3]), 66.67)
+    """
+    from tqdm import tqdm
+
+    model.eval().to(device)
+    outs, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        outs.append(final_output(model(x.to(device))).float().cpu())
+        labels.append(y)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent, rounded to 2 decimals, as the compression report gives it."""
+    return round((logits.argmax(1) == labels).float().mean().item() * 100, 2)
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", device: str | torch.device = "cpu",
              amp: bool = False, progress: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` on every batch of ``loader``.
@@ -99,7 +118,7 @@ def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", d
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
-                logits = logits_of(model(x))
+                logits = final_output(model(x))
             if task == "segmentation":
                 logits = match_size(logits, y)
             loss_sum += float(task_loss(task, logits, y, reduction="sum"))

@@ -5,13 +5,13 @@ BatchNorm running statistics follow each rank's last batches (and BN recalibrati
 and a method whose finalize reads data or draws at random may keep other channels on another rank. Rather than
 trust every method to be deterministic, the pipeline makes every rank adopt rank 0's model where they could part
 (:func:`adopt_rank0`) and records at the end whether all ranks hold bit-identical tensors (:func:`state_digests`).
-Outside torchrun both are no-ops.
+Outside torchrun both are no-ops: there is one rank, and it is rank 0.
 
->>> model, rebuilt = adopt_rank0(model)          # every rank now holds rank 0's structure and tensors
->>> len(set(state_digests(model))) == 1          # True: identical on every rank
+>>> model, rebuilt = adopt_rank0(nn.Linear(2, 2))  # under torchrun: every rank now holds rank 0's model
+>>> rebuilt, len(state_digests(model)), len(set(state_digests(model))) == 1
+(False, 1, True)
 """
 from __future__ import annotations
-
 
 import torch
 import torch.distributed as dist

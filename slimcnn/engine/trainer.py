@@ -44,8 +44,8 @@ from ..distill import Distiller
 from ..methods.base import Method
 from . import distributed
 from .checkpoint import capture_rng, load_state, restore_rng, save_state
-from .evaluate import (SEG_IGNORE_INDEX, autocast, check_task, evaluate, logits_of, match_size, task_loss,
-                       topk_hits)
+from .evaluate import SEG_IGNORE_INDEX, autocast, check_task, evaluate, match_size, task_loss, topk_hits
+from .outputs import final_output, iteration_loss
 
 CHECKPOINT_NAME = "last.safetensors"
 SCHEDULES = ("cosine", "step", "constant")
@@ -128,6 +128,13 @@ class Schedule:
                  milestones: Iterable[int] = (), gamma: float = 0.1) -> None:
         self.kind, self.total_steps, self.warmup_steps = kind, total_steps, warmup_steps
         self.milestones, self.gamma = list(milestones), gamma
+
+    @classmethod
+    def of_run(cls, kind: str, total_steps: int, warmup_steps: int = 0,
+               milestones: Iterable[float] = (0.5, 0.75), gamma: float = 0.1) -> Schedule:
+        """The schedule of a run of ``total_steps`` with the step decay's ``milestones`` given as fractions of the
+        run (:class:`TrainConfig`'s form), as :func:`train` builds it."""
+        return cls(kind, total_steps, warmup_steps, [round(m * total_steps) for m in milestones], gamma)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -235,9 +242,8 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batches (empty data set, or drop_last with too few samples)")
     total = cfg.epochs * steps_per_epoch
-    milestones = [round(m * total) for m in cfg.milestones]
-    sched = LambdaLR(opt, Schedule(cfg.schedule, total, round(cfg.warmup_epochs * steps_per_epoch), milestones,
-                                   cfg.gamma))
+    sched = LambdaLR(opt, Schedule.of_run(cfg.schedule, total, round(cfg.warmup_epochs * steps_per_epoch),
+                                          cfg.milestones, cfg.gamma))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     distiller = distiller.to(device) if distiller is not None and distiller.active else None
@@ -303,17 +309,15 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
             opt.zero_grad(set_to_none=True)
             with autocast(device, use_amp):
                 out = net(x)
-                logits = logits_of(out)
+                logits = final_output(out)
                 soft = distiller.teacher_logits(x) if distiller is not None else None
 
-                def loss_of(o: torch.Tensor) -> torch.Tensor:
-                    hard = task_loss(cfg.task, o, y)
+                def loss_of(o: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                    hard = task_loss(cfg.task, o, target)
                     return hard if distiller is None else distiller.combine(o, soft, hard)
 
-                if isinstance(out, (list, tuple)):  # an iterative model trained on every iteration's output
-                    loss = sum(loss_of(o) for o in out) / len(out) + method.loss(model)
-                else:
-                    loss = loss_of(logits) + method.loss(model)
+                # an iterative model is trained on every iteration's output
+                loss = iteration_loss(out, y, loss_of) + method.loss(model)
             # every rank must agree to stop, or the others would wait forever in the next all-reduce
             seen = distributed.all_reduce_sum(loss.detach().float().reshape(1).clone())
             if not torch.isfinite(seen).all():

@@ -14,23 +14,22 @@ and ``gate_init="default"|"open"|"zero"`` (:mod:`slimcnn.gating.rig` says what t
 Gate modules are declared unprunable for channel surgery: a gate couples the channels of the stream it gates
 to those of its source; so are per-iteration BN layers (their copies would have to shrink together).
 """
+from ..engine.outputs import iteration_loss  # the training loop's own loss over the iterations' outputs
 from ..models.registry import register_wrapper
 from .dig import DIG, VARIANTS
-from .rig import BN_MODES, GATE_INITS, GATE_TYPES, RIG, FeedbackNet, Gate, IterationBN, iteration_loss
+from .rig import BN_MODES, GATE_INITS, GATE_TYPES, RIG, FeedbackNet, Gate, IterationBN
 from .stats import collect_gate_stats
 
 __all__ = ["RIG", "DIG", "Gate", "FeedbackNet", "IterationBN", "GATE_TYPES", "GATE_INITS", "BN_MODES", "VARIANTS",
            "iteration_loss", "collect_gate_stats"]
 
-register_wrapper("rig", RIG)
-register_wrapper("dig", DIG)
+register_wrapper("rig", RIG, RIG.options)
+register_wrapper("dig", DIG, DIG.options)
 
 
 def _declare_unprunable() -> None:
-    try:  # the graph package may not provide it yet; gating must work without it
-        from ..graph import register_unprunable
-    except ImportError:
-        return
+    from ..graph import register_unprunable
+
     register_unprunable(Gate, "feedback gate: its 1x1 conv reads the channels of a higher stage and writes one "
                               "gate value per channel of the gated stream, coupling both streams' channels")
     register_unprunable(IterationBN, "per-iteration BatchNorm: one copy per feedback iteration, which surgery "

@@ -24,7 +24,7 @@ Propagators P_s are :class:`~slimcnn.gating.rig.Gate` modules too (same ``gate_t
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +42,10 @@ class DIG(FeedbackNet):
     >>> m(torch.zeros(1, 3, 64, 64)).shape
     torch.Size([1, 11, 64, 64])
     """
+
+    #: its keywords, which ``slimcnn.create(name, gating="dig", ...)`` hands to it rather than to the backbone
+    options: ClassVar[frozenset[str]] = frozenset({"iterations", "gate_type", "gate_stages", "share_gates",
+                                                   "loss_all_iterations", "variant", "bn", "gate_init"})
 
     def __init__(self, backbone: nn.Module, iterations: int = 2, gate_type: str = "spatial",
                  gate_stages: Sequence[int] | str | int | None = None, share_gates: bool = True,

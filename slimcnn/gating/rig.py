@@ -54,7 +54,7 @@ The wrappers (and :class:`Gate`) define no ``get_config`` on purpose: :mod:`slim
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -355,23 +355,11 @@ class FeedbackNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """The last iteration's logits. With ``loss_all_iterations`` and in training mode: the list of every
-        iteration's logits (last one last), for a loss averaged over iterations (:func:`iteration_loss`)."""
+        iteration's logits (last one last), for a loss averaged over iterations
+        (:func:`slimcnn.engine.outputs.iteration_loss`)."""
         if self.training and self.loss_all_iterations:
             return self.forward_all(x, all_heads=True)
         return self.forward_all(x, all_heads=False)[-1]
-
-
-def iteration_loss(output: torch.Tensor | list[torch.Tensor], target: torch.Tensor,
-                   criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Loss of a gated model's output: the mean of ``criterion`` over iterations when ``output`` is the list a
-    ``loss_all_iterations`` model returns in training, else ``criterion(output, target)``.
-
-    >>> m = RIG(create("cifar_resnet20"), iterations=2, loss_all_iterations=True)  # doctest: +SKIP
-    >>> loss = iteration_loss(m(x), y, torch.nn.functional.cross_entropy)  # doctest: +SKIP
-    """
-    if isinstance(output, (list, tuple)):
-        return torch.stack([criterion(o, target) for o in output]).mean()
-    return criterion(output, target)
 
 
 class RIG(FeedbackNet):
@@ -383,6 +371,10 @@ class RIG(FeedbackNet):
     >>> m(torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 10])
     """
+
+    #: its keywords, which ``slimcnn.create(name, gating="rig", ...)`` hands to it rather than to the backbone
+    options: ClassVar[frozenset[str]] = frozenset({"iterations", "gate_type", "gate_stages", "share_gates",
+                                                   "loss_all_iterations", "gate_source", "bn", "gate_init"})
 
     def __init__(self, backbone: nn.Module, iterations: int = 2, gate_type: str = "spatial",
                  gate_stages: Sequence[int] | str | int | None = None, share_gates: bool = True,

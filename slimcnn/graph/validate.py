@@ -10,13 +10,9 @@ class SurgeryError(RuntimeError):
 
 
 def first_output(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return next(iter(out.values()))
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    raise TypeError(f"cannot read a tensor from model output of type {type(out).__name__}")
+    from ..engine.outputs import final_output  # the library's one rule for reading a model's prediction
+
+    return final_output(out)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Callable
 
 from .base import Method
 
@@ -16,8 +16,8 @@ _METHODS: dict[str, str] = {
     "l1": "slimcnn.methods.l1:L1Pruning",
     "dagger": "slimcnn.methods.dagger:Dagger",
     "csgd": "slimcnn.methods.csgd:CSGD",
-    "trp": "slimcnn.methods.trp:TRP",
     "tp": "slimcnn.methods.tp_peer:TorchPruningPeer",
+    "trp": "slimcnn.methods.trp:TRP",
     "modelopt": "slimcnn.methods.modelopt_peer:ModelOptPeer",
 }
 
@@ -50,9 +50,19 @@ def method_class(name: str) -> type[Method]:
     return getattr(importlib.import_module(mod), cls)
 
 
+def methods_where(test: Callable[[type[Method]], bool]) -> list[str]:
+    """The registered methods (no stacks) whose class passes ``test``, in registration order: for messages that
+    name the methods able to do something.
+
+    >>> methods_where(lambda cls: cls.finalize_key != "finalize")
+    ['csgd', 'trp']
+    """
+    return [name for name in _METHODS if test(method_class(name))]
+
+
 def create(name: str, **kwargs: Any) -> Method:
     """Build method ``name`` (see :func:`list_methods`) with its options."""
     return method_class(name)(**kwargs)
 
 
-__all__ = ["Method", "create", "list_methods", "list_stacks", "method_class", "register"]
+__all__ = ["Method", "create", "list_methods", "list_stacks", "method_class", "methods_where", "register"]

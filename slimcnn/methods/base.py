@@ -42,6 +42,28 @@ class Method:
     method_share: ClassVar[float] = 0.0
     #: what the epochs with the method attached do, in words, for reports ("centripetal SGD", "gate search", ...)
     method_phase: ClassVar[str] = "training with the method attached"
+    #: every keyword option of ``__init__``. ``slimcnn compress`` passes each one it holds a value for (the
+    #: method's own ``cli_args`` and the run's shared flags: --target-macs, --round-to, --seed, ...), and a stack
+    #: hands each of its stages the options that stage lists. tests/test_method_declarations.py holds it to the
+    #: signature.
+    options: ClassVar[frozenset[str]] = frozenset()
+    #: the options each of which sets the compression budget on its own (C-SGD's ``rounds``, L1's
+    #: ``target_latency``): the pipeline's default ``target_macs`` is a fallback, passed only when none is set
+    targets: ClassVar[frozenset[str]] = frozenset({"target_macs"})
+    #: keywords of ``prepare`` beyond ``(model, example_input)`` that the pipeline supplies: ``total_steps``, ``lr``,
+    #: ``schedule`` (the budget of the method phase; given only when that phase trains), ``train_loader``,
+    #: ``test_loader``, ``cfg`` (the run's :class:`~slimcnn.compress.CompressConfig`)
+    prepare_inputs: ClassVar[frozenset[str]] = frozenset()
+    #: report.json key of the finalize figures (scores before and after, the method's own finalize record)
+    finalize_key: ClassVar[str] = "finalize"
+    #: whether it compresses segmentation models (the pipeline refuses the task otherwise)
+    segmentation: ClassVar[bool] = False
+    #: which layer controls of the run it obeys: ``exclude`` and/or ``min_keep`` (graph/policy.py)
+    layer_control: ClassVar[frozenset[str]] = frozenset()
+    #: epochs of the method phase already spent inside ``prepare`` (a stack trains its first stage there)
+    epochs_in_prepare: int = 0
+    #: the channel alignment the method keeps its widths to (None: none); the report counts aligned layers by it
+    round_to: int | None = None
 
     def prepare(self, model: nn.Module, example_input: torch.Tensor, graph: ChannelGraph | None = None) -> nn.Module:
         """Keep the example input and the model's :class:`~slimcnn.graph.ChannelGraph` (``graph`` when the caller

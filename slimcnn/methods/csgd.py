@@ -242,28 +242,20 @@ def default_eps(lr_sum: float, max_lr: float, eta: float = 0.0, tol: float = 1e-
 
 def schedule_lr(lr: float, schedule: str, total_steps: int, warmup_steps: int = 0,
                 milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1) -> Callable[[int], float]:
-    """A learning-rate function step -> lr for a named schedule, as :mod:`slimcnn.engine` steps it per iteration:
-    linear warm-up, then "cosine", "step" (x ``gamma`` at ``milestones``, fractions of the run) or "constant".
+    """A learning-rate function step -> lr for a named schedule: the engine's own
+    (:class:`slimcnn.engine.trainer.Schedule`: linear warm-up, then "cosine", "step" (x ``gamma`` at ``milestones``,
+    fractions of the run) or "constant"), times ``lr`` as the optimiser applies it.
 
     >>> f = schedule_lr(0.1, "step", 100)
     >>> f(0), round(f(60), 4), round(f(80), 4)
     (0.1, 0.01, 0.001)
     """
-    if schedule not in ("constant", "cosine", "step"):
+    from ..engine.trainer import SCHEDULES, Schedule
+
+    if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r} for C-SGD's strength rule; pass lr_at=... instead")
-    bounds = [round(m * total_steps) for m in milestones]
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        if schedule == "step":
-            return lr * gamma ** sum(step >= b for b in bounds)
-        if schedule == "cosine":
-            t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-            return lr * 0.5 * (1.0 + math.cos(math.pi * t))
-        return lr
-
-    return lr_at
+    multiplier = Schedule.of_run(schedule, total_steps, warmup_steps, milestones, gamma)
+    return lambda step: lr * multiplier(step)
 
 
 def parse_fractions(text: str) -> list[float]:
@@ -307,6 +299,14 @@ class CSGD(Method):
     trains_before_finalize = True
     method_share = 1.0  # its recipe: share of the epoch budget before finalize
     method_phase = "centripetal SGD"
+    options = frozenset({"target_macs", "widths", "rounds", "squeeze", "eps", "cluster", "cluster_on", "vector_scale",
+                         "weight_decay", "tol", "seed", "lossless_tol", "ramp", "momentum", "converged_distance",
+                         "round_to"})
+    targets = frozenset({"target_macs", "widths", "rounds", "squeeze"})
+    prepare_inputs = frozenset({"total_steps", "lr", "schedule"})
+    finalize_key = "merge"
+    segmentation = True
+    layer_control = frozenset({"exclude", "min_keep"})
     cli_args = [
         ("--eps", {"type": float, "default": None,
                    "help": "csgd: centripetal strength (default: derived from lr and the number of steps)"}),
@@ -344,7 +344,7 @@ class CSGD(Method):
         if len(given) > 1:
             raise ValueError(f"C-SGD takes one of widths, rounds, squeeze; got {', '.join(given)}")
         if given and target_macs is not None:
-            # `slimcnn compress` always passes its --target-macs; explicit widths are the more specific request
+            # both asked for: explicit widths are the more specific request
             warnings.warn(f"C-SGD: the widths come from {given[0]}; target_macs={target_macs} is not used")
             target_macs = None
         if not given and target_macs is None:

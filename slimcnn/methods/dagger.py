@@ -263,6 +263,13 @@ class Dagger(Method):
     trains_before_finalize = True
     method_share = 0.5  # its recipe: share of the epoch budget before finalize
     method_phase = "gate search"
+    options = frozenset({"target_macs", "search_lr", "lambda_flops", "gate", "temperature", "final_temperature",
+                         "anneal", "anneal_steps", "reg", "polarize", "features", "normalize", "hidden", "embed_dim",
+                         "init_gate", "prior", "prior_scale", "detach_weights", "clip_grad", "mode", "seed",
+                         "lambda_lr", "round_to"})
+    prepare_inputs = frozenset({"total_steps"})  # anneals its gates over the phase
+    segmentation = True
+    layer_control = frozenset({"exclude", "min_keep"})
     cli_args = [
         ("--search-lr", dict(dest="search_lr", type=float, default=None,
                              help="dagger: learning rate of the Dagger module (default: 10x the training lr)")),

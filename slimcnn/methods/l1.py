@@ -30,6 +30,10 @@ class L1Pruning(Method):
     name = "l1"
     trains_before_finalize = False
     method_share = 0.0  # its recipe: share of the epoch budget before finalize
+    options = frozenset({"target_macs", "mode", "scorer", "round_to", "target_latency"})
+    targets = frozenset({"target_macs", "target_latency"})
+    segmentation = True
+    layer_control = frozenset({"exclude", "min_keep"})
     cli_args = [("--mode", {"choices": ["uniform", "global"], "default": None,
                             "help": "l1/tp: same keep ratio in every group (uniform, default) or one global ranking"}),
                ("--scorer", {"choices": sorted(SCORERS), "default": None,

@@ -84,6 +84,9 @@ class ModelOptPeer(Method):
     name = "modelopt"
     trains_before_finalize = False
     method_share = 0.0  # its recipe: share of the epoch budget before finalize
+    options = frozenset({"target_macs", "divisor", "score_images", "tol", "round_to"})
+    prepare_inputs = frozenset({"train_loader"})  # FastNAS scores its subnets on training images
+    # no segmentation: it scores subnets by top-1; no layer control: its search space has no per-layer switch
     cli_args = [
         ("--modelopt-divisor", {"dest": "divisor", "type": int, "choices": list(DIVISORS), "default": None,
                                 "help": "modelopt: channel divisor of FastNAS's search space (default: the largest "

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,8 +101,9 @@ def stack_class(name: str) -> type[Stack]:
     c1, c2 = method_class(first), method_class(last)
     phase = (f"{first} {c1.method_phase}, then {c2.method_phase}" if c1.method_share > 0
              else f"{c2.method_phase} on the {first}-pruned net")
-    return type(f"Stack_{first}_{last}", (Stack,), {"name": name, "stages": (first, last),
-                                                     "method_phase": phase, "__module__": __name__})
+    return type(f"Stack_{first}_{last}", (Stack,), {"name": name, "stages": (first, last), "method_phase": phase,
+                                                     "options": Stack.options | c1.options | c2.options,
+                                                     "__module__": __name__})
 
 
 class Stack(Method):
@@ -123,6 +123,8 @@ class Stack(Method):
     trains_before_finalize = True  # TRP's training, at least
     method_share = 1.0             # every epoch before TRP's finalize; TRP's recipe leaves no fine-tune
     method_phase = "stage training"
+    options = frozenset({"target_macs", "split", "splits", "search_images", "round_to"})  # + its stages' (stack_class)
+    prepare_inputs = frozenset({"train_loader", "test_loader", "cfg"})  # it runs its first stage whole in prepare
     cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = [
         ("--split", {"type": float, "default": None, "metavar": "S", "help": SPLIT_HELP})]
 
@@ -143,7 +145,7 @@ class Stack(Method):
         self.stage_classes = [method_class(s) for s in self.stages]
         self.stage_options: list[dict[str, Any]] = [{} for _ in self.stages]
         for key, value in {**options, **({"round_to": round_to} if round_to is not None else {})}.items():
-            takers = [i for i, c in enumerate(self.stage_classes) if key in inspect.signature(c.__init__).parameters]
+            takers = [i for i, c in enumerate(self.stage_classes) if key in c.options]
             if not takers:
                 raise TypeError(f"{self.name}: no stage ({', '.join(self.stages)}) takes option {key!r}")
             for i in takers:
@@ -218,7 +220,7 @@ class Stack(Method):
         self.chosen_split = split
         first_name, last_name = self.stages
         self.first = create(first_name, target_macs=ratio ** split, **self.stage_options[0])
-        accepted = inspect.signature(self.first.prepare).parameters
+        accepted = self.first.prepare_inputs
         offered: dict[str, Any] = {"train_loader": train_loader}
         if e1 > 0 and cfg is not None:  # the stage's own schedule (Dagger's annealing, C-SGD's ramp)
             offered.update(total_steps=len(train_loader) * e1, lr=cfg.method_lr or cfg.lr, schedule=cfg.schedule)

@@ -443,10 +443,8 @@ def _ranks_for(cands: list[_Candidate], rule: str, value: float, round_to: int |
 
 
 def _target_error(message: str) -> Exception:
-    try:
-        from ..graph import TargetError
-    except ImportError:  # the graph package may not export it (yet)
-        return ValueError(message)
+    from ..graph import TargetError
+
     return TargetError(message)
 
 
@@ -578,6 +576,9 @@ class TRP(Method):
     given, else ``target_macs`` if given, else the absolute singular-value threshold 0.05 (the official choice
     for TRP-trained nets).
 
+    ``exclude``: module-name globs of layers left undecomposed, their children too (the run's ``--exclude``); they
+    join ``layers`` as ``!pattern`` entries.
+
     With a MACs target the ranks are fixed at ``prepare`` from the starting weights (energy-ranked allocation
     under the budget, topped up to within one rank step of the target) and training truncates to exactly
     those ranks. Why: re-applying the energy cut to a weight that is already low-rank cuts it again, so
@@ -592,6 +593,11 @@ class TRP(Method):
     trains_before_finalize = True
     method_share = 1.0  # its recipe: share of the epoch budget before finalize
     method_phase = "trained-rank pruning"
+    options = frozenset({"target_macs", "scheme", "energy", "period", "nuclear", "rank_threshold", "decompose_energy",
+                         "rank_rule", "layers", "exclude", "target_mode", "round_to"})
+    finalize_key = "decompose"
+    segmentation = True
+    layer_control = frozenset({"exclude"})  # an excluded conv is left undecomposed
     cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = [
         ("--scheme", dict(choices=SCHEMES, default=None, help="TRP factorisation: channel (NC), spatial (VH) or nd")),
         ("--energy", dict(type=float, default=None, help="TRP: energy kept by the training truncation (default 0.9)")),
@@ -609,8 +615,12 @@ class TRP(Method):
                  period: int = 1, nuclear: float = 3e-4, rank_threshold: float | None = None,
                  decompose_energy: float | None = None, rank_rule: str | None = None,
                  layers: str | list[str] | None = None, target_mode: str = "energy",
-                 round_to: int | None = None) -> None:
+                 round_to: int | None = None, exclude: Iterable[str] = ()) -> None:
         from ..graph.targeting import check_round_to
+
+        skip = [f"!{p}" for g in exclude for p in (g, f"{g}.*")]  # an excluded layer, children too, stays whole
+        if skip:
+            layers = ",".join([layers, *skip] if layers else skip) if not isinstance(layers, list) else layers + skip
 
         self.round_to = check_round_to(round_to)
         self.target_miss: str | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -126,16 +125,23 @@ def build_from_import_path(name: str, num_classes: int = 10, **kwargs: Any) -> n
         raise ModelBuildError(f"{target} has no callable {factory_name!r}"
                               f"{' (it is ' + type(factory).__name__ + ')' if factory is not None else ''}")
     try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if "num_classes" in params or takes_any:
-        kwargs = {"num_classes": num_classes, **kwargs}
-    try:
-        model = factory(**kwargs)
+        model = _call_with_classes(factory, num_classes, kwargs)
     except Exception as e:  # noqa: BLE001  (the user's factory failing is one line, not their traceback)
         raise ModelBuildError(f"builder {name} raised {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ModelBuildError(f"builder {name} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _call_with_classes(factory: Any, num_classes: int, kwargs: dict[str, Any]) -> Any:
+    """``factory(num_classes=..., **kwargs)``, or ``factory(**kwargs)`` when the factory has no such keyword.
+
+    Python refuses an unknown keyword while binding the call, before the factory's body runs, so the refusal is a
+    TypeError whose traceback holds no frame beyond this one; a TypeError from inside the factory is its own
+    failure and propagates as it is."""
+    try:
+        return factory(num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        if e.__traceback__ is None or e.__traceback__.tb_next is not None or "'num_classes'" not in str(e):
+            raise
+    return factory(**kwargs)

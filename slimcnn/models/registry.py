@@ -5,7 +5,7 @@ Builders return plain ``nn.Module`` objects. Each created model remembers how it
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
@@ -13,14 +13,18 @@ Builder = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, Builder] = {}
 _INPUT_SIZE: dict[str, tuple[int, int, int]] = {}
-# Wrappers selected by a keyword of create(), e.g. gating="rig". Higher layers (slimcnn.gating) register
-# themselves here, so models never import them (the dependency direction is gating -> models).
+# Wrappers selected by a keyword of create(), e.g. gating="rig", and the keywords of create() that belong to them.
+# Higher layers (slimcnn.gating) register themselves here, so models never import them (the dependency direction
+# is gating -> models; ``import slimcnn`` registers them before any model can be created).
 _WRAPPERS: dict[str, Callable[..., nn.Module]] = {}
+_WRAPPER_KEYWORDS: set[str] = set()
 
 
-def register_wrapper(kind: str, wrap: Callable[..., nn.Module]) -> None:
-    """Let ``create(name, gating=kind, **opts)`` return ``wrap(base_model, **opts)``."""
+def register_wrapper(kind: str, wrap: Callable[..., nn.Module], keywords: Iterable[str] = ()) -> None:
+    """Let ``create(name, gating=kind, **opts)`` return ``wrap(base_model, **opts)``; ``keywords`` are the options
+    of ``create`` that go to the wrapper rather than to the backbone's builder."""
     _WRAPPERS[kind] = wrap
+    _WRAPPER_KEYWORDS.update(keywords)
 
 
 def register(name: str, input_size: tuple[int, int, int] = (3, 32, 32)) -> Callable[[Builder], Builder]:
@@ -71,9 +75,13 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     >>> m = create("cifar_resnet20")
     >>> m = create("cifar_resnet56", shortcut="B")
     >>> m = create("tv:resnet18", num_classes=10)
-    >>> m = create("timm:resnet18", num_classes=10)                # doctest: +SKIP  (the timm extra)
-    >>> m = create("nets/mine.py:build", num_classes=10)           # doctest: +SKIP  (runs the user's file)
-    >>> m = create("cifar_resnet20", gating="rig", iterations=2)  # doctest: +SKIP
+    >>> type(create("cifar_resnet20", gating="rig", iterations=2)).__name__
+    'RIG'
+
+    Not run as doctests: the first needs the timm extra, the second a user's file.
+
+    >>> m = create("timm:resnet18", num_classes=10)                # doctest: +SKIP
+    >>> m = create("nets/mine.py:build", num_classes=10)           # doctest: +SKIP
 
     A user's builder runs the code it names; the recipe records its file as an absolute path, so a saved model
     rebuilds from any working directory (:func:`slimcnn.load` asks for ``trust_builder=True`` first).
@@ -84,7 +92,7 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         name = canonical_import_path(name)
     spec_kwargs = dict(kwargs)
     gating = kwargs.pop("gating", None)
-    gating_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _GATING_KEYS}
+    gating_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _WRAPPER_KEYWORDS}
     if name.startswith("tv:"):
         from .torchvision_models import build_torchvision
 
@@ -99,14 +107,7 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         raise KeyError(_unknown(name))
     if gating is not None:
         if gating not in _WRAPPERS:
-            import slimcnn  # noqa: F401  (importing the package registers the gating wrappers)
-        if gating not in _WRAPPERS:
             raise KeyError(f"unknown gating {gating!r}; known: {', '.join(sorted(_WRAPPERS)) or 'none'}")
         model = _WRAPPERS[gating](model, **gating_kw)
     model.slimcnn_spec = {"name": name, "num_classes": num_classes, "kwargs": spec_kwargs}
     return model
-
-
-#: keywords of create() that belong to the gating wrapper, not to the backbone builder
-_GATING_KEYS = {"iterations", "gate_type", "gate_stages", "share_gates", "variant", "loss_all_iterations",
-                "gate_source", "bn", "gate_init"}
