@@ -76,6 +76,8 @@ class CompressConfig:
     exclude: list[str] = field(default_factory=list)            # layers never pruned (globs; graph/policy.py)
     min_keep: dict[str, float] = field(default_factory=dict)    # glob -> floor on the kept fraction of channels
     bn_recalib: int = 100           # batches of BatchNorm recalibration after finalize (0: none)
+    stage_evals: bool = True        # also score before finalize, raw after it and after BN recalibration (False:
+                                    # the compressed model is scored once, at the end; the demo, to save 12 of 19 evals)
     distill: bool = False           # distil from the uncompressed base in the method phase and the fine-tune
     kd_alpha: float = 0.7           # weight of the distillation term (1 - kd_alpha: cross-entropy)
     kd_temperature: float = 4.0
@@ -275,8 +277,8 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
     or if ``cfg.exclude`` / ``cfg.min_keep`` ask for a layer control the method lacks or name no layer.
 
     ``memo``: a dict kept by a caller that compresses the same ``model`` on the same loaders several times (the
-    demo's rows, one per method): the base's evaluation and, with ``cfg.distill``, the teacher's logits per batch
-    are computed once and reused from it. Do not share one between different base models or test sets.
+    demo's rows, one per method): the base's profile and evaluation and, with ``cfg.distill``, the teacher's logits
+    per batch are computed once and reused from it. Do not share one between different base models or test sets.
     """
     if method.trains_before_finalize and cfg.method_epochs < 1:
         raise ValueError(_no_training_message(type(method), cfg.method_epochs + cfg.epochs, cfg.method_epochs))
@@ -301,13 +303,13 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     out = Path(cfg.out_dir) if cfg.out_dir and distributed.is_main() else None  # rank 0 alone writes
     metric = METRICS[cfg.task]
     example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(cfg.seed))
-    base_prof = profile(model, input_shape)
-    if memo is not None and "base_score" in memo:
-        base_score, test_images = memo["base_score"]
+    if memo is not None and "base" in memo:
+        base_prof, base_score, test_images = memo["base"]
     else:
+        base_prof = profile(model, input_shape)
         base_score, _, test_images = _score(model, test_loader, cfg, "eval base")
         if memo is not None:
-            memo["base_score"] = (base_score, test_images)
+            memo["base"] = (base_prof, base_score, test_images)
     tqdm.write(f"base: {metric} {base_score:.2f}  MACs {base_prof.macs / 1e6:.2f}M  params {base_prof.params / 1e6:.3f}M")
     tqdm.write(f"plan: {recipe_text(method, cfg)}")
     distiller = None
@@ -335,14 +337,16 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     work, _ = adopt_rank0(work)
     finalize_key = method.finalize_key
     before_logits = before_score = None
-    if method.trains_before_finalize:
+    if method.trains_before_finalize and cfg.stage_evals:
         before_score, before_logits, _ = _score(work, test_loader, cfg, f"eval before {finalize_key}")
     compact = method.finalize(work).to(cfg.device)
-    after_score, after_logits, _ = _score(compact, test_loader, cfg, f"eval after {finalize_key}")
+    after_score = after_logits = None
+    if cfg.stage_evals or (cfg.epochs == 0 and not cfg.bn_recalib):
+        after_score, after_logits, _ = _score(compact, test_loader, cfg, f"eval after {finalize_key}")
     finalize = {f"{metric}_before": before_score, f"{metric}_after": after_score,
                 "max_logit_change": (after_logits - before_logits).abs().max().item()
                 if before_logits is not None and after_logits is not None else None}
-    if before_score is not None:
+    if before_score is not None and after_score is not None:
         finalize["gap"] = round(after_score - before_score, 2)
     fin_warning = (method.report().get(finalize_key) or {}).get("warning") if method.trains_before_finalize else None
     if fin_warning:
@@ -350,7 +354,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     from .engine.recalibrate import recalibrate_bn
 
     finalize["bn_recalib_batches"] = recalibrate_bn(compact, train_loader, cfg.bn_recalib, cfg.device)
-    if finalize["bn_recalib_batches"]:
+    if finalize["bn_recalib_batches"] and (cfg.stage_evals or cfg.epochs == 0):
         after_score, _, _ = _score(compact, test_loader, cfg, "eval after BN recalibration")
         finalize[f"{metric}_recalibrated"] = after_score
     # a finalize that read data or drew at random may have kept other channels on another rank, and each rank

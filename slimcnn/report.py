@@ -82,22 +82,26 @@ def plot_widths(before: dict[str, int], after: dict[str, int], path: Path, title
 
 
 def plot_gates(gates: dict[str, list[float]], path: Path) -> Path:
-    """Histogram of gate values per group (Dagger)."""
+    """Dagger's gate values: one row per group, its gates sorted from open to closed, so each row's bright part
+    is what the group keeps. One image in one axes: the grid of per-group histograms it replaces took 3.7 s of the
+    demo's 137 s on 2 cores (a figure of 24 axes), this takes a fraction of a second."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     keys = list(gates)
-    cols = min(6, len(keys)) or 1
-    rows = -(-len(keys) // cols) or 1
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.6 * rows), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
-        ax.hist(gates[k], bins=20, range=(0, 1), color="#2f6db5")
-        ax.set_title(k, fontsize=6)
-        ax.tick_params(labelsize=5)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
+    width = max((len(v) for v in gates.values()), default=1)
+    grid = np.full((max(1, len(keys)), width), np.nan)
+    for i, k in enumerate(keys):
+        grid[i, :len(gates[k])] = sorted(gates[k], reverse=True)
+    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.16 * len(keys)))
+    im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(keys)))
+    ax.set_yticklabels(keys, fontsize=6)
+    ax.set_xlabel("channel (sorted by gate)")
+    fig.colorbar(im, ax=ax, label="gate")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

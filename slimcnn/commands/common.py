@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import time
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -68,19 +69,43 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads() -> int:
+def busy_cores_elsewhere(window_s: float = 0.2) -> float:
+    """Cores that other processes keep busy, measured over ``window_s``: the machine's busy time in
+    ``/proc/stat`` minus this process's own CPU time, per second. 0.0 where ``/proc/stat`` does not exist."""
+    def sample() -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+    try:
+        busy0, own0 = sample()
+        t0 = time.monotonic()
+        time.sleep(window_s)
+        busy1, own1 = sample()
+    except (OSError, ValueError):
+        return 0.0
+    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (time.monotonic() - t0))
+
+
+def default_threads(measure_load: bool = True) -> int:
     """torch intra-op threads when ``--threads`` is not given.
 
     ``OMP_NUM_THREADS`` wins when set: the user (or torchrun, which sets it to 1 for several local processes)
     already chose. Otherwise the available cores, shared among torchrun's local processes
-    (``LOCAL_WORLD_SIZE``) so that DDP workers on one machine do not oversubscribe it.
+    (``LOCAL_WORLD_SIZE``) so that DDP workers on one machine do not oversubscribe it, less the cores other
+    processes keep busy (``measure_load``, a 0.2 s sample; outside torchrun only). The reason, measured with the
+    demo beside a 2-thread ``slimcnn train`` on 2 cores: PyTorch's OpenMP threads spin while they wait for each
+    other, so two 2-thread jobs took the demo from 133 s to 803 s; see the README's performance notes.
     """
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     procs = int(local) if local.isdigit() and int(local) > 0 else 1
-    return max(1, available_cores() // procs)
+    cores = max(1, available_cores() // procs)
+    if measure_load and procs == 1 and cores > 1:
+        cores = max(1, cores - round(busy_cores_elsewhere()))
+    return cores
 
 
 def _positive_int(text: str) -> int:
@@ -98,7 +123,8 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
     torch's thread count on its own."""
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="torch intra-op threads (default: OMP_NUM_THREADS if set, else the cores this process may "
-                        f"use, split among torchrun's local processes: {default_threads()} here)")
+                        "use less those other processes keep busy, split among torchrun's local processes: "
+                        f"{default_threads(measure_load=False)} here when idle)")
 
 
 @contextlib.contextmanager

@@ -16,8 +16,10 @@ with l1 on this subset (2 fine-tune epochs, lr 0.01, top-1 on the 1,000 embedded
   merge (reported as such, with a warning). 94 steps still leave it short: its kernels meet (1e-8) but the BN
   running statistics forget old differences at 0.9 per step (~130 steps), so the demo's C-SGD merge is reported
   lossy with a change of ~0.07 in the logits;
-- latency timed for 0.5 s per batch size instead of 5, and 20 batches of BatchNorm recalibration instead of 100 (ratios on a 2-core machine are noisy either way; see
-  ``benchmarks/`` for the interleaved timings).
+- latency timed for 0.5 s per batch size instead of 5, and 20 batches of BatchNorm recalibration instead of 100
+  (ratios on a 2-core machine are noisy either way; see ``benchmarks/`` for the interleaved timings);
+- each compressed model scored once, at the end (``stage_evals=False``): the scores before finalize, raw after it
+  and after recalibration were 12 of the demo's 19 evaluations of the 1,000 test images, ~14 s of 137 s.
 The rows run one after the other and share what does not depend on the method (``compress(..., memo=)``): the
 base's evaluation and the teacher's logits for each batch (every row sees the same augmented batches). Two rows
 at a time in processes of one thread each was slower on 2 cores (172 s against ~150 s for one row at a time with
@@ -76,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
     base = load_checkpoint(create("cifar_resnet20"), DEMO_WEIGHTS)
     train = Loader(load_demo("train"), batch_size=32, shuffle=True, augment=True, seed=0)
     test = Loader(load_demo("test"), batch_size=500)
+    import torch
+
     print("slimcnn demo: public CIFAR-10 ResNet-20, embedded subset (1,500 train / 1,000 test JPEG images); every "
-          f"row: {args.epochs} epochs at batch 32, distilled from the base, SGD momentum 0.5")
+          f"row: {args.epochs} epochs at batch 32, distilled from the base, SGD momentum 0.5; "
+          f"{torch.get_num_threads()} torch thread(s)")
     memo: dict = {}  # the base's evaluation and the teacher's logits, shared by the rows
     summary = []
     for name in names:
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         method_epochs, finetune_epochs = split_budget(method, args.epochs)
         cfg = CompressConfig(target_macs=args.target_macs, method_epochs=method_epochs, epochs=finetune_epochs,
                              lr=0.01, momentum=0.5, distill=True, out_dir=str(Path(args.out) / name),
-                             latency_batches=[1, 128], latency_repeats=5, latency_budget_s=0.5, bn_recalib=20)
+                             latency_batches=[1, 128], latency_repeats=5, latency_budget_s=0.5, bn_recalib=20,
+                             stage_evals=False)
         _, report = compress(base, method, train, test, (3, 32, 32), cfg, "cifar_resnet20",
                              {"command": "slimcnn demo", "data": "embedded cifar10-demo subset"}, memo=memo)
         print(f"\n== {name}: target {args.target_macs:.0%} MACs, {method_epochs} method + {finetune_epochs} "
