@@ -7,6 +7,7 @@ can never split a `slimcnn <command>` mention and hide it from the check.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 import pytest
@@ -118,7 +119,7 @@ def test_threads_are_set_for_the_command_and_restored(monkeypatch, capsys):
     assert main(["models", "cifar_resnet20", "--threads", "3"]) == 0
     assert calls == [3, before]
 
-    calls.clear()  # default: OMP_NUM_THREADS when set, else the cores this process may use
+    calls.clear()  # default: OMP_NUM_THREADS when set, else the cores this process may use that others leave free
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert main(["models", "cifar_resnet20"]) == 0
     assert calls == [2, before]
@@ -126,8 +127,18 @@ def test_threads_are_set_for_the_command_and_restored(monkeypatch, capsys):
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    busy = [0.0]  # cores other processes keep busy (commands/common.busy_cores_elsewhere), set by the test
+    monkeypatch.setattr("slimcnn.commands.common.busy_cores_elsewhere", lambda: busy[0])
     assert main(["models", "cifar_resnet20"]) == 0
     assert calls == [4, before]
+    calls.clear()
+    busy[0] = 1.3  # another job keeps a core busy: its spinning OpenMP threads would slow both (README)
+    assert main(["models", "cifar_resnet20"]) == 0
+    assert calls == [3, before]
+    calls.clear()
+    busy[0] = 7.0  # never fewer than one thread
+    assert main(["models", "cifar_resnet20"]) == 0
+    assert calls == [1, before]
     calls.clear()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this machine share the cores
     assert main(["models", "cifar_resnet20"]) == 0
@@ -165,3 +176,22 @@ def test_models_pattern_filters_both_lists(capsys):
     assert main(["models", "tv:resnet1*"]) == 0
     out = capsys.readouterr().out
     assert "resnet18" in out and "resnet101" in out and "resnet50" not in out and "cifar_resnet20" not in out
+
+
+def test_busy_cores_elsewhere_excludes_this_process(monkeypatch):
+    """Machine-wide busy time from /proc/stat less this process's own CPU time, per second of the window."""
+    import io
+    import types
+
+    from slimcnn.commands import common
+
+    hz = os.sysconf("SC_CLK_TCK")
+    # /proc/stat's first line at the two samples: 3 s of busy ticks (user + system) pass, idle and iowait excluded
+    stats = iter([f"cpu  {10 * hz} 0 {5 * hz} {100 * hz} {hz} 0 0 0 0 0\n",
+                  f"cpu  {12 * hz} 0 {6 * hz} {101 * hz} {2 * hz} 0 0 0 0 0\n"])
+    monkeypatch.setattr(common, "open", lambda path: io.StringIO(next(stats)), raising=False)
+    clock = iter([0.0, 1.0])          # monotonic: a 1 s window
+    own = iter([4.0, 4.5])            # this process used 0.5 s of CPU in it
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(
+        monotonic=lambda: next(clock), process_time=lambda: next(own), sleep=lambda s: None))
+    assert common.busy_cores_elsewhere() == 2.5
