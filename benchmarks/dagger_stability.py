@@ -4,21 +4,21 @@ Each seed changes the Dagger module's initialisation and the order of the traini
 data and target are the same. For every prunable channel group the script reports the width chosen by each
 seed, its mean, standard deviation and range, and writes JSON (plus the command, versions and machine).
 
-    python benchmarks/dagger_stability.py --model cifar_resnet56 \\
-        --weights ../shared/weights/cifar10-resnet56-4bfd9763.th --data ../shared/data/cifar10-jpeg \\
+    python benchmarks/dagger_stability.py --model cifar_resnet56 --weights public \\
         --target-macs 0.5 --seeds 0 1 2 --steps 1000 --out benchmarks/results/dagger_stability_r56.json
+
+``--weights public`` starts from the model's public checkpoint in ``--weights-dir``; data and weights default to
+../shared (benchmarks/common.py).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from common import add_data_args, checkpoint, command, environment, write_json  # first: this checkout's slimcnn
 
 import torch
 from torch import nn
@@ -63,8 +63,9 @@ def width_stability(make_model: Callable[[], nn.Module], loader: Iterable, examp
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cifar_resnet20")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--data", required=True)
+    p.add_argument("--weights", default=None, help="a checkpoint path, or 'public' for the model's public checkpoint "
+                                                    "(default: random init)")
+    add_data_args(p, "cifar10", weights=True)
     p.add_argument("--target-macs", type=float, default=0.5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200, help="search steps per seed")
@@ -79,9 +80,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from slimcnn.data import cifar10_loaders
     from slimcnn.models import create, load_checkpoint
 
+    weights = checkpoint(args.model, args.weights_dir) if args.weights == "public" else args.weights
+
     def make_model() -> nn.Module:
         model = create(args.model)
-        return load_checkpoint(model, args.weights) if args.weights else model
+        return load_checkpoint(model, weights) if weights else model
 
     loader = cifar10_loaders(args.data, batch_size=args.batch_size, train_limit=args.train_limit,
                              splits=("train",))["train"]
@@ -90,17 +93,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extra = {"lambda_flops": args.lambda_flops} if args.lambda_flops is not None else {}
     res = width_stability(make_model, loader, x, args.seeds, args.target_macs, args.steps, args.lr, progress=True,
                           anneal_steps=args.anneal_steps or args.steps, **extra)
-    res.update({"command": " ".join([sys.executable, *sys.argv]), "seconds": round(time.time() - t0, 1),
-                "torch": torch.__version__, "machine": platform.platform(), "processor": platform.processor(),
-                "args": vars(args)})
+    res.update({"command": command("dagger_stability.py", argv), "seconds": round(time.time() - t0, 1),
+                "environment": environment(), "args": vars(args)})
     print(f"{'group':<24} {'size':>5}  widths per seed   std")
     for key, g in res["groups"].items():
         print(f"{key:<24} {g['size']:>5}  {str(g['widths']):<16} {g['std']:.2f}")
     print(f"mean relative std {res['mean_relative_std']:.4f}, max {res['max_relative_std']:.4f}; "
           f"MACs per seed {[r['macs'] for r in res['runs']]}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        write_json(args.out, res)
     return res
 
 

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from common import DATA, RESULTS, add_data_args, checkpoint, command, environment, write_json  # first: slimcnn
+
 import torch
 
 import slimcnn.gating  # noqa: F401  (registers the gating wrappers and the segmentation models)
@@ -31,17 +33,14 @@ from slimcnn.data.camvid import camvid_loaders
 from slimcnn.engine import TrainConfig, evaluate, train
 from slimcnn.models import create, load_checkpoint
 from slimcnn.profile import profile
-from slimcnn.report import atomic_write_text, environment
+from slimcnn.report import atomic_write_text
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-
-#: row name -> (zoo model, create() keywords, public checkpoint depth or None)
-CIFAR_ROWS: dict[str, tuple[str, dict[str, Any], int | None]] = {
-    "resnet20": ("cifar_resnet20", {}, 20),
-    "resnet20+rig": ("cifar_resnet20", {"gating": "rig"}, 20),
-    "resnet32": ("cifar_resnet32", {}, 32),
-    "resnet56": ("cifar_resnet56", {}, 56),
+#: row name -> (zoo model, create() keywords); a pretrained row starts from its zoo model's public checkpoint
+CIFAR_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "resnet20": ("cifar_resnet20", {}),
+    "resnet20+rig": ("cifar_resnet20", {"gating": "rig"}),
+    "resnet32": ("cifar_resnet32", {}),
+    "resnet56": ("cifar_resnet56", {}),
 }
 CAMVID_ROWS: dict[str, dict[str, Any]] = {
     "none": {"gating": "dig", "variant": "none"},
@@ -52,13 +51,6 @@ CAMVID_ROWS: dict[str, dict[str, Any]] = {
 }
 # RIG on the segmentation encoder is no extra row: RIG(gate_source="next") builds exactly DIG "previous_stage"
 # and RIG(gate_source="top") exactly DIG "top_only" (same modules, same outputs; tests/test_gating_dig.py)
-
-
-def _checkpoint(depth: int) -> Path:
-    found = sorted((SHARED / "weights").glob(f"cifar10-resnet{depth}-*.th"))
-    if not found:
-        raise SystemExit(f"no public checkpoint for ResNet-{depth} in {SHARED / 'weights'}")
-    return found[0]
 
 
 def run_row(name: str, build: Callable[[], torch.nn.Module], loaders: dict, cfg: TrainConfig, task: str,
@@ -87,14 +79,14 @@ def cifar(args: argparse.Namespace) -> tuple[dict, dict]:
                       max_steps=args.max_steps, progress=not args.quiet)
     rows = {}
     for name in args.rows or list(CIFAR_ROWS):
-        model_name, kw, depth = CIFAR_ROWS[name]
+        model_name, kw = CIFAR_ROWS[name]
         if kw.get("gating"):
             kw = {**kw, "iterations": args.iterations, "gate_type": args.gate_type or "both"}
 
-        def build(model_name=model_name, kw=kw, depth=depth):
+        def build(model_name=model_name, kw=kw):
             m = create(model_name, **kw)
             if args.init == "pretrained":
-                load_checkpoint(m.backbone if hasattr(m, "backbone") else m, _checkpoint(depth))
+                load_checkpoint(m.backbone if hasattr(m, "backbone") else m, checkpoint(model_name, args.weights_dir))
             return m
 
         rows[name] = {"model": model_name, "kwargs": kw, **run_row(name, build, loaders, cfg, "classification",
@@ -162,7 +154,7 @@ def markdown(task: str, doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=["cifar", "camvid"])
-    p.add_argument("--data", default=None, help="data root (default: ../shared/data/cifar10-jpeg or camvid)")
+    add_data_args(p, None, weights=True)
     p.add_argument("--rows", default=None, help="comma list of rows to run (default: all); results merge by name")
     p.add_argument("--epochs", type=int, default=None, help="default: 2 (cifar), 40 (camvid)")
     p.add_argument("--lr", type=float, default=None, help="default: 0.02 (cifar, fine-tune), 0.05 (camvid)")
@@ -181,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=2, help="iterations T of the feedback rows (default 2)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     cifar_task = args.task == "cifar"
-    args.data = args.data or str(SHARED / "data" / ("cifar10-jpeg" if cifar_task else "camvid"))
+    args.data = args.data or str(DATA["cifar10" if cifar_task else "camvid"])
     args.epochs = args.epochs or (2 if cifar_task else 40)
     args.lr = args.lr or (0.02 if cifar_task else 0.05)
     args.batch_size = args.batch_size or (128 if cifar_task else 8)
@@ -207,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             doc["rows"] = old["rows"]  # same settings: add to the rows already measured
         else:
             print(f"note: {json_path} was written with other settings; replacing it", file=sys.stderr)
-    doc["command"] = "python benchmarks/gating.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    doc["command"] = command("gating.py", argv)
     for r in rows.values():
         r["command"] = doc["command"]
     doc["rows"].update(rows)
     doc["environment"] = environment()
-    atomic_write_text(json_path, json.dumps(doc, indent=1))
+    write_json(json_path, doc)
     atomic_write_text(out / f"gating_{args.task}.md", markdown(args.task, doc))
     print(markdown(args.task, doc))
     return 0

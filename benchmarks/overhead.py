@@ -13,7 +13,8 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
+
+from common import command, environment, write_json  # first: puts this checkout's slimcnn on the path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,6 @@ import torch.nn.functional as F
 import slimcnn
 from slimcnn.data import Loader, load_demo
 from slimcnn.methods.base import Method
-from slimcnn.report import environment
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
@@ -93,14 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "batch_size": args.batch_size, "steps_per_round": args.steps,
               "rounds": args.rounds, "step_ms": {k: round(v * 1e3, 2) for k, v in med.items()},
               "ratio_vs_sgd": {k: round(v / med["sgd"], 4) for k, v in med.items() if k != "sgd"},
-              "command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "environment": environment()}
+              "command": command("overhead.py", argv), "environment": environment()}
     print(json.dumps(result["ratio_vs_sgd"], indent=1))
     for k, v in result["ratio_vs_sgd"].items():
         print(f"step_time_ratio[{k} / sgd]: {v:.3f}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     return 0
 
 

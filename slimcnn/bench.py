@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .compress import CompressConfig, compress, split_budget
+from .models.checkpoint import public_checkpoint
 from .report import atomic_write_text, environment
-
-WEIGHTS = {"cifar_resnet20": "cifar10-resnet20-12fca82f.th", "cifar_resnet56": "cifar10-resnet56-4bfd9763.th"}
 
 
 #: training recipes a benchmark run applies to every row: cross-entropy alone, or distillation from the base
@@ -104,7 +103,7 @@ def fine_tuned_base(model_name: str, weights_dir: Path, data: str, budget: Budge
     cached = work / "bases" / key
     if (cached / "model.safetensors").is_file():
         return load(cached), key
-    model = load_checkpoint(create(model_name), weights_dir / WEIGHTS[model_name])
+    model = load_checkpoint(create(model_name), public_checkpoint(model_name, weights_dir))
     if budget.base_epochs > 0:
         loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed, splits=("train",))
         cfg = TrainConfig(epochs=budget.base_epochs, lr=budget.base_lr, weight_decay=1e-4, seed=seed, device=device,

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from slimcnn.cli import main
-from conftest import CIFAR, RESNET20
+from conftest import CIFAR, RESNET20, top1_on_test_subset
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -44,7 +44,9 @@ def test_compress_l1_then_export(tmp_path):
         assert key in rep
     assert set(rep["base"]) >= {"macs", "params", "top1"} and rep["latency_ms"]["batch"] == [1, 8]
     assert abs(rep["compressed"]["macs"] / rep["base"]["macs"] - 0.5) <= 0.005
-    assert rep["test_images"] == 200 and 0 <= rep["compressed"]["top1"] <= 100
+    assert rep["test_images"] == 200 and rep["base"]["top1"] > 60  # the public ResNet-20: ~81% on the JPEG test set
+    # the report's top-1 is the saved model's on the same 200 images, counted independently
+    assert abs(rep["compressed"]["top1"] - top1_on_test_subset(out, 200)) < 0.01
     assert (out / "report.md").is_file() and (out / "widths.png").stat().st_size > 1000
     r = run_cli("export", str(out), "--onnx", str(tmp_path / "m.onnx"), "--torchscript", str(tmp_path / "m.ts"),
                 "--check")

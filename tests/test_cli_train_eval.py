@@ -17,9 +17,9 @@ from slimcnn.engine.checkpoint import load_state
 from slimcnn.engine.distributed import param_digest
 from slimcnn.models import create
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CIFAR = str(SHARED / "data" / "cifar10-jpeg")
-R20 = str(SHARED / "weights" / "cifar10-resnet20-12fca82f.th")
+from conftest import CIFAR as _CIFAR, RESNET20
+
+CIFAR, R20 = str(_CIFAR), str(RESNET20)
 
 
 def metric(out: str, name: str) -> float:

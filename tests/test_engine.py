@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +13,7 @@ from slimcnn.engine.checkpoint import load_state
 from slimcnn.engine.trainer import Schedule
 from slimcnn.methods.base import Method
 from slimcnn.models import create, load_checkpoint
-from conftest import shuffled_loader
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-R20 = SHARED / "weights" / "cifar10-resnet20-12fca82f.th"
+from conftest import RESNET20 as R20, shuffled_loader
 
 
 loader = shuffled_loader

@@ -17,8 +17,7 @@ from slimcnn.methods.trp import (SCHEMES, TRP, conv_macs, decompose_conv, decomp
 from slimcnn.models import create, load_checkpoint
 from slimcnn.profile import profile
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-WEIGHTS = SHARED / "weights" / "cifar10-resnet20-12fca82f.th"
+from conftest import CIFAR, RESNET20 as WEIGHTS
 
 # (Conv2d kwargs, input H, W): plain, strided, padded, biased, grouped, depthwise, dilated, reflect-padded
 CONVS = {
@@ -187,7 +186,7 @@ def _finalize_truncated(model: nn.Module, method: TRP, step: int, x: torch.Tenso
 def cifar_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     from slimcnn.data import cifar10_loaders
 
-    loader = cifar10_loaders(SHARED / "data" / "cifar10-jpeg", batch_size=32, train_limit=64, splits=("train",))
+    loader = cifar10_loaders(CIFAR, batch_size=32, train_limit=64, splits=("train",))
     return list(loader["train"])
 
 

@@ -7,8 +7,32 @@ import torch
 from torch import nn
 
 
+#: The public CIFAR-10 checkpoints (akamaster/pytorch_resnet_cifar10) by the zoo model they fit. The benchmarks,
+#: the tests and the docs name a checkpoint through this table, so a renamed or added file changes one line.
+PUBLIC_CHECKPOINTS: dict[str, str] = {
+    "cifar_resnet20": "cifar10-resnet20-12fca82f.th",
+    "cifar_resnet32": "cifar10-resnet32-d509ac18.th",
+    "cifar_resnet44": "cifar10-resnet44-014dd654.th",
+    "cifar_resnet56": "cifar10-resnet56-4bfd9763.th",
+}
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model."""
+
+
+def public_checkpoint(model_name: str, weights_dir: str | Path) -> Path:
+    """The path of ``model_name``'s public checkpoint inside ``weights_dir`` (the file need not exist yet: the
+    caller reads it, and :func:`read_state_dict` names a missing file).
+
+    >>> public_checkpoint("cifar_resnet20", "weights").as_posix()
+    'weights/cifar10-resnet20-12fca82f.th'
+    """
+    try:
+        return Path(weights_dir) / PUBLIC_CHECKPOINTS[model_name]
+    except KeyError:
+        raise CheckpointError(f"no public checkpoint for {model_name!r}; known: "
+                              f"{', '.join(PUBLIC_CHECKPOINTS)}") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
