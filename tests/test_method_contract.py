@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import inspect
 
 import pytest
 import torch
@@ -62,10 +61,9 @@ def loader() -> Loader:
 
 def prepare(method: methods.Method, model: torch.nn.Module, x: torch.Tensor, loader: Loader) -> torch.nn.Module:
     """``prepare`` with what the pipeline offers a method (the training length for schedules, the loader for
-    the data-scored peers), each passed only to a method that takes it."""
+    the data-scored peers), each passed only to a method that declares it (``Method.prepare_inputs``)."""
     offered = {"total_steps": STEPS, "lr": LR, "schedule": "constant", "train_loader": loader}
-    accepted = inspect.signature(method.prepare).parameters
-    return method.prepare(model, x, **{k: v for k, v in offered.items() if k in accepted})
+    return method.prepare(model, x, **{k: v for k, v in offered.items() if k in type(method).prepare_inputs})
 
 
 def train_steps(method: methods.Method, model: torch.nn.Module, loader: Loader) -> None:
