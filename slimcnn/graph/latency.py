@@ -213,8 +213,8 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, backend: 
     >>> from slimcnn import create
     >>> t = build_latency_table(create("cifar_resnet20"), torch.randn(1, 3, 32, 32), repeats=3,
     ...                         calibration_budget_s=1)
-    >>> 0 < t.ratio_at({"layer1.0.conv1": 1}) < 1
-    True
+    >>> t.ratio_at({})                 # the base's widths: the base's latency (timings vary, this does not)
+    1.0
     """
     start = time.perf_counter()
     check_backend(backend)
