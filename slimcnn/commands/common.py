@@ -69,7 +69,7 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_cores_elsewhere(window_s: float = 0.2) -> float:
+def busy_cores_elsewhere(window_s: float = 0.3) -> float:
     """Cores that other processes keep busy, measured over ``window_s``: the machine's busy time in
     ``/proc/stat`` minus this process's own CPU time, per second. 0.0 where ``/proc/stat`` does not exist."""
     def sample() -> tuple[float, float]:
@@ -93,7 +93,9 @@ def default_threads(measure_load: bool = True) -> int:
     ``OMP_NUM_THREADS`` wins when set: the user (or torchrun, which sets it to 1 for several local processes)
     already chose. Otherwise the available cores, shared among torchrun's local processes
     (``LOCAL_WORLD_SIZE``) so that DDP workers on one machine do not oversubscribe it, less the cores other
-    processes keep busy (``measure_load``, a 0.2 s sample; outside torchrun only). The reason, measured with the
+    processes keep busy (``measure_load``, a 0.3 s sample; outside torchrun only). A core counts as busy from 0.75
+    of it: a long job that met a passing blip at its start (a shell command, another process exiting) ran a
+    ResNet-56 bench row on 1 of 2 idle cores at half speed. The reason, measured with the
     demo beside a 2-thread ``slimcnn train`` on 2 cores: PyTorch's OpenMP threads spin while they wait for each
     other, so two 2-thread jobs took the demo from 133 s to 803 s; see the README's performance notes.
     """
@@ -104,7 +106,7 @@ def default_threads(measure_load: bool = True) -> int:
     procs = int(local) if local.isdigit() and int(local) > 0 else 1
     cores = max(1, available_cores() // procs)
     if measure_load and procs == 1 and cores > 1:
-        cores = max(1, cores - round(busy_cores_elsewhere()))
+        cores = max(1, cores - int(busy_cores_elsewhere() + 0.25))
     return cores
 
 
