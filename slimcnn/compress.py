@@ -341,7 +341,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
         before_score, before_logits, _ = _score(work, test_loader, cfg, f"eval before {finalize_key}")
     compact = method.finalize(work).to(cfg.device)
     after_score = after_logits = None
-    if cfg.stage_evals or (cfg.epochs == 0 and not cfg.bn_recalib):
+    if cfg.stage_evals:
         after_score, after_logits, _ = _score(compact, test_loader, cfg, f"eval after {finalize_key}")
     finalize = {f"{metric}_before": before_score, f"{metric}_after": after_score,
                 "max_logit_change": (after_logits - before_logits).abs().max().item()
@@ -354,7 +354,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     from .engine.recalibrate import recalibrate_bn
 
     finalize["bn_recalib_batches"] = recalibrate_bn(compact, train_loader, cfg.bn_recalib, cfg.device)
-    if finalize["bn_recalib_batches"] and (cfg.stage_evals or cfg.epochs == 0):
+    if finalize["bn_recalib_batches"] and cfg.stage_evals:
         after_score, _, _ = _score(compact, test_loader, cfg, "eval after BN recalibration")
         finalize[f"{metric}_recalibrated"] = after_score
     # a finalize that read data or drew at random may have kept other channels on another rank, and each rank
@@ -366,6 +366,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
         compact = _train(compact, train_loader, cfg, cfg.epochs, cfg.lr, None, out / "finetune_ckpt" if out else None,
                          distiller, cfg.ema)
         compact, _ = adopt_rank0(compact)  # the BatchNorm statistics of rank 0's last batches
+    if cfg.epochs > 0 or after_score is None:  # stage_evals=False scored nothing yet: score the result once here
         comp_score, _, _ = _score(compact, test_loader, cfg, "eval compressed")
     else:
         comp_score = after_score
