@@ -22,7 +22,7 @@ from common import RESULTS, command, environment, write_json  # first: puts this
 import torch
 
 import slimcnn
-from slimcnn.backends import check_backend, runner, time_samples
+from slimcnn.backends import budgeted_repeats, check_backend, runner, time_samples
 
 
 def parse_model(spec: str) -> tuple[str, Path]:
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend in backends:
         for batch in batches:
             runners = {label: runner(m, shape, batch, backend, args.threads) for label, m in models.items()}
-            for r in runners.values():  # one warm call each, and the price of a round
-                r()
-            once = sum(_once(r) for r in runners.values())
-            repeats = args.repeats or max(5, min(200, int(args.budget / max(once, 1e-6))))
+            repeats = args.repeats or budgeted_repeats(runners, args.budget)
             samples = time_samples(runners, repeats=repeats, warmup=1)
             med = {label: statistics.median(v) for label, v in samples.items()}
             timings[f"{backend}/b{batch}"] = {"repeats": repeats, "median_ms": med,
@@ -93,14 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"{args.name}.md").write_text(markdown(doc))
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
-
-
-def _once(r) -> float:
-    import time
-
-    t0 = time.perf_counter()
-    r()
-    return time.perf_counter() - t0
 
 
 def markdown(doc: dict) -> str:
