@@ -23,9 +23,12 @@ pixel-wise loss (void ignored), with the methods that declare :attr:`~slimcnn.me
 The pipeline knows no method by name: what it passes and records follows each method's class attributes
 (:class:`~slimcnn.methods.base.Method`: ``prepare_inputs``, ``finalize_key``, ``layer_control``, ...).
 
-Two optional levers, both off by default: distillation from the uncompressed base (``distill``; the teacher is
-a frozen copy of the base, used in the method phase and in the fine-tune) and a weight EMA in the fine-tune
-(``ema``; the averaged weights are what is evaluated and saved).
+Two optional levers: distillation from the uncompressed base (``distill``; the teacher is a frozen copy of the
+base, used in the method phase and in the fine-tune) and a weight EMA in the fine-tune (``ema``; the averaged
+weights are what is evaluated and saved). ``CompressConfig`` leaves both off, so that a caller's figures never
+change under it; the ``slimcnn compress`` command turns distillation on (``--no-distill`` to drop it) because it
+measured best at the cpu budget: on ResNet-56 at 0.5 MACs it raised every row, ours and the peers'
+(``benchmarks/results/bench-cpu-resnet56.md``).
 """
 from __future__ import annotations
 

@@ -93,3 +93,13 @@ def test_compress_reports_budget_distillation_and_ema(capsys, tmp_path):
     assert rep["ema"] == {"decay": 0.9, "applied": True}
     md = (out / "report.md").read_text()
     assert "2 in all = 1 of" in md and "training recipe `distill`" in md and "alpha 0.5" in md and "EMA 0.9" in md
+
+
+def test_cli_distils_by_default_and_no_distill_turns_it_off():
+    # the CLI's default recipe is the one that measured best at the cpu budget (distillation); the Python
+    # CompressConfig keeps it off so that library callers' figures never change under them
+    from slimcnn.cli import build_parser
+    base = ["compress", "--method", "l1", *COMMON, "--out", "o"]
+    assert build_parser().parse_args(base).distill is True
+    assert build_parser().parse_args([*base, "--no-distill"]).distill is False
+    assert CompressConfig().distill is False

@@ -354,3 +354,29 @@ def test_train_cli_takes_the_options_and_reports_gate_stats(tmp_path, capsys):
 
     saved = slimcnn.io.load(tmp_path)
     assert saved.bn == "per_iter" and saved.gate_init == "open" and _norm_names(saved)
+
+
+@pytest.mark.parametrize("gating,kw", [("rig", dict(bn="per_iter", iterations=2)), ("rig", dict(iterations=1)),
+                                       ("dig", dict(variant="cascaded", iterations=2))])
+def test_plain_classifier_checkpoint_initialises_the_gated_encoder(gating, kw):
+    # the fair start of the ablation: the encoder from the trained classifier, gates and BN copies from their init
+    from slimcnn.models import CheckpointError, load_checkpoint
+
+    from conftest import RESNET20, RESNET56
+    plain = load_checkpoint(create("cifar_resnet20"), RESNET20).eval()
+    torch.manual_seed(0)
+    model = create("cifar_resnet20", gating=gating, **kw)
+    gates_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    load_checkpoint(model, RESNET20).eval()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in gates_before.items())
+    copies = {k: v for k, v in model.backbone.state_dict().items() if ".others." in k}
+    for k, v in copies.items():  # every per-iteration copy starts from iteration 1's trained tensors
+        assert torch.equal(v, plain.state_dict()[k.replace(".others.0.", ".")]), k
+    if kw.get("iterations") == 1:  # T = 1 is the classifier itself
+        x = torch.randn(2, 3, 32, 32)
+        out = model(x)
+        assert torch.equal(out[-1] if isinstance(out, (list, tuple)) else out, plain(x))
+    with pytest.raises(CheckpointError, match="does not fit"):  # another network's checkpoint still fails
+        load_checkpoint(create("cifar_resnet20", gating=gating, **kw), RESNET56)

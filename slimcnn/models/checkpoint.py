@@ -69,8 +69,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """
     state = read_state_dict(path)
     own = model.state_dict()
+    keeps_init = _plain_into_wrapper(model, state, own)
+    if keeps_init is not None:
+        state = {f"backbone.{k}": v for k, v in state.items()}
     # Old checkpoints predate BN's num_batches_tracked counter; it carries no weights, so keep the model's.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")
+               and not (keeps_init and keeps_init(k))]
     extra = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
@@ -82,3 +86,18 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _plain_into_wrapper(model: nn.Module, state: dict, own: dict):
+    """When ``state`` is a plain network's checkpoint and ``model`` wraps that network as ``model.backbone`` (the
+    feedback-gating wrappers RIG and DIG): a test of the keys that keep their initialisation (the gates, and the
+    per-iteration BatchNorm copies, which :class:`~slimcnn.gating.rig.IterationBN` fills from iteration 1's
+    tensors); else None. This is how a gated model starts from a trained classifier, the fair start the gating
+    ablation compares against."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module) or any(k.startswith("backbone.") for k in state):
+        return None
+    inner = {k[len("backbone."):] for k in own if k.startswith("backbone.") and ".others." not in k}
+    if not inner or not set(state) <= inner | {k for k in state if k.endswith("num_batches_tracked")}:
+        return None  # not the wrapped network's checkpoint: let the strict check name what is off
+    return lambda k: not k.startswith("backbone.") or ".others." in k
