@@ -32,7 +32,7 @@ def test_int8_export_of_a_compressed_resnet20(tmp_path, capsys):
     assert rep["method"] == "l1"  # kept
     q = rep["int8"]
     assert q["format"] == "QDQ" and q["per_channel"] and q["calibration_images"] == 128
-    assert q["reduce_range"] is True  # the default: measured against U8S8 saturation (slimcnn/quantize.py)
+    assert q["reduce_range"] is True and q["calibration_method"] == "percentile"  # the measured defaults
     assert q["test_images"] == 200 and q["calibration_split"] == "train"
     assert q["top1"]["fp32"] > 20, q["top1"]  # a trained net, not chance (10%)
     assert q["top1"]["int8"] >= q["top1"]["fp32"] - 10, q["top1"]
