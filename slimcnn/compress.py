@@ -171,7 +171,7 @@ def recipe_text(method: Method | type[Method], cfg: CompressConfig) -> str:
     parts.append(f"{cfg.epochs} fine-tune epoch(s)" + (f" with weight EMA {cfg.ema}" if cfg.ema is not None
                                                         and cfg.epochs else ""))
     text = ", then ".join(parts)
-    if cfg.distill:
+    if cfg.distill and (cfg.method_epochs or cfg.epochs):
         text += (f"; distilled from the uncompressed base (alpha {cfg.kd_alpha}, T {cfg.kd_temperature}) in every "
                  "training epoch")
     return text
@@ -316,7 +316,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     tqdm.write(f"base: {metric} {base_score:.2f}  MACs {base_prof.macs / 1e6:.2f}M  params {base_prof.params / 1e6:.3f}M")
     tqdm.write(f"plan: {recipe_text(method, cfg)}")
     distiller = None
-    if cfg.distill:
+    if cfg.distill and (cfg.method_epochs or cfg.epochs):  # no training epoch: nothing to teach
         from .distill import Distiller
 
         # a frozen copy of the uncompressed base teaches both phases; ``model`` itself stays untouched

@@ -103,3 +103,10 @@ def test_cli_distils_by_default_and_no_distill_turns_it_off():
     assert build_parser().parse_args(base).distill is True
     assert build_parser().parse_args([*base, "--no-distill"]).distill is False
     assert CompressConfig().distill is False
+
+
+def test_recipe_text_names_distillation_only_when_something_trains():
+    from slimcnn.compress import recipe_text
+    cls = method_class("l1")
+    assert "distilled" in recipe_text(cls, CompressConfig(epochs=1, distill=True))
+    assert "distilled" not in recipe_text(cls, CompressConfig(epochs=0, distill=True))

@@ -32,6 +32,7 @@ def test_int8_export_of_a_compressed_resnet20(tmp_path, capsys):
     assert rep["method"] == "l1"  # kept
     q = rep["int8"]
     assert q["format"] == "QDQ" and q["per_channel"] and q["calibration_images"] == 128
+    assert q["reduce_range"] is True and q["calibration_method"] == "percentile"  # the measured defaults
     assert q["test_images"] == 200 and q["calibration_split"] == "train"
     assert q["top1"]["fp32"] > 20, q["top1"]  # a trained net, not chance (10%)
     assert q["top1"]["int8"] >= q["top1"]["fp32"] - 10, q["top1"]
@@ -61,3 +62,9 @@ sys.exit(slimcnn.cli.main(["export", {str(tmp_path / "m")!r}, "--int8", "--data"
     assert proc.returncode == 2, err[-3000:]
     assert len(err.splitlines()) == 1 and 'pip install -e ".[onnx]"' in err and "onnxruntime" in err, err
     assert not (tmp_path / "m" / "model.onnx").exists()
+
+
+def test_reduce_range_is_on_by_default_and_can_be_turned_off():
+    from slimcnn.cli import build_parser
+    assert build_parser().parse_args(["export", "d", "--int8"]).reduce_range is True
+    assert build_parser().parse_args(["export", "d", "--int8", "--no-reduce-range"]).reduce_range is False

@@ -37,13 +37,16 @@ def add_parser(sub) -> None:
                         "top-1 and latency of it and of the FP32 ONNX model")
     q.add_argument("--calib-images", type=int, default=512, metavar="N",
                    help="training images to calibrate on (a fixed, seeded, class-balanced subset; default 512)")
-    q.add_argument("--calib-method", choices=CALIBRATION_METHODS, default="minmax",
-                   help="how activation ranges are set from the calibration images (default minmax)")
+    q.add_argument("--calib-method", choices=CALIBRATION_METHODS, default="percentile",
+                   help="how activation ranges are set from the calibration images (default percentile: minmax "
+                        "lost 4.97 points on a TRP-factorised ResNet-56, percentile 0.32)")
     q.add_argument("--int8-activations", choices=ACTIVATION_TYPES, default="uint8",
                    help="activation type; weights are always int8 (default uint8: ONNX Runtime's fast kernels on x86 "
                         "CPUs without VNNI; int8 for CPUs with VNNI or runtimes that want signed activations)")
-    q.add_argument("--reduce-range", action="store_true",
-                   help="7-bit weights, against the uint8 x int8 saturation of AVX2 / AVX-512 CPUs without VNNI")
+    q.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=True,
+                   help="7-bit weights, against the uint8 x int8 saturation of AVX2 / AVX-512 CPUs without VNNI "
+                        "(default on: ResNet-56 at 0.5 MACs lost 1.01 points to INT8 without it, gained 0.13 "
+                        "with it; --no-reduce-range for CPUs with VNNI)")
     q.add_argument("--latency-batch", type=int, nargs="+", default=[1, 128],
                    help="batch sizes timed on ONNX Runtime's CPU provider (default 1 128)")
     q.add_argument("--latency-repeats", type=int, default=10, metavar="N",
