@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def _plain_into_wrapper(model: nn.Module, state: dict, own: dict):
+def _plain_into_wrapper(model: nn.Module, state: dict, own: dict) -> Callable[[str], bool] | None:
     """When ``state`` is a plain network's checkpoint and ``model`` wraps that network as ``model.backbone`` (the
     feedback-gating wrappers RIG and DIG): a test of the keys that keep their initialisation (the gates, and the
     per-iteration BatchNorm copies, which :class:`~slimcnn.gating.rig.IterationBN` fills from iteration 1's
