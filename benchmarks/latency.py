@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from common import RESULTS, command, environment, write_json  # first: puts this checkout's slimcnn on the path
@@ -22,20 +21,14 @@ from common import RESULTS, command, environment, write_json  # first: puts this
 import torch
 
 import slimcnn
-from slimcnn.backends import budgeted_repeats, check_backend, runner, time_samples
+from slimcnn.backends import budgeted_repeats, check_backend, runner, time_runners
+from slimcnn.report import alignment
 
 
 def parse_model(spec: str) -> tuple[str, Path]:
     """``label=path/to/saved`` -> (label, path); a bare path is labelled by its folder name."""
     label, sep, path = spec.partition("=")
     return (label, Path(path)) if sep else (Path(spec).name, Path(spec))
-
-
-def aligned(model: torch.nn.Module, n: int = 8) -> tuple[int, int]:
-    """(conv/linear layers whose output width is a multiple of ``n``, all conv/linear layers)."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    width = [m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features for m in layers]
-    return sum(w % n == 0 for w in width), len(width)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,19 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         models[label] = slimcnn.load(path).eval()
         report = path / "report.json"
         rep = json.loads(report.read_text()) if report.is_file() else {}
-        k, n = aligned(models[label])
+        a = alignment(models[label], 8)
         info[label] = {"path": str(path), "macs_ratio": slimcnn.profile(models[label], shape).macs / base_macs,
                        "top1": (rep.get("compressed") or {}).get("top1"),
                        "round_to": (rep.get("config") or {}).get("round_to"),
-                       "recipe": rep.get("recipe"), "aligned8": f"{k}/{n}"}
+                       "recipe": rep.get("recipe"), "aligned8": f"{a['aligned_layers']}/{a['layers']}"}
 
     timings: dict[str, dict] = {}
     for backend in backends:
         for batch in batches:
             runners = {label: runner(m, shape, batch, backend, args.threads) for label, m in models.items()}
             repeats = args.repeats or budgeted_repeats(runners, args.budget)
-            samples = time_samples(runners, repeats=repeats, warmup=1)
-            med = {label: statistics.median(v) for label, v in samples.items()}
+            med = time_runners(runners, repeats=repeats, warmup=1)
             timings[f"{backend}/b{batch}"] = {"repeats": repeats, "median_ms": med,
                                               "ratio": {k: med[k] / med["base"] for k in info}}
             print(f"{backend} b{batch}: base {med['base']:.2f} ms; " +

@@ -100,6 +100,11 @@ class CompressConfig:
             raise ValueError(f"task must be one of {', '.join(METRICS)}, got {self.task!r}")
 
     @property
+    def distils(self) -> bool:
+        """Whether a teacher takes part: distillation asked for, and some epoch trains."""
+        return self.distill and bool(self.method_epochs or self.epochs)
+
+    @property
     def recipe(self) -> str:
         """The training recipe's name, as the benchmark labels its rows: ``plain`` or ``distill``."""
         return "distill" if self.distill else "plain"
@@ -171,7 +176,7 @@ def recipe_text(method: Method | type[Method], cfg: CompressConfig) -> str:
     parts.append(f"{cfg.epochs} fine-tune epoch(s)" + (f" with weight EMA {cfg.ema}" if cfg.ema is not None
                                                         and cfg.epochs else ""))
     text = ", then ".join(parts)
-    if cfg.distill and (cfg.method_epochs or cfg.epochs):
+    if cfg.distils:
         text += (f"; distilled from the uncompressed base (alpha {cfg.kd_alpha}, T {cfg.kd_temperature}) in every "
                  "training epoch")
     return text
@@ -316,7 +321,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     tqdm.write(f"base: {metric} {base_score:.2f}  MACs {base_prof.macs / 1e6:.2f}M  params {base_prof.params / 1e6:.3f}M")
     tqdm.write(f"plan: {recipe_text(method, cfg)}")
     distiller = None
-    if cfg.distill and (cfg.method_epochs or cfg.epochs):  # no training epoch: nothing to teach
+    if cfg.distils:
         from .distill import Distiller
 
         # a frozen copy of the uncompressed base teaches both phases; ``model`` itself stays untouched
