@@ -91,6 +91,22 @@ def _recipe_of(record: dict[str, Any]) -> str:
     return record.get("recipe", "plain")
 
 
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows no other row beats on both axes (fewer or equal MACs and higher or equal top-1), by MACs.
+
+    The front is what a user picks from: every other row is dominated by one of them.
+
+    >>> rows = [{"macs": 10, "top1": 80}, {"macs": 10, "top1": 78}, {"macs": 20, "top1": 79}, {"macs": 20, "top1": 85}]
+    >>> [(r["macs"], r["top1"]) for r in pareto_front(rows)]
+    [(10, 80), (20, 85)]
+    """
+    front: list[dict[str, Any]] = []
+    for r in sorted(rows, key=lambda r: (r["macs"], -r["top1"])):
+        if not front or r["top1"] > front[-1]["top1"]:
+            front.append(r)
+    return front
+
+
 def fine_tuned_base(model_name: str, weights_dir: Path, data: str, budget: Budget, work: Path, device: str,
                     seed: int = 0):
     """The public checkpoint fine-tuned for ``budget.base_epochs`` on the data (cached: trained once)."""
@@ -206,7 +222,19 @@ def results_markdown(result: dict[str, Any]) -> str:
                      f"{r['base_top1']:.2f} | {r['top1']:.2f} | {r['top1_change']:+.2f} | {r['macs'] / 1e6:.2f}M | "
                      f"{r['macs_ratio']:.3f} | {_yes(r.get('within_tol'))} | {r['params'] / 1e6:.3f}M | {lat[0]:.3f} | "
                      f"{lat[-1]:.3f} | {finalize_cell(r.get('finalize'))} | {r['wall_s']:.0f} |")
+    lines.append("")
+    for (model, recipe), group in sorted(_by_model_recipe(result["rows"]).items()):
+        if len({r["target_macs"] for r in group}) > 1:
+            front = ", ".join(f"{r['row']} {r['macs_ratio']:.3f} -> {r['top1']:.2f}" for r in pareto_front(group))
+            lines.append(f"Pareto front, {model}, {recipe} (MACs ratio -> top-1; every other row is dominated): {front}")
     return "\n".join(lines) + "\n"
+
+
+def _by_model_recipe(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((r["model"], _recipe_of(r)), []).append(r)
+    return out
 
 
 def _yes(v: bool | None) -> str:
@@ -250,6 +278,11 @@ def plot_results(result: dict[str, Any], stem: Path) -> None:
             if pts:
                 axes[0].plot(*zip(*pts), marker=markers[model], color=colors[label], ls="-",
                              label=f"{model.replace('cifar_', '')} {label}")
+        plain = [r for r in rows if r["model"] == model and _recipe_of(r) == "plain"]
+        if len({r["target_macs"] for r in plain}) > 1:  # a front over one target is just its best row
+            front = pareto_front(plain)
+            axes[0].plot([r["macs_ratio"] for r in front], [r["top1"] for r in front], ls="--", lw=2.5, alpha=0.35,
+                         color="black", zorder=0, label=f"{model.replace('cifar_', '')} Pareto front (plain)")
     axes[0].set_xlim(0, 1.08)
     axes[0].set_xlabel("MACs ratio (compressed / base)")
     axes[0].set_ylabel("top-1 (%)")

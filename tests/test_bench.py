@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from slimcnn.bench import ROWS, run_bench
+from slimcnn.bench import ROWS, results_markdown, run_bench
 from slimcnn.compress import split_budget
 from slimcnn.methods import method_class
 from conftest import CIFAR, WEIGHTS, top1_on_test_subset
@@ -39,6 +39,21 @@ def test_both_recipes_coexist_in_one_results_file(tmp_path):
     assert "| row | recipe |" in md and "| l1 | distill |" in md and "| l1 | plain |" in md
     with pytest.raises(ValueError, match="unknown recipe"):
         run_bench(str(CIFAR), str(WEIGHTS), "smoke", recipe="fancy", **kw)
+
+
+def test_markdown_names_the_pareto_front_once_rows_span_targets():
+    def row(name, target, top1, recipe="plain"):
+        return {"model": "m", "row": name, "recipe": recipe, "target_macs": target, "method_epochs": 0,
+                "finetune_epochs": 2, "base_top1": 90.0, "top1": top1, "top1_change": top1 - 90, "macs": target * 1e6,
+                "macs_ratio": target, "within_tol": True, "params": 1e5, "latency_ratio": {"1": 1.0}, "wall_s": 1.0}
+    result = {"name": "r", "budget": "cpu", "settings": {"base_epochs": 1, "epochs": 2, "train_limit": None, "test_limit": None},
+              "notes": "", "rows": [row("a", 0.5, 80.0), row("b", 0.5, 82.0), row("a", 0.3, 79.0), row("b", 0.3, 75.0),
+                                    row("a", 0.7, 81.0), row("a", 0.5, 99.0, recipe="distill")]}
+    md = results_markdown(result)
+    # b at 0.5 beats a at 0.5 and a at 0.7 (more MACs, less top-1); the distilled row is not on the plain front
+    assert "Pareto front, m, plain (MACs ratio -> top-1; every other row is dominated): a 0.300 -> 79.00, b 0.500 -> 82.00" in md
+    assert "Pareto front, m, distill" not in md  # one target: no front to speak of
+    assert "Pareto front" not in results_markdown({**result, "rows": result["rows"][:2]})
 
 
 def test_smoke_budget_every_row(tmp_path):
