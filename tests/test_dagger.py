@@ -338,3 +338,23 @@ def test_fixed_lambda_when_asked(r20_prepared):
     assert m.lambda_flops == 10.0
     with pytest.raises(ValueError, match="lambda_lr"):
         Dagger(target_macs=0.5, lambda_lr=-1)
+
+
+def test_groups_floored_whole_get_no_gates_and_stay_whole():
+    # --min-keep 'conv1=1.0' --min-keep '*.conv2=1.0' keeps a CIFAR ResNet's residual streams: the search gates only
+    # the blocks' inner channels, and the pruned net keeps every stream channel
+    from slimcnn.graph.policy import layer_policy
+
+    torch.manual_seed(0)
+    model = slimcnn.models.create("cifar_resnet20")
+    m = Dagger(target_macs=0.5)
+    with layer_policy(min_keep={"conv1": 1.0, "*.conv2": 1.0}):
+        hooked = m.prepare(model, X)
+        assert sorted(g.key for g in m.groups) == sorted(f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3))
+        hooked(X)
+        compact = m.finalize(hooked)
+    assert abs(slimcnn.profile(compact, example_input=X).macs / m.base_macs - 0.5) <= 0.01 * 0.5
+    widths = {n: mod.out_channels for n, mod in compact.named_modules() if isinstance(mod, nn.Conv2d)}
+    assert widths["conv1"] == 16 and all(widths[f"layer{s}.{b}.conv2"] == 16 * 2 ** (s - 1)
+                                         for s in (1, 2, 3) for b in range(3))
+    assert all(widths[f"layer{s}.{b}.conv1"] < 16 * 2 ** (s - 1) for s in (2, 3) for b in range(3))
