@@ -106,7 +106,7 @@ class TorchPruningPeer(Method):
         return model
 
     def _prune(self, model: nn.Module, ratio: float, mix: tuple[float, int] | None = None) -> nn.Module:
-        """A pruned copy at ``ratio``; ``mix=(higher ratio, k)`` gives the first ``k`` convs the higher ratio."""
+        """A pruned copy at ``ratio``; ``mix=(other ratio, k)`` gives the first ``k`` convs the other ratio."""
         import torch_pruning as tp
 
         m = copy.deepcopy(model)
@@ -167,7 +167,7 @@ class TorchPruningPeer(Method):
         validate(cand, self.example_input, ref, f"Torch-Pruning result at pruning_ratio {ratio:.3f}")
         frozen = self._refreeze(cand)
         self.result.update({"pruning_ratio": ratio, "mixed_ratio": None if mix is None else
-                            {"higher_ratio": mix[0], "first_convs": mix[1]},
+                            {"first_convs_ratio": mix[0], "first_convs": mix[1]},
                             "macs": macs, "target_macs_abs": target, "within_tol": within, "frozen_shortcuts": frozen})
         if self.round_to:
             self.result["round_to"] = self.round_to
