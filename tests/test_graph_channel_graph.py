@@ -142,4 +142,10 @@ def test_layer_policy_applies_at_each_use_on_one_trace():
         assert inside["layer2.1.conv1"].min_keep == 16
         assert _as_data(graph.groups) == _as_data(channel_groups(model, X))
     assert graph.by_key["layer1.0.conv1"].prunable and graph.by_key["layer2.1.conv1"].min_keep == 1
+    with layer_policy(min_keep={"conv1": 1.0, "layer2.1.conv1": 0.99}):  # a floor of the whole width, 0.99 rounded up
+        inside = graph.by_key
+        for key in ("conv1", "layer2.1.conv1"):
+            assert not inside[key].prunable and "--min-keep floors it at its whole width" in inside[key].reason
+        assert inside["layer2.2.conv1"].prunable
+    assert graph.by_key["conv1"].prunable
     assert graph.traces == 1

@@ -19,7 +19,7 @@ hide the layer.
 - ``exclude``: a matched layer keeps its exact shape. Every group the layer produces, reads or normalises is left
   whole, so both its outputs and its inputs keep their width (a head stays whole, not just its inner widths).
 - ``min_keep``: a group whose producer (or depthwise conv) matches keeps at least ``ceil(R * size)`` channels;
-  when several floors match, the highest applies.
+  when several floors match, the highest applies. A floor of the whole width makes the group unprunable.
 """
 from __future__ import annotations
 
@@ -86,6 +86,12 @@ class LayerPolicy:
             ratio = max((self.floor(m.module) for m in g.members if m.role in ("out", "dw")), default=0.0)
             if ratio > 0:
                 g.min_keep = max(g.min_keep, min(g.size, math.ceil(ratio * g.size - 1e-9)))
+            if g.min_keep >= g.size and g.prunable:
+                # nothing left to prune: unprunable for every method, so no search (Dagger's gates) spends its
+                # budget on channels the allocator must keep
+                g.prunable = False
+                why = f"--min-keep floors it at its whole width ({g.size} channels)"
+                g.reason = f"{g.reason}; {why}" if g.reason else why
 
     def record(self) -> dict[str, Any]:
         """The policy as report.json states it."""

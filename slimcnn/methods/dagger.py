@@ -430,9 +430,7 @@ class Dagger(Method):
         self.step, self.trajectory, self.widths, self.final_gates = 0, [], {}, {}
         self.lambda_flops = self.lambda_start
         groups = self.graph.groups_for(model)
-        # a group floored at its whole width (--min-keep GLOB=1.0) gets no gates: gating it would let the search
-        # spend the MACs budget on channels finalize must keep, and return a net other than the searched one
-        self.groups = [g for g in groups if g.prunable and g.min_keep < g.size]
+        self.groups = [g for g in groups if g.prunable]
         if not self.groups:
             raise ValueError("Dagger: the model has no prunable channel group")
         costs = self.graph.costs(model)  # layer_costs plus the measured total
