@@ -223,18 +223,19 @@ def results_markdown(result: dict[str, Any]) -> str:
                      f"{r['macs_ratio']:.3f} | {_yes(r.get('within_tol'))} | {r['params'] / 1e6:.3f}M | {lat[0]:.3f} | "
                      f"{lat[-1]:.3f} | {finalize_cell(r.get('finalize'))} | {r['wall_s']:.0f} |")
     lines.append("")
-    for (model, recipe), group in sorted(_by_model_recipe(result["rows"]).items()):
-        if len({r["target_macs"] for r in group}) > 1:
-            front = ", ".join(f"{r['row']} {r['macs_ratio']:.3f} -> {r['top1']:.2f}" for r in pareto_front(group))
-            lines.append(f"Pareto front, {model}, {recipe} (MACs ratio -> top-1; every other row is dominated): {front}")
+    for (model, recipe), front in sorted(_fronts(result["rows"]).items()):
+        text = ", ".join(f"{r['row']} {r['macs_ratio']:.3f} -> {r['top1']:.2f}" for r in front)
+        lines.append(f"Pareto front, {model}, {recipe} (MACs ratio -> top-1; every other row is dominated): {text}")
     return "\n".join(lines) + "\n"
 
 
-def _by_model_recipe(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+def _fronts(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The Pareto front per (model, recipe), for those with rows at more than one target (a front over one target
+    is just its best row)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        out.setdefault((r["model"], _recipe_of(r)), []).append(r)
-    return out
+        groups.setdefault((r["model"], _recipe_of(r)), []).append(r)
+    return {k: pareto_front(g) for k, g in groups.items() if len({r["target_macs"] for r in g}) > 1}
 
 
 def _yes(v: bool | None) -> str:
@@ -267,6 +268,7 @@ def plot_results(result: dict[str, Any], stem: Path) -> None:
     colors = {k: plt.get_cmap("tab20" if len(labels) > 10 else "tab10")(i) for i, k in enumerate(labels)}
     models = sorted({r["model"] for r in rows})
     markers = dict(zip(models, "oD^v"))
+    fronts = _fronts(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for model in models:
         base = next(r["base_top1"] for r in rows if r["model"] == model)
@@ -278,9 +280,7 @@ def plot_results(result: dict[str, Any], stem: Path) -> None:
             if pts:
                 axes[0].plot(*zip(*pts), marker=markers[model], color=colors[label], ls="-",
                              label=f"{model.replace('cifar_', '')} {label}")
-        plain = [r for r in rows if r["model"] == model and _recipe_of(r) == "plain"]
-        if len({r["target_macs"] for r in plain}) > 1:  # a front over one target is just its best row
-            front = pareto_front(plain)
+        if front := fronts.get((model, "plain")):
             axes[0].plot([r["macs_ratio"] for r in front], [r["top1"] for r in front], ls="--", lw=2.5, alpha=0.35,
                          color="black", zorder=0, label=f"{model.replace('cifar_', '')} Pareto front (plain)")
     axes[0].set_xlim(0, 1.08)
