@@ -20,10 +20,10 @@ from common import add_data_args  # first: puts this checkout's slimcnn on the p
 import torch
 
 import slimcnn
+from slimcnn.compress import CompressConfig, _train
 from slimcnn.data import cifar10_loaders
 from slimcnn.engine.evaluate import evaluate
 from slimcnn.engine.recalibrate import recalibrate_bn
-from slimcnn.engine.trainer import TrainConfig, train
 from slimcnn.graph.groups import channel_groups
 from slimcnn.graph.surgery import remove_channels
 from slimcnn.graph.targeting import _keep_top
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     loaders = cifar10_loaders(args.data, 128, args.train_limit, None, 0)
     ratio = slimcnn.profile(pruned, example_input=x).macs / slimcnn.profile(base, example_input=x).macs
     print(f"MACs ratio {ratio:.4f}; top-1 right after pruning {evaluate(pruned, loaders['test'])['top1']:.2f}")
-    recalibrate_bn(pruned, loaders["train"], 100)
+    cfg = CompressConfig(epochs=args.epochs, lr=args.lr)  # the fine-tune recipe of slimcnn compress and the bench
+    recalibrate_bn(pruned, loaders["train"], cfg.bn_recalib)
     print(f"after BN recalibration {evaluate(pruned, loaders['test'])['top1']:.2f}")
-    train(pruned, loaders["train"], TrainConfig(epochs=args.epochs, lr=args.lr, momentum=0.9, weight_decay=5e-4,
-                                                 schedule="cosine", seed=0))
+    pruned = _train(pruned, loaders["train"], cfg, cfg.epochs, cfg.lr, method=None, out=None)
     print(f"after {args.epochs} fine-tune epoch(s) {evaluate(pruned, loaders['test'])['top1']:.2f}")
     return 0
 
