@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .methods.base import Method
+from .methods.base import Method, within_tol
 from .graph.policy import LayerPolicy, layer_policy
 from .profile import budgeted_latency, profile
 from .report import alignment, environment, layer_widths, write_report
@@ -202,15 +202,6 @@ def _score(model: nn.Module, loader, cfg: CompressConfig, desc: str) -> tuple[fl
         return round(m["miou"], 2), None, m["n"]
     logits, labels = predict(model, loader, cfg.device, desc, progress=is_main())
     return top1(logits, labels), logits, len(labels)
-
-
-def within_tol(macs: float, base_macs: float, target: float | None, tol: float = 0.01) -> bool | None:
-    """Whether ``macs`` is within ``tol`` (relative) of the target (a ratio of ``base_macs`` if <= 1, else absolute
-    MACs); None without a target."""
-    if target is None:
-        return None
-    goal = target * base_macs if target <= 1 else target
-    return abs(macs - goal) <= tol * goal
 
 
 def _train(model: nn.Module, loader, cfg: CompressConfig, epochs: int, lr: float, method: Method | None,

@@ -27,6 +27,27 @@ if TYPE_CHECKING:
     from ..graph import ChannelGraph
 
 
+def macs_goal(target: float, base_macs: float) -> float:
+    """The MACs a target asks for: a ratio of ``base_macs`` when ``target`` <= 1, else absolute MACs.
+
+    >>> macs_goal(0.5, 40e6), macs_goal(12e6, 40e6)
+    (20000000.0, 12000000.0)
+    """
+    return target * base_macs if target <= 1 else target
+
+
+def within_tol(macs: float, base_macs: float, target: float | None, tol: float = 0.01) -> bool | None:
+    """Whether ``macs`` is within ``tol`` (relative) of the target (see :func:`macs_goal`); None without a target.
+
+    >>> within_tol(20.1e6, 40e6, 0.5), within_tol(19.7e6, 40e6, 0.5), within_tol(1.0, 2.0, None)
+    (True, False, None)
+    """
+    if target is None:
+        return None
+    goal = macs_goal(target, base_macs)
+    return abs(macs - goal) <= tol * goal
+
+
 class Method:
     """Base class: every hook is a no-op, so a method overrides only what it needs."""
 

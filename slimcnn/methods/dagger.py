@@ -95,7 +95,7 @@ from ..graph import ChannelGraph
 from ..graph.handlers import handler_for
 from ..graph.costs import soft_macs  # the cost model's soft MACs, kept importable from here
 from ..importance import group_rows
-from .base import Method
+from .base import Method, macs_goal
 
 FEATURES = ("l1", "l2", "cos", "gamma", "beta", "group_l2")
 _FILTER_FEATURES = ("l1", "l2", "cos")
@@ -438,7 +438,7 @@ class Dagger(Method):
         self.base_macs = float(costs.total)
         # MACs no conv/linear layer accounts for (functional matmuls) do not change with widths: a constant.
         self.rest = float(costs.rest)
-        self.target_abs = self.target_macs * self.base_macs if self.target_macs <= 1 else self.target_macs
+        self.target_abs = macs_goal(self.target_macs, self.base_macs)
         # an unreachable target fails here, before any training, with the MACs that can be reached
         self.graph.allocate_widths(self.target_macs, model=model, round_to=self.round_to)
         with torch.random.fork_rng(devices=[]):

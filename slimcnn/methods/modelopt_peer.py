@@ -48,7 +48,7 @@ from torch import nn
 
 from ..graph.validate import SurgeryError, reference_output, validate
 from ..profile import profile
-from .base import Method
+from .base import Method, macs_goal
 from .tp_peer import TorchPruningPeer
 
 INSTALL = 'the modelopt peer needs NVIDIA ModelOpt and its pins: pip install -e ".[peers]"'
@@ -193,7 +193,7 @@ class ModelOptPeer(Method):
         if self.score_data is None:
             raise ValueError("modelopt: FastNAS scores subnets on data; pass the training loader to "
                              "prepare(model, x, train_loader=...) (slimcnn compress does)")
-        target = self.target_macs * self.base_macs if self.target_macs <= 1 else self.target_macs
+        target = macs_goal(self.target_macs, self.base_macs)
         lo, hi = target * (1 - self.tol), target * (1 + self.tol)
         ref = reference_output(model, self.example_input)
         t0 = time.time()

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..profile import profile
-from .base import Method
+from .base import Method, macs_goal
 
 #: stages a stack may start with (each removes or merges channels on the one surgery engine) and end with
 CHANNEL_STAGES = ("l1", "dagger", "csgd", "tp")
@@ -205,7 +205,7 @@ class Stack(Method):
         model = model.to(device)  # the pipeline hands over a copy: stage 1 runs here, on the run's device
         x = example_input[:1]
         base = profile(model, example_input=x).macs
-        goal = self.target_macs * base if self.target_macs <= 1 else self.target_macs
+        goal = macs_goal(self.target_macs, base)
         ratio = goal / base
         if not 0 < ratio < 1:
             raise ValueError(f"{self.name}: the target {goal / 1e6:.2f}M MACs must be below the base "

@@ -39,7 +39,7 @@ from ..graph.replace import set_submodule
 from ..graph.validate import SurgeryError, reference_output, validate
 from ..layers import PadShortcut
 from ..profile import profile
-from .base import Method
+from .base import Method, macs_goal, within_tol
 
 if TYPE_CHECKING:
     from ..graph import ChannelGraph
@@ -126,6 +126,9 @@ class TorchPruningPeer(Method):
             pruner.step()
         return m
 
+    def _lands(self, macs: float) -> bool:
+        return bool(within_tol(macs, self.base_macs, self.target_macs, self.tol))
+
     def _measure(self, model: nn.Module, ratio: float, mix: tuple[float, int] | None = None) -> tuple[nn.Module, int]:
         try:
             cand = self._prune(model, ratio, mix)
@@ -134,7 +137,7 @@ class TorchPruningPeer(Method):
             raise SurgeryError(f"Torch-Pruning failed at pruning_ratio {ratio:.3f}: {type(e).__name__}: {e}") from None
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        target = self.target_macs * self.base_macs if self.target_macs <= 1 else self.target_macs
+        target = macs_goal(self.target_macs, self.base_macs)
         ref = reference_output(model, self.example_input)
         lo, hi, best = 0.0, 0.95, None
         for _ in range(14):  # bisection on Torch-Pruning's channel ratio; MACs fall as the ratio grows
@@ -142,10 +145,10 @@ class TorchPruningPeer(Method):
             cand, macs = self._measure(model, mid)
             if best is None or abs(macs - target) < abs(best[1] - target):
                 best = (cand, macs, mid, None)
-            if abs(macs - target) <= self.tol * target:
+            if self._lands(macs):
                 break
             lo, hi = (mid, hi) if macs > target else (lo, mid)
-        if abs(best[1] - target) > self.tol * target:
+        if not self._lands(best[1]):
             # lo leaves too many MACs, hi too few: give the first k convs hi, bisect k
             n_convs = sum(isinstance(mod, nn.Conv2d) for mod in model.modules())
             k_lo, k_hi = 0, n_convs
@@ -154,13 +157,13 @@ class TorchPruningPeer(Method):
                 cand, macs = self._measure(model, lo, (hi, k))
                 if abs(macs - target) < abs(best[1] - target):
                     best = (cand, macs, lo, (hi, k))
-                if abs(macs - target) <= self.tol * target:
+                if self._lands(macs):
                     break
                 k_lo, k_hi = (k, k_hi) if macs > target else (k_lo, k)
-        if abs(best[1] - target) > self.tol * target and self.round_to:
+        if not self._lands(best[1]) and self.round_to:
             best = self._scan_aligned(model, target, best)
         cand, macs, ratio, mix = best
-        within = abs(macs - target) <= self.tol * target
+        within = self._lands(macs)
         if not within and not self.round_to:
             raise SurgeryError(f"Torch-Pruning cannot land within {self.tol:.0%} of {target / 1e6:.2f}M MACs on this "
                                f"model: closest {macs / 1e6:.2f}M at pruning_ratio {ratio:.3f}")
@@ -187,7 +190,7 @@ class TorchPruningPeer(Method):
             nonlocal best
             if abs(macs - target) < abs(best[1] - target):
                 best = (cand, macs, ratio, mix)
-            return abs(best[1] - target) <= self.tol * target
+            return self._lands(best[1])
 
         grid = {}
         for i in range(96):

@@ -47,7 +47,7 @@ from ..graph.handlers import ConvHandler
 from ..graph.handlers import conv_macs as conv_macs_of
 from ..graph.replace import replace_modules
 from ..profile import profile
-from .base import Method
+from .base import Method, macs_goal
 
 SCHEMES = ("channel", "spatial", "nd")
 RANK_RULES = ("threshold", "energy", "target_macs")
@@ -679,7 +679,7 @@ class TRP(Method):
 
     def _check_target(self, model: nn.Module, plans: list[LayerPlan]) -> None:
         base = profile(model, example_input=self.example_input.to(next(model.parameters()).device)).macs
-        goal = self.target_macs * base if self.target_macs <= 1 else self.target_macs
+        goal = macs_goal(self.target_macs, base)
         macs = base - sum(p.macs_before - p.macs_after for p in plans)
         if abs(macs - goal) > 0.01 * goal and self.round_to:
             # aligned ranks step coarsely: the closest plan stands, and the run's within_tol reports the miss
