@@ -43,9 +43,11 @@ class PadShortcut(nn.Module):
             raise ValueError("PadShortcut: src and dst must have the same length")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.src, self.dst = list(src), list(dst)
+        gather = [in_channels] * out_channels  # in_channels: the zero channel forward appends
+        for i, j in zip(self.src, self.dst):
+            gather[j] = i
         # Not persistent: the public checkpoints have no keys for the shortcut.
-        self.register_buffer("_src", torch.tensor(self.src, dtype=torch.long), persistent=False)
-        self.register_buffer("_dst", torch.tensor(self.dst, dtype=torch.long), persistent=False)
+        self.register_buffer("_gather", torch.tensor(gather, dtype=torch.long), persistent=False)
         # Contiguous placement of all inputs is a plain pad: cheapest, and the form ONNX runtimes like best.
         self._pad: tuple[int, int] | None = None
         if self.src == list(range(in_channels)) and self.dst == list(range(self.dst[0] if self.dst else 0,
@@ -61,10 +63,13 @@ class PadShortcut(nn.Module):
         x = x[:, :, :: self.stride, :: self.stride]
         if self._pad is not None:
             return F.pad(x, (0, 0, 0, 0, *self._pad))
-        out = x.new_zeros(x.shape[0], self.out_channels, x.shape[2], x.shape[3])
-        if self.src:
-            out = out.index_copy(1, self._dst, x.index_select(1, self._src))
-        return out
+        # One gather over the input with a zero channel appended: output channel j copies input channel
+        # _gather[j], or the zero channel. Measured on ONNX Runtime (2 cores, ResNet-56 pruned by L1 to 0.5 MACs
+        # with --round-to 8): the earlier index_copy exports as ScatterElements over an index tensor expanded to
+        # the whole activation, and the net timed 0.61 of the base at batch 128 against 0.53 for the same widths
+        # with a 1x1 conv shortcut; a gather copies whole H x W planes.
+        zero = x.new_zeros(x.shape[0], 1, x.shape[2], x.shape[3])
+        return torch.cat([x, zero], 1).index_select(1, self._gather)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}->{self.out_channels}, stride={self.stride}, kept={len(self.src)}"
@@ -95,7 +100,7 @@ class PadShortcutHandler(LayerHandler):
         n_in = len(inp) if inp is not None else module.in_channels
         n_out = len(out) if out is not None else module.out_channels
         shortcut = PadShortcut(n_in, n_out, module.stride, [s for s, _ in pairs], [d for _, d in pairs])
-        shortcut.to(module._src.device)
+        shortcut.to(module._gather.device)
         set_submodule(model, name, shortcut)
 
     def mask_inputs(self, model: nn.Module, name: str, module: nn.Module, channels: list[int]) -> None:
@@ -103,7 +108,7 @@ class PadShortcutHandler(LayerHandler):
         pairs = [(s, d) for s, d in zip(module.src, module.dst) if s not in dropped]
         masked = PadShortcut(module.in_channels, module.out_channels, module.stride, [s for s, _ in pairs],
                              [d for _, d in pairs])
-        set_submodule(model, name, masked.to(module._src.device))
+        set_submodule(model, name, masked.to(module._gather.device))
 
     def equalize(self, module: nn.Module, offset: int, clusters: Sequence[Sequence[int]]) -> None:
         pass  # no weights: what it puts into a channel is its map, which merging rewrites
