@@ -233,6 +233,13 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- split {t['split']} (channel stage {t['channel_ratio']:.3f}): "
                          + (f"proxy top-1 {_fmt(t['top1'])}, MACs ratio {t['macs_ratio']:.4f}" if "top1" in t
                             else f"not reachable: {t['error']}"))
+        alone = (st.get("search") or {}).get("alone")
+        if alone:
+            lines.append(f"- {alone['method']} alone (no channel stage): "
+                         + (f"proxy top-1 {_fmt(alone['top1'])}" if alone.get("top1") is not None
+                            else f"not reachable: {alone.get('error')}"))
+        if (st.get("search") or {}).get("warning"):
+            lines.append(f"**{st['search']['warning']}**")
         lines.append("")
     if report.get("within_tol") is False:
         lines.append(f"**MACs missed the target**: ratio {report['macs_ratio']:.4f} vs target {report.get('target_macs')} "

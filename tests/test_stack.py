@@ -94,8 +94,11 @@ def test_cli_searched_split_report_and_roundtrip(tmp_path):
         assert "error" in t or abs(t["macs_ratio"] - 0.5) <= 0.005
     best = max((t for t in search["tried"] if "top1" in t), key=lambda t: t["top1"])
     assert best["split"] == search["chosen"]
+    alone = search["alone"]  # the no-stack reference, and the warning exactly when it wins
+    assert alone["method"] == "trp" and 0 <= alone["top1"] <= 100
+    assert ("warning" in search) == (alone["top1"] > best["top1"])
     md = (out / "report.md").read_text()
-    assert "| 1 | l1 |" in md and "| 2 | trp |" in md and "split 0.75" in md
+    assert "| 1 | l1 |" in md and "| 2 | trp |" in md and "split 0.75" in md and "trp alone" in md
     model = slimcnn.load(out).eval()
     assert slimcnn.profile(model, (3, 32, 32)).macs == rep["compressed"]["macs"]
     x = torch.randn(4, 3, 32, 32)
