@@ -68,8 +68,9 @@ class PadShortcut(nn.Module):
         # ScatterElements over an index tensor the size of the activation. Measured on ONNX Runtime, ResNet-56
         # pruned by L1 to 0.5 MACs with --round-to 8, the two forms timed interleaved on 2 shared cores:
         # 0.723 -> 0.638 of the base's latency at batch 128, 0.739 -> 0.697 at batch 1.
-        zero = x.new_zeros(x.shape[0], 1, x.shape[2], x.shape[3])
-        return torch.cat([x, zero], 1).index_select(1, self._gather)
+        # The zero channel is a pad, not a cat with new zeros: the channel tracer reads a cat with a tensor from
+        # outside the traced graph as unprunable (it froze the whole stage-1 stream of a merged ResNet).
+        return F.pad(x, (0, 0, 0, 0, 0, 1)).index_select(1, self._gather)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}->{self.out_channels}, stride={self.stride}, kept={len(self.src)}"
