@@ -129,3 +129,18 @@ def test_pad_shortcut_moved_but_old_names_work(tmp_path):
     assert isinstance(build_module(old), PadShortcut)
     model = slimcnn.create("cifar_resnet20")
     assert not any("shortcut" in k for k in model.state_dict())  # still no keys: checkpoints load as before
+
+
+def test_a_general_shortcut_map_leaves_its_streams_prunable():
+    """A shortcut whose map is no longer a plain pad (after pruning or merging) must not freeze the streams it
+    joins: its zero channel once came from a cat with fresh zeros, which the tracer reads as an outside tensor."""
+    from slimcnn.models.cifar_resnet import CifarResNet
+
+    torch.manual_seed(2)
+    model = CifarResNet(8, width=0.5)
+    x = torch.zeros(2, 3, 32, 32)
+    before = {g.key for g in ChannelGraph(model, x).prunable}
+    sc = model.layer2[0].shortcut
+    model.layer2[0].shortcut = PadShortcut(sc.in_channels, sc.out_channels, 2, sc.src[:-2], sc.dst[:-2])
+    assert model.layer2[0].shortcut._pad is None  # the general path, not the plain pad
+    assert {g.key for g in ChannelGraph(model, x).prunable} == before
