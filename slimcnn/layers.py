@@ -48,6 +48,9 @@ class PadShortcut(nn.Module):
             gather[j] = i
         # Not persistent: the public checkpoints have no keys for the shortcut.
         self.register_buffer("_gather", torch.tensor(gather, dtype=torch.long), persistent=False)
+        embed = torch.zeros(out_channels, in_channels, 1, 1)
+        embed[self.dst, self.src, 0, 0] = 1.0
+        self.register_buffer("_embed", embed, persistent=False)
         # Contiguous placement of all inputs is a plain pad: cheapest, and the form ONNX runtimes like best.
         self._pad: tuple[int, int] | None = None
         if self.src == list(range(in_channels)) and self.dst == list(range(self.dst[0] if self.dst else 0,
@@ -60,6 +63,13 @@ class PadShortcut(nn.Module):
                 "src": self.src, "dst": self.dst}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            # Exported as the strided 1x1 conv it is (fixed 0/1 weight), base and pruned nets alike: ONNX Runtime
+            # runs one conv faster than the slices and pad or gather. Measured (2 cores, ResNet-56, interleaved):
+            # the base itself 7-8% faster; L1 --round-to 8 at 0.5 MACs, both nets rewritten, from 0.73 to 0.68
+            # of the base's latency at batch 1 and from 0.59 to 0.58 at batch 128. Its in x out x H x W
+            # multiply-adds (0.26M on ResNet-56, 0.2% of it) are not in slimcnn's MACs, which count the module.
+            return F.conv2d(x, self._embed.to(x.dtype), stride=self.stride)
         x = x[:, :, :: self.stride, :: self.stride]
         if self._pad is not None:
             return F.pad(x, (0, 0, 0, 0, *self._pad))

@@ -47,21 +47,25 @@ def test_pad_shortcut_is_module_and_matches_reference_pad():
     assert y[0, :, 0, 0].tolist() == [0, 3, 0, 0, 1]
 
 
-def test_pruned_pad_shortcut_exports_as_a_gather_not_a_scatter():
-    """ONNX Runtime ran the ScatterElements form (an index tensor the size of the activation) slowly enough to
-    cost a pruned ResNet-56 about 0.08 of the base's latency at batch 128; the map must export as a Gather."""
+def test_pad_shortcut_exports_as_one_strided_conv_with_the_same_outputs():
+    """ONNX Runtime runs the shortcut as one 1x1 conv faster than slices and a gather (a pruned ResNet-56 went from
+    0.73 to 0.68 of the base's latency at batch 1); the exported net must still compute what the module does."""
     import io
     import warnings
 
     import onnx
+    import onnxruntime as ort
 
-    sc = PadShortcut(6, 8, 2, src=[0, 3, 5], dst=[7, 0, 2]).eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(sc, (torch.randn(1, 6, 4, 4),), buf, dynamo=False, opset_version=17)
-    ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
-    assert "Gather" in ops and "ScatterElements" not in ops and "ScatterND" not in ops
+    for sc in (PadShortcut(6, 8, 2, src=[0, 3, 5], dst=[7, 0, 2]), PadShortcut(4, 8, 2)):
+        x = torch.randn(2, sc.in_channels, 6, 6)
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(sc.eval(), (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+        ops = [n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node]
+        assert ops.count("Conv") == 1 and not {"Gather", "Pad", "Slice", "ScatterElements"} & set(ops)
+        out = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+        assert torch.equal(torch.from_numpy(out), sc(x))
 
 
 def test_public_checkpoints_load_and_deepcopy():
