@@ -280,17 +280,22 @@ class Stack(Method):
         proxy = first_name if not method_class(first_name).trains_before_finalize else "l1"
         proxy_opts = self.stage_options[0] if proxy == first_name else (
             {"round_to": self.round_to} if self.round_to else {})
+
+        def low_rank(net: nn.Module) -> nn.Module:
+            """The last stage's decomposition at the overall target, BN recalibrated: the net the proxy scores."""
+            lr = create(last_name, target_macs=goal, **self.stage_options[1])
+            thin = lr.finalize(lr.prepare(net, example_input)).to(device)
+            recalibrate_bn(thin, calib, len(calib), device)
+            return thin
+
         tried: list[dict[str, Any]] = []
         for s in self.splits:
             try:
                 ch = create(proxy, target_macs=ratio ** s, **proxy_opts)
-                pruned = ch.finalize(ch.prepare(copy.deepcopy(model), example_input))
-                lr = create(last_name, target_macs=goal, **self.stage_options[1])
-                thin = lr.finalize(lr.prepare(pruned, example_input)).to(device)
+                thin = low_rank(ch.finalize(ch.prepare(copy.deepcopy(model), example_input)))
             except (ValueError, SurgeryError) as e:  # this split cannot reach the target: record why, try the next
                 tried.append({"split": s, "channel_ratio": round(ratio ** s, 6), "error": str(e)})
                 continue
-            recalibrate_bn(thin, calib, len(calib), device)
             tried.append({"split": s, "channel_ratio": round(ratio ** s, 6),
                           "macs_ratio": profile(thin, example_input=example_input[:1]).macs / base,
                           "top1": self._top1(thin, held, device)})
@@ -302,10 +307,7 @@ class Stack(Method):
         # The same proxy with no channel stage at all (split 0): whether stacking is expected to help here at all.
         alone: dict[str, Any] = {"method": last_name, "top1": None}
         try:
-            lr = create(last_name, target_macs=goal, **self.stage_options[1])
-            thin = lr.finalize(lr.prepare(copy.deepcopy(model), example_input)).to(device)
-            recalibrate_bn(thin, calib, len(calib), device)
-            alone["top1"] = self._top1(thin, held, device)
+            alone["top1"] = self._top1(low_rank(copy.deepcopy(model)), held, device)
         except (ValueError, SurgeryError) as e:
             alone["error"] = str(e)
         self.search = {"proxy": f"{proxy} (no training), then {last_name} decomposition, BN recalibrated",
