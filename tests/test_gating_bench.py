@@ -51,6 +51,8 @@ def test_cifar_ablation_row_trains_the_model_it_names(gating, tmp_path):
     assert plain["before"]["test"]["top1"] > 50
     assert set(rig["gate_stats"]) == {"1"} and set(rig["gate_stats"]["1"]) == {"2", "3"}
     assert plain["gate_stats"] == {}
+    # the gated row also scores its own first iteration (the backbone alone, same trained weights); a plain row has none
+    assert 0 < rig["after_first_iteration"]["test"]["top1"] <= 100 and plain["after_first_iteration"] is None
     md = (tmp_path / "ablation.md").read_text()
     assert "| resnet20+rig:bn=per_iter,T=3,stages=1 |" in md and "s1 0." in md
 
