@@ -8,14 +8,14 @@ camvid: the segmentation encoder-decoder with DIG variants none / cascaded / sam
         (RIG with gate_source="next"), top_only is RIG with gate_source="top".
 
 Ablations (issue 18) are rows with options: ``resnet20+rig:bn=per_iter,T=3`` (per-iteration BN, three
-iterations), ``previous_stage:init=open``, ``none:width=0.62`` (a wider feed-forward net, e.g. of a DIG's MACs);
+iterations), ``previous_stage:init=open``, ``none:width=0.68`` (a wider feed-forward net, e.g. of a DIG's MACs);
 see ``--rows``. Every row reports MACs (all iterations counted), params, the metric before and after training,
 the gates' mean and spread at the last iteration (:func:`slimcnn.gating.collect_gate_stats`, on test) and the
 training wall time. Rows are written to ``<out>/gating_<task>.json`` (or ``--name``; merged by row name, so a
 long run can be split with ``--rows``) and a markdown table beside it.
 
     python benchmarks/gating.py cifar --epochs 2
-    python benchmarks/gating.py camvid --epochs 40 --rows none,cascaded:bn=per_iter,none:width=0.62
+    python benchmarks/gating.py camvid --epochs 40 --rows none,cascaded:bn=per_iter,none:width=0.68
 """
 from __future__ import annotations
 
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=None,
                    help="comma list of rows to run (default: all); a row may set gating options: "
                         "'resnet20+rig:bn=per_iter,T=3,init=open,source=top,stages=1,type=both', "
-                        "'cascaded:bn=per_iter', 'none:width=0.62' (stages: ';' between several); results merge by name")
+                        "'cascaded:bn=per_iter', 'none:width=0.68' (stages: ';' between several); results merge by name")
     p.add_argument("--epochs", type=int, default=None, help="default: 2 (cifar), 40 (camvid)")
     p.add_argument("--lr", type=float, default=None, help="default: 0.02 (cifar, fine-tune), 0.05 (camvid)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
