@@ -150,8 +150,7 @@ def cifar(args: argparse.Namespace) -> tuple[dict, dict]:
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
                       max_steps=args.max_steps, progress=not args.quiet)
     rows = {}
-    for name in args.rows or list(CIFAR_ROWS):
-        base, opts = parse_row(name, CIFAR_ROWS)
+    for name, (base, opts) in args.rows.items():
         model_name, kw = CIFAR_ROWS[base]
         if kw.get("gating"):
             kw = {**kw, "iterations": args.iterations, "gate_type": args.gate_type or "both", **opts}
@@ -179,8 +178,7 @@ def camvid(args: argparse.Namespace) -> tuple[dict, dict]:
                       max_steps=args.max_steps, task="segmentation", warmup_epochs=min(1, args.epochs),
                       progress=not args.quiet)
     rows = {}
-    for name in args.rows or list(CAMVID_ROWS):
-        base, opts = parse_row(name, CAMVID_ROWS)
+    for name, (base, opts) in args.rows.items():
         kw = {"num_classes": 11, "width": args.width, **CAMVID_ROWS[base]}
         if base != "none":
             kw.update(iterations=args.iterations, gate_type=args.gate_type or "spatial")
@@ -272,12 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     args.lr = args.lr or (0.02 if cifar_task else 0.05)
     args.batch_size = args.batch_size or (128 if cifar_task else 8)
     table = CIFAR_ROWS if cifar_task else CAMVID_ROWS
-    args.rows = split_rows(args.rows) if args.rows else None
-    for r in args.rows or []:
-        try:
-            parse_row(r, table)
-        except ValueError as e:
-            p.error(str(e))
+    try:  # row name -> (table row, its options), parsed once here so that a bad row stops before any work
+        args.rows = {r: parse_row(r, table) for r in split_rows(args.rows)} if args.rows else {
+            r: (r, {}) for r in table}
+    except ValueError as e:
+        p.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -298,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     doc["rows"].update(rows)
     doc["environment"] = environment()
     write_json(json_path, doc)
-    atomic_write_text(json_path.with_suffix(".md"), markdown(args.task, doc))
-    print(markdown(args.task, doc))
+    table_md = markdown(args.task, doc)
+    atomic_write_text(json_path.with_suffix(".md"), table_md)
+    print(table_md)
     return 0
 
 
