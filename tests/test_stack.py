@@ -107,12 +107,31 @@ def test_cli_searched_split_report_and_roundtrip(tmp_path):
         assert torch.allclose(slimcnn.load(tmp_path / "copy").eval()(x), model(x), rtol=0, atol=1e-6)
 
 
+def test_min_keep_floors_the_channel_stage(tmp_path):
+    """--min-keep reaches a stack's channel stage: with the residual streams floored at 1.0 (the stem and every
+    block's conv2), l1 thins only the blocks' inner channels; TRP then factorises every conv and keeps its width."""
+    out = tmp_path / "out"
+    assert main(["compress", "--method", "l1+trp", *COMMON, "--target-macs", "0.5", "--epochs", "1",
+                 "--scheme", "spatial", "--split", "0.5", "--min-keep", "conv1=1.0", "--min-keep", "*.conv2=1.0",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["within_tol"] is True and rep["layer_control"]["floors"]["conv1"] == 16
+    model = slimcnn.load(out)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    stream = {"layer1": 16, "layer2": 32, "layer3": 64}
+    ends = [n for n in convs if n.endswith(".conv2.1")]  # each block's conv2, factorised: its second factor
+    assert len(ends) == 9 and all(convs[n].out_channels == stream[n.split(".")[0]] for n in ends)
+    inner = [convs[n].out_channels / stream[n.split(".")[0]] for n in convs if n.endswith(".conv1.1")]
+    assert len(inner) == 9 and max(inner) < 1  # the MACs came off the inner channels
+
+
 @pytest.mark.parametrize("argv,says", [
     (["--method", "trp+trp"], "first stage must be a channel method"),
     (["--method", "foo+trp"], "unknown stage 'foo'"),
     (["--method", "l1+trp", "--split", "0"], "split must be in (0, 1)"),
     (["--method", "l1+trp", "--split", "1.5"], "split must be in (0, 1)"),
     (["--method", "dagger", "--split", "0.5"], "--split applies only to a stack"),
+    (["--method", "tp+trp", "--min-keep", "conv1=1.0"], "tp+trp does not support --min-keep"),
 ])
 def test_bad_input(argv, says, capsys, tmp_path):
     out = tmp_path / "out"

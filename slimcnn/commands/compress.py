@@ -103,7 +103,8 @@ def add_parser(sub) -> None:
                         "that run faster on aligned widths; every method (trp: its ranks; tp: Torch-Pruning's "
                         "round_to; modelopt: its channel divisor). The MACs search only tries aligned widths; the "
                         "report counts the aligned layers")
-    lc = p.add_argument_group("layer control (l1, dagger, csgd; --exclude also tp and trp)")
+    lc = p.add_argument_group("layer control (l1, dagger, csgd; --exclude also tp and trp; "
+                              "--min-keep also their stacks)")
     lc.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                     help="layers never pruned, by module-name glob (repeatable), e.g. 'head' or 'classifier.*': "
                          "each keeps its exact shape, inputs included")

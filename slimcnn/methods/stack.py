@@ -104,8 +104,11 @@ def stack_class(name: str) -> type[Stack]:
     c1, c2 = method_class(first), method_class(last)
     phase = (f"{first} {c1.method_phase}, then {c2.method_phase}" if c1.method_share > 0
              else f"{c2.method_phase} on the {first}-pruned net")
+    # --min-keep floors the channel stage's widths (the run's layer policy is active while it prunes); TRP keeps
+    # every channel count, so it obeys a floor trivially
     return type(f"Stack_{first}_{last}", (Stack,), {"name": name, "stages": (first, last), "method_phase": phase,
                                                      "options": Stack.options | c1.options | c2.options,
+                                                     "layer_control": c1.layer_control & {"min_keep"},
                                                      "__module__": __name__})
 
 
