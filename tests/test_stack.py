@@ -32,6 +32,9 @@ def test_registry_and_budget():
     m = methods.create("dagger+trp", target_macs=0.5, scheme="spatial", round_to=None)
     assert isinstance(m, Stack) and m.name == "dagger+trp" and m.stages == ("dagger", "trp")
     assert m.stage_options[1] == {"scheme": "spatial"}
+    # a stack's l1 stage ranks channels globally unless told otherwise
+    assert methods.create("l1+trp").stage_options[0] == {"mode": "global"}
+    assert methods.create("l1+trp", mode="uniform").stage_options[0] == {"mode": "uniform"}
     assert methods.method_class("l1+trp") is stack_class("l1+trp")
     assert set(methods.list_stacks()) == {"l1+trp", "dagger+trp", "csgd+trp", "tp+trp"}
     # the channel stage: its recipe's share of half the epochs before TRP's finalize; TRP trains the rest
@@ -89,7 +92,8 @@ def test_cli_searched_split_report_and_roundtrip(tmp_path):
     assert [s["method"] for s in rep["stages"]] == ["l1", "trp"]
     search = rep["stack"]["search"]
     assert rep["stack"]["split_source"] == "searched" and rep["stack"]["split"] == search["chosen"]
-    assert [t["split"] for t in search["tried"]] == [0.25, 0.5, 0.75]
+    assert [t["split"] for t in search["tried"]] == [0.05, 0.1, 0.2, 0.3, 0.5]
+    assert search["proxy"].startswith("l1 (global, no training)")  # the stack's l1 stage ranks globally
     for t in search["tried"]:  # every split tried lands on the target too (TRP plans at the overall target)
         assert "error" in t or abs(t["macs_ratio"] - 0.5) <= 0.005
     best = max((t for t in search["tried"] if "top1" in t), key=lambda t: t["top1"])
@@ -98,7 +102,7 @@ def test_cli_searched_split_report_and_roundtrip(tmp_path):
     assert alone["method"] == "trp" and 0 <= alone["top1"] <= 100
     assert ("warning" in search) == (alone["top1"] > best["top1"])
     md = (out / "report.md").read_text()
-    assert "| 1 | l1 |" in md and "| 2 | trp |" in md and "split 0.75" in md and "trp alone" in md
+    assert "| 1 | l1 |" in md and "| 2 | trp |" in md and "split 0.5" in md and "trp alone" in md
     model = slimcnn.load(out).eval()
     assert slimcnn.profile(model, (3, 32, 32)).macs == rep["compressed"]["macs"]
     x = torch.randn(4, 3, 32, 32)
