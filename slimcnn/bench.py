@@ -195,13 +195,32 @@ def write_results(records: dict, budget_name: str, budget: Budget, out_json: Pat
     result = {"name": name, "budget": budget_name, "settings": asdict(budget), "rows": list(records.values()),
               "environment": environment(),
               "notes": "Top-1 on the JPEG copy of CIFAR-10 (not comparable with published lossless figures). "
-                       "Every row starts from the same fine-tuned base; MACs by slimcnn's op-level counter "
+                       f"{base_note(list(records.values()))}; MACs by slimcnn's op-level counter "
                        "(conv+linear); the tp-peer row runs on option-A shortcuts converted to 1x1 convs (+MACs, counted)."}
     atomic_write_text(out_json, json.dumps(result, indent=1))
     atomic_write_text(out_json.with_suffix(".md"), results_markdown(result))
     if result["rows"]:
         plot_results(result, out_json.with_suffix(""))
     return result
+
+
+def base_note(rows: list[dict[str, Any]]) -> str:
+    """Whether every row of a model starts from the same fine-tuned base: rows kept from an earlier run (resume)
+    may come from a base fine-tuned again elsewhere, which the same recipe does not reproduce to the last digit.
+
+    >>> base_note([{"model": "m", "base_top1": 88.22}, {"model": "m", "base_top1": 88.22}])
+    'Every row starts from the same fine-tuned base (one per model)'
+    >>> base_note([{"model": "m", "base_top1": 88.22}, {"model": "m", "base_top1": 88.25}])[:69]
+    'Rows of m come from 2 fine-tunes of its base (base top-1 88.22, 88.25'
+    """
+    bases: dict[str, set[float]] = {}
+    for r in rows:
+        bases.setdefault(r["model"], set()).add(r["base_top1"])
+    mixed = {m: sorted(b) for m, b in bases.items() if len(b) > 1}
+    if not mixed:
+        return "Every row starts from the same fine-tuned base (one per model)"
+    return "; ".join(f"Rows of {m} come from {len(b)} fine-tunes of its base (base top-1 {', '.join(map(str, b))}; "
+                     "same recipe, run again): compare rows with the same base top-1" for m, b in mixed.items())
 
 
 def results_markdown(result: dict[str, Any]) -> str:
