@@ -13,10 +13,10 @@ stage that lands a little off its own ratio is corrected and the final MACs are 
 finalize-only proxy (channel stage at T**S with no training, TRP's decomposition at the rest, BatchNorm
 recalibrated on a few training batches, top-1 on ``search_images`` other training images); the best is used and
 every split tried is in the report, beside the same proxy for TRP alone (no channel stage): when that scores above
-every split, the report and one warning line say the stack is not expected to beat TRP at this target (measured
-on ResNet-56 at 0.3 and 0.5, see the README). The proxy for a channel stage that needs training before its finalize
-(dagger, csgd) is magnitude pruning (l1; global ranking for dagger, whose search spreads widths unevenly, uniform for
-csgd): untrained gates or clusters say nothing about a split.
+every split, the report and one warning line say the stack is not expected to beat TRP at this target. The proxy
+for a channel stage that needs training before its finalize (dagger, csgd) is magnitude pruning (l1; global ranking
+for dagger, whose search spreads widths unevenly, uniform for csgd): untrained gates or clusters say nothing about
+a split.
 
 **The channel stage's job in a stack** is to take the channels that are cheapest to lose, not a slice of every
 layer: TRP already thins every layer. So a stack's l1 stage ranks channels globally (``mode="global"``; pass
