@@ -48,7 +48,9 @@ def test_declarations_keep_the_reports_and_checks() -> None:
     assert methods.methods_where(lambda c: c.segmentation) == ["l1", "dagger", "csgd", "trp"]
     assert {n: set(cls(n).layer_control) for n in NAMES if cls(n).layer_control} == {
         "l1": {"exclude", "min_keep"}, "dagger": {"exclude", "min_keep"}, "csgd": {"exclude", "min_keep"},
-        "tp": {"exclude"}, "trp": {"exclude"}}
+        "tp": {"exclude"}, "trp": {"exclude"},
+        # a stack's floors bind its channel stage
+        "l1+trp": {"min_keep"}, "dagger+trp": {"min_keep"}, "csgd+trp": {"min_keep"}}
     assert methods.methods_where(lambda c: "target_latency" in c.options) == ["l1"]
     assert Method.epochs_in_prepare == 0 and Method.round_to is None
 
