@@ -35,7 +35,8 @@ class L1Pruning(Method):
     segmentation = True
     layer_control = frozenset({"exclude", "min_keep"})
     cli_args = [("--mode", {"choices": ["uniform", "global"], "default": None,
-                            "help": "l1/tp: same keep ratio in every group (uniform, default) or one global ranking"}),
+                            "help": "l1/tp: same keep ratio in every group (uniform, default) or one global ranking "
+                                    "(the default of a stack's l1 stage, e.g. l1+trp)"}),
                ("--scorer", {"choices": sorted(SCORERS), "default": None,
                              "help": "l1: channel importance: group_l2 (producers + consumers + BN, default) or "
                                      "l1 (the paper's producer L1 norm)"})]
