@@ -229,6 +229,10 @@ def markdown(report: dict[str, Any]) -> str:
                   "|---:|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['stage']} | {r['method']} | {r['target_macs']:.4f} | {r['macs_ratio']:.4f} | {r['epochs']} | "
                   f"{_fmt(r.get('top1'))} | {r['time_s']:.0f} |" for r in report["stages"]]
+        for r in report["stages"]:
+            merge = (r.get("details") or {}).get("merge") or {}
+            if merge.get("lossless") is False:
+                lines += ["", f"**Stage {r['stage']}'s merge was not lossless**: {merge.get('warning', '')}", ""]
         for t in (st.get("search") or {}).get("tried", []):
             lines.append(f"- split {t['split']} (channel stage {t['channel_ratio']:.3f}): "
                          + (f"proxy top-1 {_fmt(t['top1'])}, MACs ratio {t['macs_ratio']:.4f}" if "top1" in t

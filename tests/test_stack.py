@@ -6,6 +6,7 @@ the same outputs, and bad input is one clear line with exit 2 and nothing writte
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -39,7 +40,8 @@ def test_registry_and_budget():
     assert set(methods.list_stacks()) == {"l1+trp", "dagger+trp", "csgd+trp", "tp+trp"}
     # the channel stage: its recipe's share of half the epochs before TRP's finalize; TRP trains the rest
     assert stack_class("dagger+trp").stage_epochs(4) == (1, 3)
-    assert stack_class("csgd+trp").stage_epochs(4) == (2, 2)
+    # C-SGD trains in the same steps as TRP: both get every epoch
+    assert stack_class("csgd+trp").stage_epochs(4) == (4, 4) and stack_class("csgd+trp").concurrent()
     assert stack_class("l1+trp").stage_epochs(3) == (0, 3)
     assert split_budget(stack_class("dagger+trp"), 5) == (5, 0)  # TRP's recipe: no fine-tune after it
     with pytest.raises(ValueError, match="dagger\\+trp needs at least 2 epoch"):
@@ -52,8 +54,8 @@ def test_registry_and_budget():
 
 @pytest.mark.parametrize("name", ["dagger+trp", "csgd+trp"])
 def test_trained_stage_lands_on_target_with_trained_weights(name, tiny, tmp_path):
-    """Stage 1 trains (gate search / centripetal SGD) inside prepare, TRP trains in the pipeline; MACs within 1%
-    of the one target; the stacked model saves and loads back to the same outputs."""
+    """Stage 1 trains (Dagger's gate search inside prepare, C-SGD beside TRP in the pipeline); MACs within 1% of the
+    one target; the stacked model saves and loads back to the same outputs."""
     model = _trained_resnet20()
     train = shuffled_loader(tiny)
     test = shuffled_loader(tiny.subset(torch.arange(32)))
@@ -64,7 +66,8 @@ def test_trained_stage_lands_on_target_with_trained_weights(name, tiny, tmp_path
     assert rep["within_tol"] is True and abs(rep["macs_ratio"] - 0.4) <= 0.004
     assert slimcnn.profile(compact, (3, 32, 32)).macs == rep["compressed"]["macs"]
     s1, s2 = rep["stages"]
-    assert (s1["method"], s2["method"]) == tuple(name.split("+")) and (s1["epochs"], s2["epochs"]) == (1, 1)
+    assert (s1["method"], s2["method"]) == tuple(name.split("+"))
+    assert (s1["epochs"], s2["epochs"]) == ((2, 2) if name == "csgd+trp" else (1, 1))
     assert abs(s1["macs_ratio"] - 0.4 ** 0.5) <= 0.01 * 0.4 ** 0.5  # the channel stage at target**split
     assert s2["macs"] == rep["compressed"]["macs"] and s1["macs"] > s2["macs"]
     # each stage's top-1 is on the 32 test images: a whole number of them right (a 0..100 range check cannot fail)
@@ -79,6 +82,34 @@ def test_trained_stage_lands_on_target_with_trained_weights(name, tiny, tmp_path
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(loaded(x), compact.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_concurrent_csgd_finalize_is_exact_once_clusters_meet(tiny):
+    """csgd+trp trains C-SGD and TRP in the same steps: prepare changes no structure and plans TRP's ranks on the
+    net the merge will produce. Once the clusters have met (made equal here, as training makes them), TRP's
+    truncation keeps them equal, and the merge plus the factorisation change no output."""
+    from slimcnn.methods.csgd import cluster_lists
+
+    model = _trained_resnet20().eval()
+    x = torch.randn(4, 3, 32, 32)
+    m = methods.create("csgd+trp", target_macs=0.4, split=0.5, scheme="spatial")
+    cfg = CompressConfig(target_macs=0.4, method_epochs=1, epochs=0, latency=False)
+    work = m.prepare(copy.deepcopy(model), x, train_loader=shuffled_loader(tiny), cfg=cfg)
+    assert m.epochs_in_prepare == 0 and slimcnn.profile(work, (3, 32, 32)).macs == slimcnn.profile(model, (3, 32, 32)).macs
+    assert m.first.ids and m.last._fixed  # clusters to meet, ranks to keep
+    clusters = {key: cluster_lists(ids) for key, ids in m.first.ids.items()}
+    m.first.graph.equalize(clusters, model=work)
+    m.before_forward(work, 0)  # TRP's truncation to its planned ranks, on the unmerged convs
+    # equal rows stay equal up to the float32 SVD's rounding (the projection acts on each filter alone)
+    assert max(m.first.cluster_distances(work).values()) < 1e-3
+    with torch.no_grad():
+        before = work.eval()(x)
+        thin = m.finalize(work).eval()
+        after = thin(x)
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+    s1, s2 = m.report()["stages"]
+    assert s1["macs"] > s2["macs"] and s1["top1"] is None  # no test loader given
+    assert abs(slimcnn.profile(thin, (3, 32, 32)).macs / slimcnn.profile(model, (3, 32, 32)).macs - 0.4) <= 0.004
 
 
 def test_cli_searched_split_report_and_roundtrip(tmp_path):

@@ -14,9 +14,9 @@ finalize-only proxy (channel stage at T**S with no training, TRP's decomposition
 recalibrated on a few training batches, top-1 on ``search_images`` other training images); the best is used and
 every split tried is in the report, beside the same proxy for TRP alone (no channel stage): when that scores above
 every split, the report and one warning line say the stack is not expected to beat TRP at this target. The proxy
-for a channel stage that needs training before its finalize (dagger, csgd) is magnitude pruning (l1; global ranking
-for dagger, whose search spreads widths unevenly, uniform for csgd): untrained gates or clusters say nothing about
-a split.
+for a channel stage that needs training before its finalize (dagger, csgd) is magnitude pruning (l1, global ranking:
+dagger's search spreads widths unevenly, and csgd in a stack takes the global ranking's widths): untrained gates or
+clusters say nothing about a split.
 
 **The channel stage's job in a stack** is to take the channels that are cheapest to lose, not a slice of every
 layer: TRP already thins every layer. So a stack's l1 stage ranks channels globally (``mode="global"``; pass
@@ -29,12 +29,28 @@ base's 88.25 (uniform: 86.25).
 **The budget.** A stack trains everything before TRP's finalize (TRP's recipe leaves no fine-tune after its
 lossless factorisation), so ``method_share`` is 1. Those epochs M are split by the channel stage's own recipe:
 the channel stage gets half of M and spends ``method_share`` of that half with its hooks attached (l1, tp: none;
-dagger: a quarter of M; csgd: half of M); the rest of its half, which would fine-tune it, goes to TRP's training,
-which trains the pruned net anyway. See :meth:`Stack.stage_epochs`.
+dagger: a quarter of M); the rest of its half, which would fine-tune it, goes to TRP's training, which trains the
+pruned net anyway. C-SGD trains alongside TRP for all of M (below). See :meth:`Stack.stage_epochs`.
+
+**C-SGD trains at the same time as TRP** (``csgd+trp``). C-SGD changes no structure until its merge, which is
+lossless once its clusters have met, so it needs no epochs of its own: its centripetal update and TRP's truncation
+run in the same steps over the whole budget, and at the end the clusters are merged and the merged net factorised.
+Its widths are the global ranking's at ``target**split`` (as a stack's l1 stage; clustering then decides which
+channels go together), and TRP's ranks are planned at ``prepare`` on the net the merge will produce (the starting
+clusters merged). TRP's truncation of the unmerged convs keeps cluster rows that have met equal (the rank-r
+projection acts on each filter alone), up to the float32 SVD's rounding: a relative distance of up to 7e-5 after
+one truncation of equalised clusters on ResNet-20, above C-SGD's 1e-5 bar, so a run's report may call the merge
+not lossless while its outputs barely move (the pipeline's ``max_logit_change`` says by how much). The merged convs
+are no richer in rank, so the factorisation is lossless too. C-SGD's training distils when the run does.
+Measured on the fine-tuned ResNet-56, plain recipe, 2 epochs, searched split 0.1 (one run each): 85.60 at 0.3 MACs
+and 87.44 at 0.5, against 84.30 and 86.91 for the old order (one epoch of C-SGD, the merge, one epoch of TRP); the
+merge and factorisation left top-1 unchanged (85.63 and 87.55 before and after; largest logit change 2.3e-5) while
+the report called the merge not lossless (clusters 3.5e-5 apart at 0.3).
 
 **How it runs in one pipeline.** The engine's loop trains one model with one optimiser, and the channel stage's
 finalize replaces the model, so stage 1 cannot switch to stage 2 mid-loop. Stack therefore runs stage 1 whole
-inside ``prepare`` (its prepare, its training with its hooks, its finalize, BatchNorm recalibration, its top-1):
+inside ``prepare`` (its prepare, its training with its hooks, its finalize, BatchNorm recalibration, its top-1;
+C-SGD instead trains with TRP, above):
 :func:`slimcnn.compress.compress` offers ``prepare`` its ``train_loader``, ``test_loader`` and ``cfg``, and trains
 only the remaining ``cfg.method_epochs - epochs_in_prepare`` epochs with the Stack's hooks, which are TRP's.
 ``finalize`` is TRP's finalize. Stage 1's training does not distil (``--distill`` applies to TRP's phase and the
@@ -67,9 +83,12 @@ STACKS = tuple(f"{a}+{b}" for a in CHANNEL_STAGES for b in LAST_STAGES)
 DEFAULT_SPLITS = (0.05, 0.1, 0.2, 0.3, 0.5)
 #: the channel stage's defaults inside a stack, where they differ from the method's own (a user's option wins)
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {"l1": {"mode": "global"}}
+#: channel stages that only steer training until a lossless finalize (C-SGD's merge): in a stack they train in the
+#: same steps as TRP, over the whole budget, with the global ranking's widths (module docstring)
+CONCURRENT = ("csgd",)
 #: the l1 mode whose widths resemble a trained channel stage's, for the split proxy (dagger searches its widths
-#: across the net; csgd keeps the same fraction of every group)
-PROXY_MODE = {"dagger": "global", "csgd": "uniform"}
+#: across the net; csgd in a stack takes the global ranking's widths)
+PROXY_MODE = {"dagger": "global", "csgd": "global"}
 SPLIT_HELP = ("stacks (e.g. dagger+trp): fraction in (0, 1) of the log MACs reduction done by the channel stage: "
               "it keeps TARGET**S of the base MACs, trp the rest of the way to TARGET (default: searched over "
               f"{', '.join(map(str, DEFAULT_SPLITS))} by a finalize-only proxy on training images)")
@@ -116,8 +135,12 @@ def stack_class(name: str) -> type[Stack]:
 
     first, last = parse_stack(name)
     c1, c2 = method_class(first), method_class(last)
-    phase = (f"{first} {c1.method_phase}, then {c2.method_phase}" if c1.method_share > 0
-             else f"{c2.method_phase} on the {first}-pruned net")
+    if first in CONCURRENT:
+        phase = f"{c1.method_phase} and {c2.method_phase} at once"
+    elif c1.method_share > 0:
+        phase = f"{first} {c1.method_phase}, then {c2.method_phase}"
+    else:
+        phase = f"{c2.method_phase} on the {first}-pruned net"
     # --min-keep floors the channel stage's widths (the run's layer policy is active while it prunes); TRP keeps
     # every channel count, so it obeys a floor trivially
     return type(f"Stack_{first}_{last}", (Stack,), {"name": name, "stages": (first, last), "method_phase": phase,
@@ -187,15 +210,28 @@ class Stack(Method):
 
     # ------------------------------------------------------------------------------------------ budget
     @classmethod
+    def concurrent(cls) -> bool:
+        """Whether the channel stage trains in the same steps as TRP (see ``CONCURRENT``)."""
+        return cls.stages[0] in CONCURRENT
+
+    @classmethod
     def stage_epochs(cls, method_epochs: int) -> tuple[int, int]:
         """(epochs of the channel stage with its hooks, epochs of TRP's training) out of ``method_epochs``;
         ValueError if a stage that needs training is left with none.
 
-        >>> stack_class("dagger+trp").stage_epochs(4), stack_class("l1+trp").stage_epochs(2)
-        ((1, 3), (0, 2))
+        A concurrent stage (C-SGD) trains in the same epochs as TRP: both get all of them.
+
+        >>> [stack_class(s).stage_epochs(4) for s in ("dagger+trp", "l1+trp", "csgd+trp")]
+        [(1, 3), (0, 4), (4, 4)]
         """
         from . import method_class
 
+        if cls.concurrent():
+            if method_epochs < 1:
+                raise ValueError(f"{cls.name} needs at least 1 epoch before its finalize (centripetal SGD and "
+                                 f"trained-rank pruning at once), and {method_epochs} leave(s) none; give it a "
+                                 f"budget, e.g. --epochs 1")
+            return method_epochs, method_epochs
         first = method_class(cls.stages[0])
         share = first.method_share
         e1 = round(method_epochs / 2 * share)
@@ -240,6 +276,10 @@ class Stack(Method):
         else:
             split = self._search_split(model, example_input, train_loader, ratio, goal, base)
         self.chosen_split = split
+        self._base_macs = base
+        if self.concurrent():
+            return self._prepare_concurrent(model, example_input, cfg, len(train_loader) if train_loader else 0,
+                                            ratio ** split, goal, t0)
         first_name, last_name = self.stages
         self.first = create(first_name, target_macs=ratio ** split, **self.stage_options[0])
         accepted = self.first.prepare_inputs
@@ -275,8 +315,44 @@ class Stack(Method):
         # TRP at the absolute overall target: it plans its ranks on the net stage 1 produced, within 1%
         self.last = create(last_name, target_macs=goal, **self.stage_options[1])
         self._t_last = time.time()
-        self._base_macs = base
         return self.last.prepare(pruned, example_input)
+
+    def _prepare_concurrent(self, model: nn.Module, example_input: torch.Tensor, cfg: Any, steps_per_epoch: int,
+                            channel_ratio: float, goal: float, t0: float) -> nn.Module:
+        """C-SGD to the global ranking's widths at ``channel_ratio``, and TRP's ranks planned on the net its merge
+        will produce; both then train in the pipeline's steps (module docstring). Returns the unchanged model."""
+        from . import create
+        from .csgd import cluster_lists
+
+        first_name, last_name = self.stages
+        ranker = create("l1", target_macs=channel_ratio, mode="global",
+                        **({"round_to": self.round_to} if self.round_to else {}))
+        ranker.prepare(model, example_input)
+        sizes = {g.key: g.size for g in ranker.graph.groups_for(model) if g.prunable}
+        kept = ranker.graph.allocate_widths(channel_ratio, "global", ranker.scores(model), model=model,
+                                            round_to=self.round_to)
+        widths = {k: n for k, n in kept.items() if n < sizes.get(k, n)}
+        self.first = create(first_name, widths=widths, **self.stage_options[0])
+        budget: dict[str, Any] = {}
+        if cfg is not None and steps_per_epoch:  # C-SGD's strength follows the whole run's schedule
+            budget = {"total_steps": steps_per_epoch * cfg.method_epochs, "lr": cfg.method_lr or cfg.lr,
+                      "schedule": cfg.schedule}
+        model = self.first.prepare(model, example_input, **budget)
+        # the net the merge will produce, from the starting clusters: TRP plans its ranks (and its MACs) on it
+        clusters = {key: cluster_lists(ids) for key, ids in self.first.ids.items()}
+        preview = self.first.graph.merge(clusters, model=copy.deepcopy(model))
+        self.stage_records = [{"stage": 1, "method": first_name, "target_macs": round(channel_ratio, 6),
+                               "macs": profile(preview, example_input=example_input[:1]).macs,
+                               "epochs": cfg.method_epochs if cfg is not None else None,
+                               # it trains in the pipeline's steps, which distil when the run does
+                               "distilled": bool(cfg is not None and cfg.distils)}]
+        self.stage_records[0]["macs_ratio"] = self.stage_records[0]["macs"] / self._base_macs
+        self.epochs_in_prepare = 0
+        self._stage2_epochs = cfg.method_epochs if cfg is not None else None
+        self.last = create(last_name, target_macs=goal, **self.stage_options[1])
+        self.last.prepare(preview, example_input)
+        self._t_last = t0
+        return model
 
     def _search_split(self, model: nn.Module, example_input: torch.Tensor, train_loader, ratio: float,
                       goal: float, base: int) -> float:
@@ -354,23 +430,36 @@ class Stack(Method):
             raise RuntimeError(f"{self.name}: call prepare(model, example_input) first")
         return self.last
 
+    def _training(self) -> list[Method]:
+        """The stages whose hooks the pipeline's training runs: TRP, and C-SGD beside it when concurrent."""
+        last = self._stage2()
+        return [self.first, last] if self.concurrent() and self.first is not None else [last]
+
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        return self._stage2().param_groups(model, lr, weight_decay)
+        # C-SGD's groups (no decay on its clustered tensors; its update carries it); TRP keeps the default groups
+        return self._training()[0].param_groups(model, lr, weight_decay)
 
     def before_forward(self, model: nn.Module, step: int) -> None:
-        self._stage2().before_forward(model, step)
+        for m in self._training():
+            m.before_forward(model, step)
 
     def loss(self, model: nn.Module) -> torch.Tensor | float:
-        return self._stage2().loss(model)
+        return sum((m.loss(model) for m in self._training()), 0.0)
 
     def after_backward(self, model: nn.Module, step: int) -> None:
-        self._stage2().after_backward(model, step)
+        # TRP's sub-gradient first: C-SGD's centripetal update then averages it within each cluster too, so the
+        # rows of a cluster keep receiving one gradient
+        for m in reversed(self._training()):
+            m.after_backward(model, step)
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        self._stage2().after_step(model, step)
+        for m in self._training():
+            m.after_step(model, step)
 
     def finalize(self, model: nn.Module) -> nn.Module:
         last = self._stage2()
+        if self.concurrent() and self.first is not None:
+            model = self._merge(model)
         thin = last.finalize(model)
         device = next(thin.parameters()).device
         macs = profile(thin, example_input=self.example_input[:1].to(device)).macs
@@ -383,6 +472,22 @@ class Stack(Method):
             "details": last.report()}]
         return thin
 
+    def _merge(self, model: nn.Module) -> nn.Module:
+        """The concurrent C-SGD's merge, recorded as stage 1 (top-1 right after it; a lossy merge is one warning
+        line, and its report says so)."""
+        merged = self.first.finalize(model)
+        device = next(merged.parameters()).device
+        details = self.first.report()
+        warning = (details.get("merge") or {}).get("warning")
+        if warning:
+            tqdm.write(f"warning: {warning}")
+        macs = profile(merged, example_input=self.example_input[:1].to(device)).macs
+        self.stage_records = [{**self.stage_records[0], "macs": macs, "macs_ratio": macs / self._base_macs,
+                               "trained_with": self.stages[1],
+                               "top1": self._top1(merged, self._test_loader, device),
+                               "time_s": round(time.time() - self._t_last, 1), "details": details}]
+        return merged
+
     def report(self) -> dict[str, Any]:
         records = [dict(r) for r in self.stage_records]
         return {"stack": {"stages": list(self.stages), "target_macs": self.target_macs, "split": self.chosen_split,
@@ -393,9 +498,14 @@ class Stack(Method):
                 "stages": records}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"split": self.chosen_split, "epochs_in_prepare": self.epochs_in_prepare,
-                "last": self.last.state_dict() if self.last is not None else {}}
+        state = {"split": self.chosen_split, "epochs_in_prepare": self.epochs_in_prepare,
+                 "last": self.last.state_dict() if self.last is not None else {}}
+        if self.concurrent() and self.first is not None:
+            state["first"] = self.first.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.last is not None and state.get("last"):
             self.last.load_state_dict(state["last"])
+        if self.concurrent() and self.first is not None and state.get("first"):
+            self.first.load_state_dict(state["first"])
