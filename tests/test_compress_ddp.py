@@ -61,3 +61,22 @@ def test_ranks_end_with_one_model_and_rank0_alone_writes(tmp_path, method, epoch
     assert r0["rebuilt"] is True and r1["rebuilt"] is True
     assert r0["shapes"] == r1["shapes"] and r0["digest"] == r1["digest"]
     assert r0["output"] == r1["output"]
+
+
+@pytest.mark.parametrize("method", ["l1+trp", "csgd+trp"])
+def test_stack_ranks_take_rank0s_searched_split(tmp_path, method):
+    """Each rank scores a stack's splits on its own shard of the data; every rank must take rank 0's choice, or
+    l1+trp's ranks build different nets (DDP stopped at mismatched shapes) and csgd+trp's ranks train different
+    clusters and ranks (replicas that differ at the end)."""
+    from slimcnn.data import load_cifar10
+
+    load_cifar10(CIFAR, "train", progress=False)
+    out = tmp_path / "out"
+    proc = _torchrun(str(tmp_path), str(out), "--method", method, "--scheme", "spatial", "--model", "cifar_resnet20",
+                     "--weights", str(RESNET20), "--data", str(CIFAR), "--train-limit", "128", "--test-limit", "40",
+                     "--batch-size", "32", "--epochs", "1", "--bn-recalib", "2", "--target-macs", "0.5",
+                     "--no-latency")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["stack"]["split_source"] == "searched" and rep["within_tol"] is True
+    assert rep["ddp"]["ranks_identical"] is True and rep["ddp"]["structure_from_rank0"] is False
+    assert "replicas ended with different weights" not in proc.stdout + proc.stderr

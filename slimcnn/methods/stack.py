@@ -127,6 +127,19 @@ def check_split(split: float | None, method: str | None = None) -> float | None:
     return float(split)
 
 
+def _rank0_split(split: float, device: torch.device | str) -> float:
+    """Under torch.distributed every rank takes rank 0's searched split: each rank scores the splits on its own
+    shard of the data, and ranks that chose differently would build different nets (DDP stops at the first
+    mismatched shape; C-SGD beside TRP would train different clusters and ranks on each rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return split
+    t = torch.tensor([split], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 @functools.cache
 def stack_class(name: str) -> type[Stack]:
     """The :class:`Stack` subclass for ``name`` (e.g. ``"dagger+trp"``), so that the pipeline, the CLI and the
@@ -274,7 +287,8 @@ class Stack(Method):
         elif train_loader is None:
             raise ValueError(f"{self.name}: give split= (there is no training data to search it on)")
         else:
-            split = self._search_split(model, example_input, train_loader, ratio, goal, base)
+            split = _rank0_split(self._search_split(model, example_input, train_loader, ratio, goal, base), device)
+            self.search["chosen"] = split
         self.chosen_split = split
         self._base_macs = base
         if self.concurrent():
