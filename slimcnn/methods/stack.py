@@ -166,8 +166,9 @@ class Stack(Method):
     """A channel method, then TRP, behind the one method interface (see the module docstring).
 
     ``report()["stages"]``: per stage, its MACs target and measured MACs as ratios of the base, its epochs with
-    its hooks, top-1 on the test loader right after its finalize (stage 1: after BN recalibration; None without a
-    test loader), wall time and the stage's own report (``details``).
+    its hooks, top-1 on the test loader right after its finalize (stage 1: after BN recalibration, or for C-SGD
+    right after its merge at the end of training; None without a test loader), wall time and the stage's own report
+    (``details``).
 
     Build it with ``methods.create("l1+trp", target_macs=0.5, split=0.5, scheme="spatial")``: options other than
     the stack's own go to every stage whose constructor takes them (``round_to`` to both; ``scheme`` to trp;
