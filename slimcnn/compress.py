@@ -104,6 +104,12 @@ class CompressConfig:
         """Whether a teacher takes part: distillation asked for, and some epoch trains."""
         return self.distill and bool(self.method_epochs or self.epochs)
 
+    def method_budget(self, steps_per_epoch: int, epochs: int | None = None) -> dict[str, Any]:
+        """What a method's ``prepare`` may take about its training (``prepare_inputs``): the steps of ``epochs``
+        (default ``method_epochs``) at ``steps_per_epoch``, the learning rate and the schedule."""
+        epochs = self.method_epochs if epochs is None else epochs
+        return {"total_steps": steps_per_epoch * epochs, "lr": self.method_lr or self.lr, "schedule": self.schedule}
+
     @property
     def recipe(self) -> str:
         """The training recipe's name, as the benchmark labels its rows: ``plain`` or ``distill``."""
@@ -319,8 +325,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
         distiller = Distiller(copy.deepcopy(model).eval(), cfg.kd_alpha, cfg.kd_temperature,
                               memo.setdefault("teacher_logits", {}) if memo is not None else None)
 
-    budget = {"total_steps": len(train_loader) * cfg.method_epochs, "lr": cfg.method_lr or cfg.lr,
-              "schedule": cfg.schedule}
+    budget = cfg.method_budget(len(train_loader))
     accepted = method.prepare_inputs
     # offered to the methods that take them: data-scored peers read train_loader; a stack runs its first stage
     # whole inside prepare (methods/stack.py) and needs the loaders and the run's settings

@@ -300,7 +300,7 @@ class Stack(Method):
         accepted = self.first.prepare_inputs
         offered: dict[str, Any] = {"train_loader": train_loader}
         if e1 > 0 and cfg is not None:  # the stage's own schedule (Dagger's annealing, C-SGD's ramp)
-            offered.update(total_steps=len(train_loader) * e1, lr=cfg.method_lr or cfg.lr, schedule=cfg.schedule)
+            offered.update(cfg.method_budget(len(train_loader), e1))
         work = self.first.prepare(model, example_input, **{k: v for k, v in offered.items() if k in accepted})
         if e1 > 0:
             if train_loader is None:
@@ -343,25 +343,23 @@ class Stack(Method):
         ranker = create("l1", target_macs=channel_ratio, mode="global",
                         **({"round_to": self.round_to} if self.round_to else {}))
         ranker.prepare(model, example_input)
-        sizes = {g.key: g.size for g in ranker.graph.groups_for(model) if g.prunable}
-        kept = ranker.graph.allocate_widths(channel_ratio, "global", ranker.scores(model), model=model,
-                                            round_to=self.round_to)
+        graph = ranker.graph
+        sizes = {g.key: g.size for g in graph.groups_for(model) if g.prunable}
+        kept = graph.allocate_widths(channel_ratio, "global", ranker.scores(model), model=model, round_to=self.round_to)
         widths = {k: n for k, n in kept.items() if n < sizes.get(k, n)}
         self.first = create(first_name, widths=widths, **self.stage_options[0])
-        budget: dict[str, Any] = {}
-        if cfg is not None and steps_per_epoch:  # C-SGD's strength follows the whole run's schedule
-            budget = {"total_steps": steps_per_epoch * cfg.method_epochs, "lr": cfg.method_lr or cfg.lr,
-                      "schedule": cfg.schedule}
-        model = self.first.prepare(model, example_input, **budget)
+        # C-SGD's strength follows the whole run's schedule; it clusters on the graph the ranking already traced
+        budget = cfg.method_budget(steps_per_epoch) if cfg is not None and steps_per_epoch else {}
+        model = self.first.prepare(model, example_input, graph=graph, **budget)
         # the net the merge will produce, from the starting clusters: TRP plans its ranks (and its MACs) on it
         clusters = {key: cluster_lists(ids) for key, ids in self.first.ids.items()}
-        preview = self.first.graph.merge(clusters, model=copy.deepcopy(model))
+        preview = graph.merge(clusters, model=copy.deepcopy(model))
+        macs = profile(preview, example_input=example_input[:1]).macs
         self.stage_records = [{"stage": 1, "method": first_name, "target_macs": round(channel_ratio, 6),
-                               "macs": profile(preview, example_input=example_input[:1]).macs,
+                               "macs": macs, "macs_ratio": macs / self._base_macs,
                                "epochs": cfg.method_epochs if cfg is not None else None,
                                # it trains in the pipeline's steps, which distil when the run does
                                "distilled": bool(cfg is not None and cfg.distils)}]
-        self.stage_records[0]["macs_ratio"] = self.stage_records[0]["macs"] / self._base_macs
         self.epochs_in_prepare = 0
         self._stage2_epochs = cfg.method_epochs if cfg is not None else None
         self.last = create(last_name, target_macs=goal, **self.stage_options[1])
