@@ -87,7 +87,8 @@ def test_trained_stage_lands_on_target_with_trained_weights(name, tiny, tmp_path
 def test_concurrent_csgd_finalize_is_exact_once_clusters_meet(tiny):
     """csgd+trp trains C-SGD and TRP in the same steps: prepare changes no structure and plans TRP's ranks on the
     net the merge will produce. Once the clusters have met (made equal here, as training makes them), TRP's
-    truncation keeps them equal, and the merge plus the factorisation change no output (to float32 rounding)."""
+    truncation (in float64 in a stack) keeps them equal to C-SGD's bar, so the merge is reported lossless, and the
+    merge plus the factorisation change no output (to float32 rounding)."""
     from slimcnn.methods.csgd import cluster_lists
 
     model = _trained_resnet20().eval()
@@ -98,17 +99,20 @@ def test_concurrent_csgd_finalize_is_exact_once_clusters_meet(tiny):
     base_macs = slimcnn.profile(model, (3, 32, 32)).macs
     assert m.epochs_in_prepare == 0 and slimcnn.profile(work, (3, 32, 32)).macs == base_macs  # no surgery yet
     assert m.first.ids and m.last._fixed  # clusters to meet, ranks to keep
+    assert m.last.svd_dtype == torch.float64
     clusters = {key: cluster_lists(ids) for key, ids in m.first.ids.items()}
     m.first.graph.equalize(clusters, model=work)
     m.before_forward(work, 0)  # TRP's truncation to its planned ranks, on the unmerged convs
-    # equal rows stay equal up to the float32 SVD's rounding (the projection acts on each filter alone)
-    assert max(m.first.cluster_distances(work).values()) < 1e-3
+    # equal rows stay equal (the projection acts on each filter alone) to within C-SGD's bar for a lossless merge;
+    # TRP's float32 SVD left them up to 7e-5 apart here
+    assert max(m.first.cluster_distances(work).values()) <= m.first.converged_distance
     with torch.no_grad():
         before = work.eval()(x)
         thin = m.finalize(work).eval()
         after = thin(x)
     assert (after - before).abs().max() <= 1e-4 * before.abs().max()
     s1, s2 = m.report()["stages"]
+    assert s1["details"]["merge"]["lossless"] is True and "warning" not in s1["details"]["merge"]
     assert s1["macs"] > s2["macs"] and s1["top1"] is None  # no test loader given
     assert abs(slimcnn.profile(thin, (3, 32, 32)).macs / base_macs - 0.4) <= 0.004
 

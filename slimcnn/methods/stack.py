@@ -37,15 +37,16 @@ lossless once its clusters have met, so it needs no epochs of its own: its centr
 run in the same steps over the whole budget, and at the end the clusters are merged and the merged net factorised.
 Its widths are the global ranking's at ``target**split`` (as a stack's l1 stage; clustering then decides which
 channels go together), and TRP's ranks are planned at ``prepare`` on the net the merge will produce (the starting
-clusters merged). TRP's truncation of the unmerged convs keeps cluster rows that have met equal (the rank-r
-projection acts on each filter alone), up to the float32 SVD's rounding: a relative distance of up to 7e-5 after
-one truncation of equalised clusters on ResNet-20, above C-SGD's 1e-5 bar, so a run's report may call the merge
-not lossless while its outputs barely move (the pipeline's ``max_logit_change`` says by how much). The merged convs
-are no richer in rank, so the factorisation is lossless too. C-SGD's training distils when the run does.
-Measured on the fine-tuned ResNet-56, plain recipe, 2 epochs, searched split 0.1 (one run each): 85.60 at 0.3 MACs
-and 87.44 at 0.5, against 84.30 and 86.91 for the old order (one epoch of C-SGD, the merge, one epoch of TRP); the
-merge and factorisation left top-1 unchanged (85.63 and 87.55 before and after; largest logit change 2.3e-5) while
-the report called the merge not lossless (clusters 3.5e-5 apart at 0.3).
+clusters merged). TRP's truncation of the unmerged convs keeps cluster rows that have met equal in exact
+arithmetic (the rank-r projection acts on each filter alone), but its float32 rounding is relative to the whole
+matrix: the clusters of a ResNet-56 run at 0.3 ended 3.5e-5 apart, above C-SGD's 1e-5 bar, and the merge was
+reported not lossless although no top-1 moved. A stack's TRP therefore truncates in float64 (TRP's ``svd_dtype``):
+the clusters then ended 3.7e-7 apart at 0.3 and 3.0e-7 at 0.5, and the bench rows took 433 s and 422 s against 414 s
+and 409 s in float32. The merged convs are no richer in rank, so the factorisation is lossless too. C-SGD's training
+distils when the run does. Measured on the fine-tuned ResNet-56, plain recipe, 2 epochs, searched split 0.1 (one run
+each): 85.46 at 0.3 MACs and 87.46 at 0.5 (85.60 / 87.44 with the float32 truncation), against 84.30 and 86.91 for
+the old order (one epoch of C-SGD, the merge, one epoch of TRP); the merge and factorisation left top-1 unchanged
+(85.57 and 87.51 before and after; largest logit change 1.3e-5).
 
 **How it runs in one pipeline.** The engine's loop trains one model with one optimiser, and the channel stage's
 finalize replaces the model, so stage 1 cannot switch to stage 2 mid-loop. Stack therefore runs stage 1 whole
@@ -209,6 +210,8 @@ class Stack(Method):
                 self.stage_options[i][key] = value
         for key, value in STAGE_DEFAULTS.get(self.stages[0], {}).items():
             self.stage_options[0].setdefault(key, value)
+        if self.concurrent():  # TRP's truncation must keep C-SGD's met clusters equal for a lossless merge
+            self.stage_options[1].setdefault("svd_dtype", "float64")
         for c, opts in zip(self.stage_classes, self.stage_options):  # bad stage options fail now, not mid-run
             c(target_macs=0.5, **opts)
         self.first: Method | None = None

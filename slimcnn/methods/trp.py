@@ -52,6 +52,8 @@ from .base import Method, macs_goal
 SCHEMES = ("channel", "spatial", "nd")
 RANK_RULES = ("threshold", "energy", "target_macs")
 TARGET_MODES = ("energy", "uniform")
+#: precision of the training truncation's SVD (TRP's ``svd_dtype``)
+SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_RANK_THRESHOLD = 0.05  # official, for TRP-trained nets
 
 
@@ -256,9 +258,10 @@ class Truncation:
 
 @torch.no_grad()
 def truncate_(convs: dict[str, nn.Conv2d], scheme: str, energy: float,
-              subgradient: bool = True, ranks: dict[str, int] | None = None) -> dict[str, Truncation]:
+              subgradient: bool = True, ranks: dict[str, int] | None = None,
+              svd_dtype: torch.dtype = torch.float32) -> dict[str, Truncation]:
     """Overwrite each conv's weight in place by its rank-k approximation (k per matrix by the energy rule, or
-    ``ranks[name]`` for every matrix of the layers it names).
+    ``ranks[name]`` for every matrix of the layers it names). The SVD and the product run in ``svd_dtype``.
 
     Layers whose matrices have the same shape share one batched SVD. A layer whose SVD fails (or gives
     non-finite values) is left untouched and reported with ``ok=False``. No host-device synchronisation
@@ -278,12 +281,12 @@ def truncate_(convs: dict[str, nn.Conv2d], scheme: str, energy: float,
         by_shape.setdefault((tuple(m.shape[1:]), m.dtype, m.device), []).append(name)
     results: dict[str, Truncation] = {}
     for names in by_shape.values():
-        factors = _try_svd(torch.cat([mats[n] for n in names]))
+        factors = _try_svd(torch.cat([mats[n] for n in names]), svd_dtype)
         if factors is not None:
             results.update(_apply_truncation(convs, mats, names, factors, scheme, energy, subgradient, ranks))
             continue
         for n in names:  # one bad layer must not stop the others: retry one by one
-            factors = _try_svd(mats[n])
+            factors = _try_svd(mats[n], svd_dtype)
             if factors is None:
                 results[n] = Truncation(None, None, torch.tensor(False, device=mats[n].device))
             else:
@@ -291,9 +294,10 @@ def truncate_(convs: dict[str, nn.Conv2d], scheme: str, energy: float,
     return results
 
 
-def _try_svd(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _try_svd(mats: torch.Tensor, dtype: torch.dtype = torch.float32
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     try:
-        return _svd(mats.float())
+        return _svd(mats.to(dtype))
     except RuntimeError:  # torch.linalg.LinAlgError: no convergence, or non-finite input on CPU
         return None
 
@@ -587,6 +591,12 @@ class TRP(Method):
     target). With fixed ranks the spatial scheme at 0.5 MACs scored 82.66 after BN recalibration and a
     79-step fine-tune vs 74.66 for the Torch-Pruning peer (base 86.22, 5k test images). ``prepare`` raises
     :class:`~slimcnn.graph.TargetError` if the plan is more than 1% from the target.
+
+    ``svd_dtype``: the training truncation's SVD in ``"float32"`` (default) or ``"float64"``. The rank-k
+    projection keeps equal filters equal in exact arithmetic, but float32 rounding moves them apart: up to 7e-5
+    (relative) after one truncation of equalised C-SGD clusters on ResNet-20, above C-SGD's 1e-5 bar for a lossless
+    merge. ``csgd+trp`` trains both at once and so asks for float64 (methods/stack.py): its ResNet-56 bench rows
+    took 3-5% longer (433 s against 414 s at 0.3 MACs, 2 CPU threads).
     """
 
     name = "trp"
@@ -594,7 +604,7 @@ class TRP(Method):
     method_share = 1.0  # its recipe: share of the epoch budget before finalize
     method_phase = "trained-rank pruning"
     options = frozenset({"target_macs", "scheme", "energy", "period", "nuclear", "rank_threshold", "decompose_energy",
-                         "rank_rule", "layers", "exclude", "target_mode", "round_to"})
+                         "rank_rule", "layers", "exclude", "target_mode", "round_to", "svd_dtype"})
     finalize_key = "decompose"
     segmentation = True
     layer_control = frozenset({"exclude"})  # an excluded conv is left undecomposed
@@ -615,7 +625,7 @@ class TRP(Method):
                  period: int = 1, nuclear: float = 3e-4, rank_threshold: float | None = None,
                  decompose_energy: float | None = None, rank_rule: str | None = None,
                  layers: str | list[str] | None = None, target_mode: str = "energy",
-                 round_to: int | None = None, exclude: Iterable[str] = ()) -> None:
+                 round_to: int | None = None, exclude: Iterable[str] = (), svd_dtype: str = "float32") -> None:
         from ..graph.targeting import check_round_to
 
         skip = [f"!{p}" for g in exclude for p in (g, f"{g}.*")]  # an excluded layer, children too, stays whole
@@ -648,6 +658,9 @@ class TRP(Method):
             raise ValueError("TRP rank rule 'energy' needs decompose_energy")
         if target_mode not in TARGET_MODES:
             raise ValueError(f"unknown target mode {target_mode!r}; choose one of {', '.join(TARGET_MODES)}")
+        if svd_dtype not in SVD_DTYPES:
+            raise ValueError(f"TRP svd_dtype must be one of {', '.join(SVD_DTYPES)}, got {svd_dtype!r}")
+        self.svd_dtype = SVD_DTYPES[svd_dtype]
         self.target_macs, self.scheme, self.energy, self.period, self.nuclear = target_macs, scheme, energy, period, nuclear
         self.rank_threshold = DEFAULT_RANK_THRESHOLD if rank_threshold is None else rank_threshold
         self.decompose_energy, self.rank_rule = decompose_energy, rank_rule
@@ -703,7 +716,8 @@ class TRP(Method):
         convs = self._convs(model)
         if self._fixed:  # with a target: truncate the layers it decomposes to their planned ranks, and only those
             convs = {n: c for n, c in convs.items() if n in self._fixed}
-        result = truncate_(convs, self.scheme, self.energy, subgradient=self.nuclear > 0, ranks=self._fixed or None)
+        result = truncate_(convs, self.scheme, self.energy, subgradient=self.nuclear > 0, ranks=self._fixed or None,
+                           svd_dtype=self.svd_dtype)
         self.truncations += 1
         self._pending_step = step
         self._ranks = {n: t.ranks for n, t in result.items() if t.ranks is not None}
