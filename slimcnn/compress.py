@@ -45,6 +45,7 @@ from tqdm import tqdm
 from .methods.base import Method, within_tol
 from .graph.policy import LayerPolicy, layer_policy
 from .profile import budgeted_latency, profile
+from .progress import bar as progress_bar
 from .report import alignment, environment, layer_widths, write_report
 
 if TYPE_CHECKING:
@@ -245,6 +246,22 @@ def _excluded_shapes(model: nn.Module, policy: LayerPolicy) -> dict[str, tuple[i
             for k, p in m.named_parameters(recurse=False)}
 
 
+def slower_than_base(latency_ms: dict[str, Any]) -> str | None:
+    """The one-line warning for a compressed net that took longer than the base at any timed batch, else None.
+
+    >>> slower_than_base({"batch": [1, 128], "ratio": [1.22, 0.8], "device": "cpu"})
+    "the compressed net is SLOWER than the base at batch 1 (1.220x the base's time), eager PyTorch on cpu: fewer MACs did not make it faster there"
+    >>> slower_than_base({"batch": [1], "ratio": [0.9], "device": "cpu"}) is None
+    True
+    """
+    slow = [(b, r) for b, r in zip(latency_ms.get("batch", []), latency_ms.get("ratio", [])) if r > 1.0]
+    if not slow:
+        return None
+    where = ", ".join(f"batch {b} ({r:.3f}x the base's time)" for b, r in slow)
+    return (f"the compressed net is SLOWER than the base at {where}, eager PyTorch on "
+            f"{latency_ms.get('device', 'cpu')}: fewer MACs did not make it faster there")
+
+
 def _layer_control_record(policy: LayerPolicy, model: nn.Module, compact: nn.Module,
                           input_shape: tuple[int, ...]) -> dict[str, Any]:
     """report.json's ``layer_control``: the globs, the groups they froze or floored, and the check that every
@@ -389,7 +406,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
         timed_base = copy.deepcopy(model).to(cfg.device).eval()
         timed_comp = copy.deepcopy(compact).to(cfg.device).eval()
         lat_base, lat_comp, batches, repeats = [], [], [], []
-        for b in tqdm(cfg.latency_batches, desc="latency", leave=False):
+        for b in progress_bar(cfg.latency_batches, desc="latency"):
             t, timed_b, reps = budgeted_latency({"base": timed_base, "compressed": timed_comp}, input_shape, batch=b,
                                                 budget_s=cfg.latency_budget_s, max_repeats=cfg.latency_repeats)
             lat_base.append(round(t["base"], 3))
@@ -404,6 +421,10 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
             latency_ms["requested_batch"] = list(cfg.latency_batches)
             tqdm.write(f"latency: timed batch {batches} instead of {list(cfg.latency_batches)} to stay within "
                        f"{cfg.latency_budget_s:g} s per batch size")
+        slower = slower_than_base(latency_ms)
+        if slower:
+            latency_ms["slower_than_base"] = slower
+            tqdm.write(f"warning: {slower}")
 
     method_report = method.report()
     if isinstance(method_report.get("latency_target"), dict):  # --target-latency: confirm where it was planned

@@ -166,6 +166,8 @@ def markdown(report: dict[str, Any]) -> str:
     if lat.get("ratio"):
         lines.append("Latency ratio compressed/base: " + ", ".join(
             f"batch {n}: {r:.3f}" for n, r in zip(lat["batch"], lat["ratio"])) + ".")
+    if lat.get("slower_than_base"):
+        lines.append(f"**Warning: {lat['slower_than_base']}.**")
     elif report.get("latency_ms") is None and "latency_ms" in report:
         lines.append("Latency: not timed (--no-latency).")
     control = report.get("layer_control")

@@ -15,9 +15,10 @@ from slimcnn.data.loader import IMAGENET_MEAN, IMAGENET_STD
 from slimcnn.metrics import SegMetrics
 from slimcnn.models import create
 
-ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
+from conftest import CAMVID as ROOT
 
 
+@pytest.mark.shared
 def test_decodes_val_like_pillow(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMCNN_CACHE", str(tmp_path))
     data = load_camvid(ROOT, "val", progress=False)
@@ -36,6 +37,7 @@ def test_decodes_val_like_pillow(tmp_path, monkeypatch):
     assert torch.equal(again.images, data.images) and torch.equal(again.labels, data.labels)
 
 
+@pytest.mark.shared
 def test_resize_uses_nearest_for_labels():
     full = load_camvid(ROOT, "val", progress=False)
     half = load_camvid(ROOT, "val", size=(90, 120), progress=False)
@@ -47,6 +49,7 @@ def test_resize_uses_nearest_for_labels():
         assert np.abs(half.images[i].numpy().astype(int) - ref).max() <= 1
 
 
+@pytest.mark.shared
 def test_loaders_yield_normalised_images_and_int64_labels():
     loaders = camvid_loaders(ROOT, batch_size=2, size=(90, 120), train_limit=4, test_limit=3, splits=("train", "val"))
     assert len(loaders["train"]) == 2 and len(loaders["val"]) == 2
@@ -61,6 +64,7 @@ def test_loaders_yield_normalised_images_and_int64_labels():
     assert torch.equal(y, raw.labels[:2].long())
 
 
+@pytest.mark.shared
 def test_flip_moves_image_and_label_together():
     data = load_camvid(ROOT, "val", size=(45, 60), progress=False).subset(range(16))
     plain = SegLoader(data, batch_size=16)
@@ -73,6 +77,7 @@ def test_flip_moves_image_and_label_together():
         assert torch.equal(y1[i], y0[i].flip(1) if f else y0[i])
 
 
+@pytest.mark.shared
 def test_scale_augmentation_keeps_labels_aligned():
     # synthetic frames whose colour encodes the label in 16x16 blocks: after zoom and crop the colour under a
     # labelled pixel must still match its label, except on block borders that bilinear resampling blurs
@@ -93,6 +98,7 @@ def test_scale_augmentation_keeps_labels_aligned():
     assert agreement(y.flip(2)) < 0.3  # the check can tell a misaligned label apart
 
 
+@pytest.mark.shared
 def test_gated_segmentation_model_on_a_camvid_batch():
     x, y = next(iter(camvid_loaders(ROOT, batch_size=2, size=(64, 80), test_limit=2, splits=("val",))["val"]))
     torch.manual_seed(0)
@@ -115,4 +121,4 @@ def test_bad_paths_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="labels is missing"):
         load_camvid(tmp_path, "train")
     with pytest.raises(DataError, match="split must be one of"):
-        load_camvid(ROOT, "dev")
+        load_camvid(tmp_path, "dev")

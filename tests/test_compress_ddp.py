@@ -25,6 +25,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, epochs", [("l1", "1"), ("dagger", "2")])
 def test_ranks_end_with_one_model_and_rank0_alone_writes(tmp_path, method, epochs):
     from slimcnn import load
@@ -63,6 +64,7 @@ def test_ranks_end_with_one_model_and_rank0_alone_writes(tmp_path, method, epoch
     assert r0["output"] == r1["output"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["l1+trp", "csgd+trp"])
 def test_stack_ranks_take_rank0s_searched_split(tmp_path, method):
     """Each rank scores a stack's splits on its own shard of the data; every rank must take rank 0's choice, or

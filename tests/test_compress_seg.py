@@ -10,6 +10,8 @@ import torch
 from slimcnn.cli import main
 from conftest import CAMVID
 
+pytestmark = pytest.mark.shared  # CamVid
+
 TINY = ["--model", "seg_tiny", "--data", str(CAMVID), "--size", "48,64", "--train-limit", "16", "--test-limit", "8",
         "--batch-size", "8", "--bn-recalib", "2", "--no-latency"]
 

@@ -5,11 +5,14 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 WORKER = Path(__file__).with_name("csgd_ddp_worker.py")
 
 
+@pytest.mark.slow
 def test_ranks_hold_identical_clusters_and_merged_models(tmp_path, cifar_root):
     from slimcnn.data import load_cifar10
 

@@ -307,7 +307,6 @@ def test_search_with_the_engine_on_real_cifar(cifar_root, tmp_path):
     _no_traces(compact)
 
 
-@pytest.mark.slow
 def test_dual_ascent_reaches_the_target_during_the_search_on_trained_weights(cifar_root):
     """Trained weights, a short search: the hard-gate MACs reach the target within 1% before the search ends,
     and finalize then keeps (almost) exactly the channels the search chose."""

@@ -8,7 +8,20 @@ from slimcnn.data import DataError, Loader, balanced_subset, cifar10_loaders, lo
 
 
 def test_image_folder_test_split(cifar_root):
-    d = load_cifar10(cifar_root, "test")
+    d = load_cifar10(cifar_root, "test")  # the embedded subset written as an image folder: 100 per class
+    assert d.images.shape == (1000, 32, 32, 3) and d.images.dtype == torch.uint8
+    assert torch.bincount(d.labels).tolist() == [100] * 10
+    assert d.classes[0] == "airplane" and d.classes[9] == "truck"
+    demo = load_demo("test")  # the same JPEG bytes, decoded from the package's npz
+    order = torch.argsort(demo.labels, stable=True)
+    assert torch.equal(d.images, demo.images[order]) and torch.equal(d.labels, demo.labels[order])
+
+
+@pytest.mark.shared
+def test_full_image_folder_test_split():
+    from conftest import FULL_CIFAR
+
+    d = load_cifar10(FULL_CIFAR, "test")
     assert d.images.shape == (10000, 32, 32, 3) and d.images.dtype == torch.uint8
     assert torch.bincount(d.labels).tolist() == [1000] * 10
     assert d.classes[0] == "airplane" and d.classes[9] == "truck"

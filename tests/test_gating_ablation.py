@@ -358,11 +358,11 @@ def test_train_cli_takes_the_options_and_reports_gate_stats(tmp_path, capsys):
 
 @pytest.mark.parametrize("gating,kw", [("rig", dict(bn="per_iter", iterations=2)), ("rig", dict(iterations=1)),
                                        ("dig", dict(variant="cascaded", iterations=2))])
-def test_plain_classifier_checkpoint_initialises_the_gated_encoder(gating, kw):
+def test_plain_classifier_checkpoint_initialises_the_gated_encoder(gating, kw, tmp_path):
     # the fair start of the ablation: the encoder from the trained classifier, gates and BN copies from their init
     from slimcnn.models import CheckpointError, load_checkpoint
 
-    from conftest import RESNET20, RESNET56
+    from conftest import RESNET20
     plain = load_checkpoint(create("cifar_resnet20"), RESNET20).eval()
     torch.manual_seed(0)
     model = create("cifar_resnet20", gating=gating, **kw)
@@ -378,5 +378,7 @@ def test_plain_classifier_checkpoint_initialises_the_gated_encoder(gating, kw):
         x = torch.randn(2, 3, 32, 32)
         out = model(x)
         assert torch.equal(out[-1] if isinstance(out, (list, tuple)) else out, plain(x))
-    with pytest.raises(CheckpointError, match="does not fit"):  # another network's checkpoint still fails
-        load_checkpoint(create("cifar_resnet20", gating=gating, **kw), RESNET56)
+    resnet56 = tmp_path / "resnet56.th"  # another network's checkpoint still fails
+    torch.save({"state_dict": create("cifar_resnet56").state_dict()}, resnet56)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(create("cifar_resnet20", gating=gating, **kw), resnet56)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAMVID, CIFAR, WEIGHTS
+from conftest import CAMVID, CIFAR, RESNET20
+
+WEIGHTS = RESNET20.parent  # the package's assets: the public ResNet-20 under its public name
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gating.py"
 
@@ -57,6 +59,7 @@ def test_cifar_ablation_row_trains_the_model_it_names(gating, tmp_path):
     assert "| resnet20+rig:bn=per_iter,T=3,stages=1 |" in md and "s1 0." in md
 
 
+@pytest.mark.shared
 def test_a_feed_forward_camvid_row_of_another_width(gating, tmp_path):
     assert gating.main(["camvid", "--data", str(CAMVID), "--epochs", "1", "--size", "48,64", "--train-limit", "8",
                         "--test-limit", "4", "--max-steps", "1", "--quiet", "--out", str(tmp_path),

@@ -68,6 +68,7 @@ def test_pad_shortcut_exports_as_one_strided_conv_with_the_same_outputs():
         assert torch.equal(torch.from_numpy(out), sc(x))
 
 
+@pytest.mark.shared
 def test_public_checkpoints_load_and_deepcopy():
     m = load_checkpoint(create("cifar_resnet56"), RESNET56)
     assert m.linear.weight.abs().sum() > 0

@@ -153,7 +153,7 @@ def test_min_keep_floors_the_channel_stage(tmp_path):
     out = tmp_path / "out"
     assert main(["compress", "--method", "l1+trp", *COMMON, "--target-macs", "0.5", "--epochs", "1",
                  "--scheme", "spatial", "--split", "0.5", "--min-keep", "conv1=1.0", "--min-keep", "*.conv2=1.0",
-                 "--out", str(out)]) == 0
+                 "--no-latency-plan", "--out", str(out)]) == 0  # on MACs alone TRP factorises every conv
     rep = json.loads((out / "report.json").read_text())
     assert rep["within_tol"] is True and rep["layer_control"]["floors"]["conv1"] == 16
     model = slimcnn.load(out)

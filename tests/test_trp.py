@@ -212,7 +212,6 @@ def cifar_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(loader["train"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_resnet20_trp_training_then_finalize(scheme: str, cifar_batches) -> None:
     model = create("cifar_resnet20")
@@ -374,7 +373,6 @@ def test_decomposed_model_onnx_export(tmp_path: Path) -> None:
     assert abs(session.run(None, feed)[0] - expected).max() < 1e-4
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["spatial", "channel"])
 def test_target_on_trained_weights_holds_ranks_and_lands_within_one_percent(scheme: str, cifar_batches) -> None:
     """Trained weights (where the energy cut used to ratchet ranks down every step): with a target the ranks are

@@ -98,6 +98,10 @@ def add_parser(sub) -> None:
     p.add_argument("--latency-budget", type=float, default=5.0, metavar="SECONDS",
                    help="seconds of latency timing per batch size, both models together (default 5)")
     p.add_argument("--no-latency", action="store_true", help="do not time the models")
+    p.add_argument("--no-latency-plan", action="store_true",
+                   help="trp (and a stack's trp stage): plan ranks on MACs alone. By default each layer shape is "
+                        "timed whole and factorised on --latency-backend at the first --latency-batch, a layer is "
+                        "factorised only where that is faster, and ranks are multiples of 8 unless --round-to")
     p.add_argument("--round-to", dest="round_to", type=int, default=None, metavar="N",
                    help="keep channel counts in multiples of N (e.g. 8) in every group at least N wide, for kernels "
                         "that run faster on aligned widths; every method (trp: its ranks; tp: Torch-Pruning's "
@@ -186,12 +190,26 @@ def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int, g
     model = build_model(args)
     shape = _input_shape(args, loaders["test"])
     method = methods.create(args.method, **method_kwargs(args, args.method, cfg.target_macs),
-                            **({"target_latency": goal} if goal else {}))
+                            **({"target_latency": goal} if goal else {}), **deploy_option(args))
     info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
             "weights": args.weights}
     _, report = compress(model, method, loaders["train"], loaders["test"], shape, cfg, args.model, info)
     print_summary(report)
     print(f"wrote {args.out}/model.safetensors, report.json, report.md")
+
+
+def deploy_option(args: argparse.Namespace) -> dict:
+    """``{"deploy": Deploy(...)}`` for a method that plans on the deploy runtime (TRP, a stack ending in it): the
+    run's --latency-backend at its first --latency-batch with torch's threads; empty with --no-latency-plan."""
+    import torch
+
+    from ..backends import check_backend
+    from ..methods import method_class
+    from ..methods.factor_timing import Deploy
+
+    if args.no_latency_plan or "deploy" not in method_class(args.method).options:
+        return {}
+    return {"deploy": Deploy(check_backend(args.latency_backend), args.latency_batch[0], torch.get_num_threads())}
 
 
 def _input_shape(args: argparse.Namespace, test_loader) -> tuple[int, ...]:

@@ -52,10 +52,11 @@ def _key(split_dir: Path, pairs: list[tuple[Path, Path]], size: tuple[int, int] 
 
 def _decode(pairs: list[tuple[Path, Path]], size: tuple[int, int] | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image, UnidentifiedImageError
-    from tqdm import tqdm
+
+    from ..progress import bar
 
     xs, ys = [], []
-    for img, lab in tqdm(pairs, desc="decoding camvid", disable=not progress, leave=False):
+    for img, lab in bar(pairs, desc="decoding camvid", enabled=progress):
         try:
             with Image.open(img) as im:
                 x = np.asarray(im.convert("RGB"))

@@ -81,12 +81,13 @@ def _folder_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 def _decode_folder(split_dir: Path, progress: bool = True) -> ImageSet:
     from PIL import Image, UnidentifiedImageError
-    from tqdm import tqdm
+
+    from ..progress import bar
 
     classes, files = _folder_files(split_dir)
     imgs = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
     first = None
-    for i, (p, _) in enumerate(tqdm(files, desc=f"decoding {split_dir.name}", disable=not progress, leave=False)):
+    for i, (p, _) in enumerate(bar(files, desc=f"decoding {split_dir.name}", enabled=progress)):
         try:
             with Image.open(p) as im:
                 a = np.asarray(im.convert("RGB"))

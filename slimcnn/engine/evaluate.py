@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from ..progress import bar as progress_bar, log_line, on_terminal
 from .outputs import final_output
 
 TASKS = ("classification", "segmentation")
@@ -75,11 +76,9 @@ def predict(model: nn.Module, loader: Iterable, device: str | torch.device = "cp
     >>> logits.shape, top1(logits, labels)
     (torch.Size([3, 3]), 66.67)
     """
-    from tqdm import tqdm
-
     model.eval().to(device)
     outs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for x, y in progress_bar(loader, desc=desc, enabled=progress):
         outs.append(final_output(model(x.to(device))).float().cpu())
         labels.append(y)
     return torch.cat(outs), torch.cat(labels)
@@ -112,9 +111,7 @@ def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", d
     loss_sum, top1, top5, n, pixels = 0.0, 0, 0, 0, 0
     metrics = None
     try:
-        from tqdm import tqdm
-
-        bar = tqdm(loader, desc="eval", leave=False, disable=not progress or not distributed.is_main())
+        bar = progress_bar(loader, desc="eval", enabled=progress and distributed.is_main())
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
@@ -144,5 +141,9 @@ def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", d
     if task == "segmentation":
         out = dict(metrics.compute())
         out.update(loss=loss_sum / max(pixels, 1), n=n)
-        return out
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss_sum / n, "n": n}
+    else:
+        out = {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss_sum / n, "n": n}
+    if progress and distributed.is_main() and not on_terminal():  # a log: this line instead of the bar
+        key = "miou" if task == "segmentation" else "top1"
+        log_line(f"eval: {key} {out[key]:.2f}  loss {out['loss']:.4f}  ({n} images)")
+    return out

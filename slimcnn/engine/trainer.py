@@ -283,6 +283,8 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
 
     from tqdm import tqdm
 
+    from ..progress import bar as progress_bar
+
     run_history = list(history)
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -293,8 +295,7 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
         stats = _EpochStats(partial if skip else None)
         net.train()
         stopped, t0, last_lr = False, time.perf_counter(), opt.param_groups[0]["lr"]
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not show)
+        bar = progress_bar(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=show)
         for i, (x, y) in enumerate(train_loader):
             if i < skip:
                 continue

@@ -510,11 +510,11 @@ class CSGD(Method):
     def _cluster(self, model: nn.Module, widths: dict[str, int],
                  previous: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Cluster ids per group, in forward order; with ``previous``, new clusters are unions of previous ones."""
-        from tqdm import tqdm
+        from ..progress import bar
 
         out: dict[str, torch.Tensor] = {}
         todo = [key for key in self._groups if key in widths]
-        for key in tqdm(todo, desc="csgd: clustering", leave=False, disable=len(todo) < 8):
+        for key in bar(todo, desc="csgd: clustering", enabled=len(todo) >= 8):
             k, n = widths[key], self.base_sizes[key]
             prev = previous[key] if previous and key in previous else torch.arange(n)
             members = cluster_lists(prev)

@@ -48,6 +48,7 @@ from ..graph.handlers import conv_macs as conv_macs_of
 from ..graph.replace import replace_modules
 from ..profile import profile
 from .base import Method, macs_goal
+from .factor_timing import Deploy, LayerTimes, time_factorisations
 
 SCHEMES = ("channel", "spatial", "nd")
 RANK_RULES = ("threshold", "energy", "target_macs")
@@ -389,16 +390,20 @@ class _Candidate:
     in_hw: tuple[int, int]
     calls: int               # how many times the model calls this conv per input
     macs: int                # MACs of all those calls
+    max_rank: int | None = None  # above it the factors are slower than the layer whole (LayerTimes.max_rank)
 
     def plan(self, scheme: str, rank: int) -> LayerPlan:
         top = self.s.shape[-1]
         rank = max(1, min(int(rank), top))
+        if self.max_rank is not None and rank > self.max_rank:  # whole is faster on the deploy runtime
+            return LayerPlan(self.name, scheme, top, self.macs, self.macs, top)
         after = self.calls * decomposed_macs(self.conv, scheme, rank, self.in_hw)
         return LayerPlan(self.name, scheme, rank, self.macs, min(after, self.macs), top)
 
 
 @torch.no_grad()
-def _candidates(model: nn.Module, example_input: torch.Tensor, names: list[str], scheme: str) -> list[_Candidate]:
+def _candidates(model: nn.Module, example_input: torch.Tensor, names: list[str], scheme: str,
+                times: LayerTimes | None = None) -> list[_Candidate]:
     prof = {layer.name: layer for layer in profile(model, example_input=example_input[:1]).layers}
     out = []
     for name in names:
@@ -409,7 +414,8 @@ def _candidates(model: nn.Module, example_input: torch.Tensor, names: list[str],
         in_hw = (info.in_shape[-2], info.in_shape[-1])
         one = conv_macs(conv, in_hw)
         s = torch.linalg.svdvals(weight_matrices(conv.weight.detach().double(), scheme, conv.groups)).cpu()
-        out.append(_Candidate(name, conv, s, in_hw, max(1, round(info.macs / one)), info.macs))
+        out.append(_Candidate(name, conv, s, in_hw, max(1, round(info.macs / one)), info.macs,
+                              times.max_rank(name) if times is not None else None))
     return out
 
 
@@ -454,14 +460,16 @@ def _target_error(message: str) -> Exception:
 
 def plan_decomposition(model: nn.Module, example_input: torch.Tensor, scheme: str, rule: str, value: float,
                        layers: list[str] | None = None, target_mode: str = "energy",
-                       round_to: int | None = None) -> list[LayerPlan]:
+                       round_to: int | None = None, layer_times: LayerTimes | None = None) -> list[LayerPlan]:
     """Choose each layer's rank. ``rule``: ``threshold`` (absolute singular value ``value``), ``energy``
     (fraction ``value`` of the squared singular values), or ``target_macs`` (``value`` <= 1: a ratio of the
     model's MACs; > 1: absolute MACs), reached by bisection on one global energy (``target_mode="energy"``)
     or on one fraction of every layer's full rank (``"uniform"``), landing at the largest setting whose MACs
     do not exceed the target. A plan with ``macs_after == macs_before`` means the layer stays whole.
     ``round_to``: aligned ranks only (see the module docstring); when aligned steps cannot land within 1% of the
-    target from below, the one step above that lands closest is taken.
+    target from below, the one step above that lands closest is taken. ``layer_times``: a layer is factorised only
+    at ranks whose factors are faster than the layer whole on the deploy runtime (:mod:`.factor_timing`); above them
+    it stays whole, and the target is met on the other layers.
 
     >>> plans = plan_decomposition(model, x, "spatial", "target_macs", 0.5)  # doctest: +SKIP
     """
@@ -469,7 +477,7 @@ def plan_decomposition(model: nn.Module, example_input: torch.Tensor, scheme: st
     if rule not in RANK_RULES:
         raise ValueError(f"unknown rank rule {rule!r}; choose one of {', '.join(RANK_RULES)}")
     names = select_layers(model) if layers is None else layers
-    cands = _candidates(model, example_input, names, scheme)
+    cands = _candidates(model, example_input, names, scheme, layer_times)
     if rule != "target_macs":
         return [c.plan(scheme, r) for c, r in zip(cands, _ranks_for(cands, rule, value, round_to))]
     if target_mode not in TARGET_MODES:
@@ -484,8 +492,11 @@ def plan_decomposition(model: nn.Module, example_input: torch.Tensor, scheme: st
 
     lowest, plans = macs_at(0.0)  # energy 0 and fraction 0 both mean rank 1 everywhere
     if lowest > target:
+        whole = [c.name for c in cands if c.max_rank == 0]
+        why = (f"; {len(whole)} of {len(cands)} layers stay whole because their factors are slower than the layer "
+               f"on the deploy runtime" if whole else "")
         raise _target_error(f"TRP cannot reach {target / 1e6:.2f}M MACs with scheme {scheme!r}: the least "
-                            f"reachable is {lowest / 1e6:.2f}M (rank 1 in every decomposed layer)")
+                            f"reachable is {lowest / 1e6:.2f}M (rank 1 in every decomposed layer){why}")
     lo, hi = 0.0, 1.0
     if macs_at(hi)[0] <= target:
         return macs_at(hi)[1]
@@ -597,6 +608,13 @@ class TRP(Method):
     (relative) after one truncation of equalised C-SGD clusters on ResNet-20, above C-SGD's 1e-5 bar for a lossless
     merge. ``csgd+trp`` trains both at once and so asks for float64 (methods/stack.py): its ResNet-56 bench rows
     took 3-5% longer (433 s against 414 s at 0.3 MACs, 2 CPU threads).
+
+    ``deploy`` (a :class:`~slimcnn.methods.factor_timing.Deploy`: backend, batch, threads): plan for the runtime the
+    net will run on. ``prepare`` times every layer shape whole and factorised at aligned ranks there, and a layer
+    is factorised only at ranks whose factors are faster than the layer whole (:mod:`.factor_timing`); ranks are
+    multiples of 8 unless ``round_to`` says otherwise. ``layer_times``: such a table given instead (no timing).
+    ``slimcnn compress`` passes ``--latency-backend`` at the first ``--latency-batch`` (``--no-latency-plan``: MACs
+    alone). Under torchrun every rank takes rank 0's table, so all plan alike.
     """
 
     name = "trp"
@@ -604,7 +622,8 @@ class TRP(Method):
     method_share = 1.0  # its recipe: share of the epoch budget before finalize
     method_phase = "trained-rank pruning"
     options = frozenset({"target_macs", "scheme", "energy", "period", "nuclear", "rank_threshold", "decompose_energy",
-                         "rank_rule", "layers", "exclude", "target_mode", "round_to", "svd_dtype"})
+                         "rank_rule", "layers", "exclude", "target_mode", "round_to", "svd_dtype", "deploy",
+                         "layer_times"})
     finalize_key = "decompose"
     segmentation = True
     layer_control = frozenset({"exclude"})  # an excluded conv is left undecomposed
@@ -625,15 +644,22 @@ class TRP(Method):
                  period: int = 1, nuclear: float = 3e-4, rank_threshold: float | None = None,
                  decompose_energy: float | None = None, rank_rule: str | None = None,
                  layers: str | list[str] | None = None, target_mode: str = "energy",
-                 round_to: int | None = None, exclude: Iterable[str] = (), svd_dtype: str = "float32") -> None:
+                 round_to: int | None = None, exclude: Iterable[str] = (), svd_dtype: str = "float32",
+                 deploy: Deploy | None = None, layer_times: LayerTimes | None = None) -> None:
         from ..graph.targeting import check_round_to
 
         skip = [f"!{p}" for g in exclude for p in (g, f"{g}.*")]  # an excluded layer, children too, stays whole
         if skip:
             layers = ",".join([layers, *skip] if layers else skip) if not isinstance(layers, list) else layers + skip
 
-        self.round_to = check_round_to(round_to)
+        if deploy is not None and not isinstance(deploy, Deploy):
+            raise ValueError(f"TRP deploy must be a slimcnn.methods.factor_timing.Deploy, got {deploy!r}")
+        self.deploy, self.times = deploy, layer_times
+        # a plan for a runtime uses aligned ranks: an odd rank leaves the runtime's blocked kernels
+        self.round_to = check_round_to(round_to) or (8 if deploy is not None or layer_times is not None else None)
+        self._round_default = round_to is None and self.round_to is not None
         self.target_miss: str | None = None
+        self.plan_note: str | None = None  # why the plan for the runtime was relaxed (report: latency_plan.note)
         _check_scheme(scheme)
         if not 0 < energy <= 1:
             raise ValueError(f"TRP energy must be in (0, 1], got {energy}")
@@ -683,12 +709,67 @@ class TRP(Method):
         self.example_input = example_input[:1].detach()
         self.layers = select_layers(model, self.layer_patterns)
         self._fixed = {}
+        if self.deploy is not None and self.times is None:
+            self.times = self._time_layers(model)
         if self.rank_rule == "target_macs":
-            self._plans = plan_decomposition(model, self.example_input, self.scheme, "target_macs", self.target_macs,
-                                             self.layers, self.target_mode, self.round_to)
+            self._plans = self._plan_for_target(model)
             self._fixed = {p.name: p.rank for p in self._plans if p.applied}
             self._check_target(model, self._plans)
         return model
+
+    def _plan_for_target(self, model: nn.Module) -> list[LayerPlan]:
+        """The MACs plan, on the layer times when there are some: aligned ranks first, then (when the alignment is
+        our default, not the user's --round-to) unaligned ones. When neither lands within 1% of the target, the
+        plan is made on MACs alone, and one warning line says that the net may be slower than the base."""
+        from ..graph import TargetError
+        from ..progress import log_line
+
+        def plan(round_to: int | None, times: LayerTimes | None) -> list[LayerPlan]:
+            return plan_decomposition(model, self.example_input, self.scheme, "target_macs", self.target_macs,
+                                      self.layers, self.target_mode, round_to, times)
+
+        if self.times is None:
+            return plan(self.round_to, None)
+        why = ""
+        for round_to in [self.round_to] + ([None] if self._round_default else []):
+            try:
+                plans = plan(round_to, self.times)
+            except TargetError as e:
+                why = str(e)
+                continue
+            if self._on_target(model, plans):
+                if round_to != self.round_to:
+                    self.plan_note = "ranks in multiples of 8 land more than 1% off the MACs target: unaligned ranks"
+                    self.round_to = None
+                return plans
+            why = "the layers whose factors are faster than themselves cannot land within 1% of the target"
+        where = self.times.deploy or "the deploy runtime"
+        self.plan_note = (f"planned on MACs alone, so the net may be slower than the base on {where}: {why}")
+        log_line(f"warning: TRP: {self.plan_note}")
+        if self._round_default:
+            self.round_to = None
+        return plan(self.round_to, None)
+
+    def _on_target(self, model: nn.Module, plans: list[LayerPlan]) -> bool:
+        base = profile(model, example_input=self.example_input.to(next(model.parameters()).device)).macs
+        goal = macs_goal(self.target_macs, base)
+        return abs(base - sum(p.macs_before - p.macs_after for p in plans) - goal) <= 0.01 * goal
+
+    def _time_layers(self, model: nn.Module) -> LayerTimes:
+        """Time the selected layers on ``deploy`` (:func:`~.factor_timing.time_factorisations`); rank 0's table on
+        every rank under torchrun, since timings differ between processes and the plans must not."""
+        import json
+
+        from ..engine import distributed
+
+        x = self.example_input.to(next(model.parameters()).device)
+        shapes = {layer.name: layer.in_shape for layer in profile(model, example_input=x).layers}
+        convs = {n: (model.get_submodule(n), tuple(shapes[n][1:])) for n in self.layers if shapes.get(n)}
+        times = time_factorisations(convs, self.deploy, lambda c, r: decompose_conv(c, self.scheme, r),
+                                    lambda c: full_rank(c, self.scheme), self.round_to)
+        if distributed.is_distributed():
+            times = LayerTimes.from_summary(json.loads(distributed.gather_strings(json.dumps(times.summary()))[0]))
+        return times
 
     def _check_target(self, model: nn.Module, plans: list[LayerPlan]) -> None:
         base = profile(model, example_input=self.example_input.to(next(model.parameters()).device)).macs
@@ -747,7 +828,7 @@ class TRP(Method):
                  "target_macs": self.target_macs}[self.rank_rule]
         if not self._fixed:
             self._plans = plan_decomposition(model, x, self.scheme, self.rank_rule, value, self.layers,
-                                             self.target_mode, self.round_to)
+                                             self.target_mode, self.round_to, self.times)
         thin = decompose_model(model, x, self._plans)
         self._macs = (profile(model, example_input=x).macs, profile(thin, example_input=x).macs)
         return thin
@@ -770,12 +851,17 @@ class TRP(Method):
             out["round_to"] = self.round_to
         if self.target_miss:
             out["target_miss"] = self.target_miss
+        if self.times is not None:
+            slower = [p.name for p in self._plans if not p.applied and self.times.max_rank(p.name) == 0]
+            out["latency_plan"] = {**self.times.summary(), "kept_whole_factors_slower": slower,
+                                   "note": self.plan_note}
         return out
 
     def state_dict(self) -> dict[str, Any]:
         # The period follows the engine's global step, so resuming needs only these counters.
         return {"truncations": self.truncations, "svd_failures": self.svd_failures, "layers": list(self.layers or []),
                 "fixed_ranks": dict(self._fixed),
+                "layer_times": self.times.summary() if self.times is not None else None,
                 "plans": [vars(p).copy() for p in self._plans] if self._fixed else []}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -783,6 +869,8 @@ class TRP(Method):
         self._failed = int(state.get("svd_failures", 0))
         if state.get("layers"):
             self.layers = list(state["layers"])
+        if state.get("layer_times"):  # the table the run planned on, not a new timing
+            self.times = LayerTimes.from_summary(state["layer_times"])
         if state.get("fixed_ranks"):  # the ranks planned on the starting weights, not on the resumed ones
             self._fixed = {k: int(v) for k, v in state["fixed_ranks"].items()}
             self._plans = [LayerPlan(**d) for d in state.get("plans", [])]
