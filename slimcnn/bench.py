@@ -132,7 +132,9 @@ def fine_tuned_base(model_name: str, weights_dir: Path, data: str, budget: Budge
 def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str | None = None,
               rows: list[str] | None = None, models: list[str] | None = None, targets: list[float] | None = None,
               work: str = "runs/bench", results: str = "benchmarks/results", device: str = "cpu",
-              seed: int = 0, recipe: str = "plain") -> dict[str, Any]:
+              seed: int = 0, recipe: str = "plain", deploy: Any = None) -> dict[str, Any]:
+    """``deploy`` (a :class:`~slimcnn.methods.factor_timing.Deploy`): the runtime that rows taking it (TRP and the
+    stacks) plan their factorisation on; such rows record it and are keyed apart from rows planned on MACs."""
     from . import methods
     from .data import cifar10_loaders
 
@@ -144,8 +146,9 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
     out_json = Path(results) / f"{name}.json"
     # resume a partly done benchmark: rows already measured with these settings are kept
     done: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    records = {(r["model"], r["row"], r["target_macs"], _recipe_of(r)): r for r in done.get("rows", [])
-               if r.get("budget") == budget_name}
+    records = {(r["model"], r["row"], r["target_macs"], _recipe_of(r))
+               + ((_row_label(r),) if r.get("deploy") else ()): r
+               for r in done.get("rows", []) if r.get("budget") == budget_name}
     unknown = sorted(set(rows or []) - {r.label for r in ROWS})
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.label for r in ROWS)}")
@@ -155,15 +158,22 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
         base, base_key = fine_tuned_base(model_name, Path(weights_dir), data, budget, work_dir, device, seed)
         for target in targets or budget.targets:
             for row in selected:
-                key = (model_name, row.label, target, recipe)
+                takes_deploy = "deploy" in methods.method_class(row.method).options
+                plans_on = deploy if deploy is not None and takes_deploy else None
+                key = (model_name, row.label, target, recipe) + (
+                    (_row_label({"row": row.label, "deploy": vars(plans_on)}),) if plans_on else ())
                 if key in records:
                     continue
                 m_epochs, ft_epochs = split_budget(methods.method_class(row.method), budget.epochs)
                 method = methods.create(row.method, target_macs=target,
-                                        **{**budget.method_options.get(row.method, {}), **row.kwargs})
+                                        **{**budget.method_options.get(row.method, {}), **row.kwargs},
+                                        **({"deploy": plans_on} if plans_on else {}))
                 suffix = "" if recipe == "plain" else f"-{recipe}"  # plain keeps the folders it always had
+                suffix += f"-{plans_on.backend}-b{'-'.join(map(str, plans_on.batches))}" if plans_on else ""
                 cfg = CompressConfig(target_macs=target, method_epochs=m_epochs, epochs=ft_epochs, lr=budget.lr,
                                      seed=seed, device=device, latency_batches=budget.latency_batches,
+                                     latency_backend="onnxruntime" if deploy and deploy.backend == "onnxruntime"
+                                     else "eager",
                                      out_dir=str(work_dir / model_name / f"{row.label}-{target}{suffix}"),
                                      distill=recipe == "distill", kd_alpha=budget.kd_alpha,
                                      kd_temperature=budget.kd_temperature)
@@ -174,12 +184,15 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                 records[key] = {
                     "model": model_name, "row": row.label, "method": row.method, "budget": budget_name,
                     "recipe": recipe, "distill": rep.get("distill"),
+                    **({"deploy": vars(plans_on), "latency_plan_note": (rep.get("latency_plan") or {}).get("note")}
+                       if plans_on else {}),
                     "target_macs": target, "method_epochs": m_epochs, "finetune_epochs": ft_epochs,
                     "base_top1": rep["base"]["top1"], "top1": rep["compressed"]["top1"],
                     "top1_change": rep["top1_change"], "macs": rep["compressed"]["macs"],
                     "base_macs": rep["base"]["macs"], "macs_ratio": rep["macs_ratio"], "within_tol": rep["within_tol"],
                     "params": rep["compressed"]["params"], "base_params": rep["base"]["params"],
                     "latency_ratio": dict(zip(map(str, rep["latency_ms"]["batch"]), rep["latency_ms"]["ratio"])),
+                    "latency_backend": rep["latency_ms"].get("backend", "eager"),
                     "finalize": rep.get(rep["finalize_key"]), "wall_s": round(time.time() - t0, 1),
                     **({"stages": [{k: v for k, v in st.items() if k != "details"} for st in rep["stages"]],
                         "split": rep["stack"]["split"]} if "stages" in rep else {}),
@@ -223,6 +236,17 @@ def base_note(rows: list[dict[str, Any]]) -> str:
                      "same recipe, run again): compare rows with the same base top-1" for m, b in mixed.items())
 
 
+def _row_label(r: dict[str, Any]) -> str:
+    """The row's name, with the runtime it planned on when it did (``trp-spatial @onnxruntime b128``).
+
+    >>> _row_label({"row": "trp-spatial", "deploy": {"backend": "onnxruntime", "batch": 128, "threads": 2}})
+    'trp-spatial @onnxruntime b128'
+    """
+    d = r.get("deploy")
+    batches = "/".join(map(str, d["batch"])) if d and isinstance(d["batch"], list) else d and d["batch"]
+    return f"{r['row']} @{d['backend']} b{batches}" if d else r["row"]
+
+
 def results_markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [f"# {result['name']}", "",
@@ -236,7 +260,7 @@ def results_markdown(result: dict[str, Any]) -> str:
              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
     for r in sorted(result["rows"], key=lambda r: (r["model"], -r["target_macs"], r["row"], _recipe_of(r))):
         lat = list(r["latency_ratio"].values())
-        lines.append(f"| {r['model']} | {r['row']} | {_recipe_of(r)} | {r['target_macs']} | "
+        lines.append(f"| {r['model']} | {_row_label(r)} | {_recipe_of(r)} | {r['target_macs']} | "
                      f"{r['method_epochs']}+{r['finetune_epochs']} | "
                      f"{r['base_top1']:.2f} | {r['top1']:.2f} | {r['top1_change']:+.2f} | {r['macs'] / 1e6:.2f}M | "
                      f"{r['macs_ratio']:.3f} | {_yes(r.get('within_tol'))} | {r['params'] / 1e6:.3f}M | {lat[0]:.3f} | "
@@ -282,7 +306,7 @@ def plot_results(result: dict[str, Any], stem: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    series = lambda r: r["row"] if _recipe_of(r) == "plain" else f"{r['row']} ({_recipe_of(r)})"  # noqa: E731
+    series = lambda r: _row_label(r) if _recipe_of(r) == "plain" else f"{_row_label(r)} ({_recipe_of(r)})"  # noqa: E731
     labels = sorted({series(r) for r in rows})
     colors = {k: plt.get_cmap("tab20" if len(labels) > 10 else "tab10")(i) for i, k in enumerate(labels)}
     models = sorted({r["model"] for r in rows})

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if hasattr(sys.stdout, "reconfigure") and not sys.stdout.isatty():
+        # a log file gets each line when it is printed (an epoch's line must not wait in a buffer for the next)
+        sys.stdout.reconfigure(line_buffering=True)
     from .commands.common import torch_threads
     from .data import DataError
     from .graph.validate import SurgeryError

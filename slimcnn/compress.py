@@ -77,6 +77,7 @@ class CompressConfig:
     latency_repeats: int = 12       # at most; fewer when the time budget runs out
     latency: bool = True            # time base and compressed model (False: --no-latency)
     latency_budget_s: float = 5.0   # seconds of timing per batch size (a larger batch is shrunk to fit)
+    latency_backend: str = "eager"  # where base and compressed are timed: eager (on ``device``) or onnxruntime
     exclude: list[str] = field(default_factory=list)            # layers never pruned (globs; graph/policy.py)
     min_keep: dict[str, float] = field(default_factory=dict)    # glob -> floor on the kept fraction of channels
     bn_recalib: int = 100           # batches of BatchNorm recalibration after finalize (0: none)
@@ -246,11 +247,24 @@ def _excluded_shapes(model: nn.Module, policy: LayerPolicy) -> dict[str, tuple[i
             for k, p in m.named_parameters(recurse=False)}
 
 
+def runtime_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch: int, backend: str,
+                    budget_s: float) -> tuple[dict[str, float], int, int]:
+    """Median milliseconds of each model on ``backend`` (ONNX Runtime: each exported once), timed interleaved for
+    about ``budget_s`` seconds: ``(ms per model, batch, repeats)``, as :func:`~slimcnn.profile.budgeted_latency`."""
+    from .backends import budgeted_repeats, runner, time_runners
+
+    runners = {k: runner(m, input_shape, batch, backend, torch.get_num_threads()) for k, m in models.items()}
+    repeats = budgeted_repeats(runners, budget_s, min_repeats=3)
+    return time_runners(runners, repeats), batch, repeats
+
+
 def slower_than_base(latency_ms: dict[str, Any]) -> str | None:
     """The one-line warning for a compressed net that took longer than the base at any timed batch, else None.
 
-    >>> slower_than_base({"batch": [1, 128], "ratio": [1.22, 0.8], "device": "cpu"})
-    "the compressed net is SLOWER than the base at batch 1 (1.220x the base's time), eager PyTorch on cpu: fewer MACs did not make it faster there"
+    >>> timed = {"batch": [1, 128], "ratio": [1.22, 0.8], "device": "cpu"}
+    >>> print(slower_than_base(timed))  # doctest: +NORMALIZE_WHITESPACE
+    the compressed net is SLOWER than the base at batch 1 (1.220x the base's time), eager PyTorch on cpu: fewer MACs
+    did not make it faster there
     >>> slower_than_base({"batch": [1], "ratio": [0.9], "device": "cpu"}) is None
     True
     """
@@ -258,8 +272,9 @@ def slower_than_base(latency_ms: dict[str, Any]) -> str | None:
     if not slow:
         return None
     where = ", ".join(f"batch {b} ({r:.3f}x the base's time)" for b, r in slow)
-    return (f"the compressed net is SLOWER than the base at {where}, eager PyTorch on "
-            f"{latency_ms.get('device', 'cpu')}: fewer MACs did not make it faster there")
+    runtime = ("ONNX Runtime" if latency_ms.get("backend") == "onnxruntime" else
+               f"eager PyTorch on {latency_ms.get('device', 'cpu')}")
+    return f"the compressed net is SLOWER than the base at {where}, {runtime}: fewer MACs did not make it faster there"
 
 
 def _layer_control_record(policy: LayerPolicy, model: nn.Module, compact: nn.Module,
@@ -407,8 +422,12 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
         timed_comp = copy.deepcopy(compact).to(cfg.device).eval()
         lat_base, lat_comp, batches, repeats = [], [], [], []
         for b in progress_bar(cfg.latency_batches, desc="latency"):
-            t, timed_b, reps = budgeted_latency({"base": timed_base, "compressed": timed_comp}, input_shape, batch=b,
-                                                budget_s=cfg.latency_budget_s, max_repeats=cfg.latency_repeats)
+            pair = {"base": timed_base, "compressed": timed_comp}
+            if cfg.latency_backend == "onnxruntime":  # the runtime the user deploys on, interleaved as on eager
+                t, timed_b, reps = runtime_latency(pair, input_shape, b, cfg.latency_backend, cfg.latency_budget_s)
+            else:
+                t, timed_b, reps = budgeted_latency(pair, input_shape, batch=b, budget_s=cfg.latency_budget_s,
+                                                    max_repeats=cfg.latency_repeats)
             lat_base.append(round(t["base"], 3))
             lat_comp.append(round(t["compressed"], 3))
             batches.append(timed_b)
@@ -416,6 +435,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
         del timed_base, timed_comp
         latency_ms = {"batch": batches, "base": lat_base, "compressed": lat_comp,
                       "ratio": [round(c / b, 4) for b, c in zip(lat_base, lat_comp)], "device": cfg.device,
+                      "backend": cfg.latency_backend,
                       "repeats": repeats, "budget_s": cfg.latency_budget_s}
         if batches != list(cfg.latency_batches):
             latency_ms["requested_batch"] = list(cfg.latency_batches)

@@ -164,7 +164,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", f"MACs ratio {report['macs_ratio']:.3f} ({report['speedup']:.2f}x fewer), "
                   f"{name} change {_fmt(report[key + '_change'])} pt."]
     if lat.get("ratio"):
-        lines.append("Latency ratio compressed/base: " + ", ".join(
+        lines.append(f"Latency ratio compressed/base ({lat.get('backend', 'eager')}): " + ", ".join(
             f"batch {n}: {r:.3f}" for n, r in zip(lat["batch"], lat["ratio"])) + ".")
     if lat.get("slower_than_base"):
         lines.append(f"**Warning: {lat['slower_than_base']}.**")

@@ -142,6 +142,7 @@ def test_cli_report_has_the_latency_target_block(tmp_path, capsys):
     (["--target-latency", "0.5", "--round-to", "0"], "positive integer"),
     (["--target-latency", "12"], "must be in (0, 1]"),
     (["--target-latency", "0.5", "--method", "dagger", "--epochs", "2"], "not supported with --target-latency yet"),
+    (["--target-latency", "0.5", "--method", "l1+trp", "--epochs", "2"], "not supported with --target-latency yet"),
 ])
 def test_bad_input_is_one_line_before_anything_loads(extra, expected, capsys, tmp_path):
     out = tmp_path / "o"

@@ -51,7 +51,7 @@ def test_declarations_keep_the_reports_and_checks() -> None:
         "tp": {"exclude"}, "trp": {"exclude"},
         # a stack's floors bind its channel stage
         "l1+trp": {"min_keep"}, "dagger+trp": {"min_keep"}, "csgd+trp": {"min_keep"}}
-    assert methods.methods_where(lambda c: "target_latency" in c.options) == ["l1"]
+    assert methods.methods_where(lambda c: "target_latency" in c.options) == ["l1", "trp"]
     assert Method.epochs_in_prepare == 0 and Method.round_to is None
 
 

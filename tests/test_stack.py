@@ -20,7 +20,8 @@ from slimcnn.methods.stack import Stack, stack_class
 from conftest import CIFAR, RESNET20, shuffled_loader, one_line_compress_error
 
 COMMON = ["--model", "cifar_resnet20", "--weights", str(RESNET20), "--data", str(CIFAR), "--train-limit", "64",
-          "--test-limit", "64", "--latency-batch", "1", "--no-latency", "--bn-recalib", "2"]
+          "--test-limit", "64", "--latency-batch", "1", "--no-latency", "--bn-recalib", "2",
+          "--no-latency-plan"]  # the stack's split search and stages on MACs: no layer timing (tests/test_trp_latency.py)
 
 
 def _trained_resnet20() -> torch.nn.Module:
@@ -153,7 +154,7 @@ def test_min_keep_floors_the_channel_stage(tmp_path):
     out = tmp_path / "out"
     assert main(["compress", "--method", "l1+trp", *COMMON, "--target-macs", "0.5", "--epochs", "1",
                  "--scheme", "spatial", "--split", "0.5", "--min-keep", "conv1=1.0", "--min-keep", "*.conv2=1.0",
-                 "--no-latency-plan", "--out", str(out)]) == 0  # on MACs alone TRP factorises every conv
+                 "--out", str(out)]) == 0  # on MACs alone (COMMON) TRP factorises every conv
     rep = json.loads((out / "report.json").read_text())
     assert rep["within_tol"] is True and rep["layer_control"]["floors"]["conv1"] == 16
     model = slimcnn.load(out)

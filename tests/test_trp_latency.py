@@ -146,3 +146,63 @@ def test_a_compressed_net_slower_than_the_base_is_one_warning_line_and_bold_in_t
     assert "batch 4" not in warnings[0]
     assert report["latency_ms"]["slower_than_base"] in warnings[0]
     assert f"**Warning: {report['latency_ms']['slower_than_base']}.**" in (tmp_path / "report.md").read_text()
+
+
+def test_a_time_budget_plan_follows_the_table_and_fits_the_budget():
+    from slimcnn.methods.trp import plan_for_time
+
+    model = trained_resnet20()
+    times = table(model)  # layer3's factors cost more than the layers: they stay whole
+    whole = sum(times.whole.values())
+    budget = whole - 4.0  # 4 ms of the 18 whole-layer ms must go
+    plans = plan_for_time(model, X[:1], "spatial", times, budget, round_to=8)
+    spent = sum(times.cost(p.name, p.rank if p.applied else None) for p in plans)
+    assert spent <= budget and all(not p.applied for p in plans if p.name.startswith("layer3"))
+    assert all(p.rank <= times.max_rank(p.name) for p in plans if p.applied)
+    cheapest = plan_for_time(model, X[:1], "spatial", times, None, round_to=8)
+    floor = sum(times.cost(p.name, p.rank if p.applied else None) for p in cheapest)
+    with pytest.raises(slimcnn.graph.TargetError, match="cannot get below"):
+        plan_for_time(model, X[:1], "spatial", times, floor - 0.5, round_to=8)
+
+
+def trp_latency_args(out, *extra):
+    from conftest import CIFAR
+
+    return ["compress", "--method", "trp", "--model", "cifar_resnet20", "--weights", str(DEMO_WEIGHTS), "--data",
+            str(CIFAR), "--train-limit", "64", "--test-limit", "50", "--batch-size", "32", "--epochs", "1",
+            "--scheme", "spatial", "--bn-recalib", "1", "--latency-batch", "1", "--latency-budget", "1",
+            "--out", str(out), *extra]
+
+
+def test_trp_takes_a_latency_target_and_reports_it(tmp_path):
+    """Timed for real: only the report's form is checked, never a measured value."""
+    from slimcnn.cli import main
+
+    out = tmp_path / "trp"
+    assert main(trp_latency_args(out, "--target-latency", "0.9")) == 0
+    rep = json.loads((out / "report.json").read_text())
+    lt = rep["latency_target"]
+    assert {"target", "target_ratio", "backend", "batch", "threads", "predicted_ratio", "search_ratio", "plans",
+            "measured_ratio"} <= set(lt)
+    assert (lt["backend"], lt["batch"], lt["target_ratio"]) == ("eager", 1, 0.9) and rep["target_macs"] is None
+    assert 1 <= len(lt["plans"]) <= 3 and rep["latency_plan"]["deploy"]["backend"] == "eager"
+
+
+def test_trp_latency_target_below_its_smallest_net_is_one_line_naming_its_measured_ratio(capsys, tmp_path):
+    from conftest import one_line_compress_error
+
+    out = tmp_path / "o"
+    err = one_line_compress_error(capsys, trp_latency_args(out, "--target-latency", "0.01"))
+    assert "smallest net its plan allows measures" in err and "of the base" in err and not out.exists()
+
+
+def test_the_report_times_base_and_compressed_on_the_deploy_runtime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from slimcnn.cli import main
+
+    out = tmp_path / "ort"
+    assert main(trp_latency_args(out, "--target-macs", "0.6", "--latency-backend", "onnxruntime")) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["latency_ms"]["backend"] == "onnxruntime" and rep["latency_ms"]["batch"] == [1]
+    assert rep["latency_plan"]["deploy"]["backend"] == "onnxruntime"
+    assert "Latency ratio compressed/base (onnxruntime): batch 1:" in (out / "report.md").read_text()

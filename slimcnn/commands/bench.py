@@ -28,15 +28,26 @@ def add_parser(sub) -> None:
     p.add_argument("--results", default="benchmarks/results", help="folder for the JSON/markdown/PNG results")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency-backend", choices=["eager", "onnxruntime", "cuda"], default=None,
+                   help="the deploy runtime the trp rows (and the stacks' trp stage) plan on: each layer shape is "
+                        "timed whole and factorised there and factorised only where that is faster (default: "
+                        "plan on MACs alone, as before)")
+    p.add_argument("--latency-batch", type=int, default=1, help="the batch --latency-backend is timed at")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import run_bench
+    import torch
 
+    from ..backends import check_backend
+    from ..bench import run_bench
+    from ..methods.factor_timing import Deploy
+
+    deploy = (Deploy(check_backend(args.latency_backend), args.latency_batch, torch.get_num_threads())
+              if args.latency_backend else None)
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()] if s else None  # noqa: E731
     result = run_bench(args.data, args.weights_dir, args.budget, args.name, split(args.rows), split(args.models),
                        [float(t) for t in split(args.targets)] if args.targets else None, args.work, args.results,
-                       args.device, args.seed, args.recipe)
+                       args.device, args.seed, args.recipe, deploy)
     print(open(f"{args.results}/{result['name']}.md").read())
     return 0

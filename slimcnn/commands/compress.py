@@ -60,13 +60,14 @@ def add_parser(sub) -> None:
                    help="MACs to keep: a ratio of the base (<= 1) or absolute MACs (> 1); default 0.5 unless "
                         "--target-latency is given (the two cannot be combined: a width plan follows one budget)")
     p.add_argument("--target-latency", default=None, metavar="R",
-                   help="latency to keep instead of MACs (l1 only, for now): a ratio of the base's (e.g. 0.5) or "
-                        "milliseconds (e.g. 12ms), timed on --latency-backend at the first --latency-batch with "
+                   help="latency to keep instead of MACs (l1 and trp, for now): a ratio of the base's (e.g. "
+                        "0.5) or milliseconds (e.g. 12ms), timed on --latency-backend at the first --latency-batch with "
                         "--threads threads; a per-layer latency table is measured first, then the plan is "
                         "confirmed by timing it against the base (report: latency_target)")
     p.add_argument("--latency-backend", choices=["eager", "onnxruntime", "cuda"], default="eager",
-                   help="where --target-latency is measured: PyTorch eager on CPU (default), ONNX Runtime on CPU, "
-                        "or CUDA")
+                   help="the runtime the net will run on: where --target-latency is measured, trp plans its "
+                        "factorisation and the report times base and compressed: PyTorch eager on CPU (default), "
+                        "ONNX Runtime on CPU, or CUDA (the report's timing then runs on --device)")
     p.add_argument("--epochs", type=int, default=0,
                    help="the whole epoch budget of the run, split by the method's recipe (default 0: no training, "
                         "which only l1, tp and modelopt accept)")
@@ -164,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
                          latency_batches=args.latency_batch, distill=args.distill, kd_alpha=args.kd_alpha,
                          kd_temperature=args.kd_temperature, ema=args.ema, bn_recalib=args.bn_recalib,
                          latency=not args.no_latency, latency_budget_s=args.latency_budget,
+                         latency_backend="onnxruntime" if args.latency_backend == "onnxruntime" else "eager",
                          exclude=list(args.exclude), min_keep=dict(parse_min_keep(t) for t in args.min_keep),
                          round_to=args.round_to, task=args.task)
     check_layer_control(methods.method_class(args.method), cfg)
@@ -200,7 +202,8 @@ def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int, g
 
 def deploy_option(args: argparse.Namespace) -> dict:
     """``{"deploy": Deploy(...)}`` for a method that plans on the deploy runtime (TRP, a stack ending in it): the
-    run's --latency-backend at its first --latency-batch with torch's threads; empty with --no-latency-plan."""
+    run's --latency-backend at its first --latency-batch (the deploy batch, as for --target-latency) with torch's
+    threads; empty with --no-latency-plan."""
     import torch
 
     from ..backends import check_backend
@@ -235,7 +238,7 @@ def latency_goal(args: argparse.Namespace):
         raise ValueError("--target-latency and --target-macs are two budgets for one width plan: give one (the report "
                          "gives the MACs of a latency-targeted run)")
     value, unit = parse_latency_target(args.target_latency)
-    if "target_latency" not in methods.method_class(args.method).options:
+    if "target_latency" not in methods.method_class(args.method).options or "+" in args.method:  # not stacks yet
         able = ", ".join(methods.methods_where(lambda c: "target_latency" in c.options))
         raise ValueError(f"{args.method} is not supported with --target-latency yet (methods that do: {able})")
     return LatencyGoal(value, unit, check_backend(args.latency_backend), args.latency_batch[0],

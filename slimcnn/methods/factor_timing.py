@@ -2,9 +2,8 @@
 
 Fewer MACs is not less time. A factorised conv is two kernel calls instead of one, with an intermediate tensor
 of ``rank`` channels written and read between them, and a rank off the runtime's block size (8) leaves its fast
-kernels. Measured on ResNet-56 at 0.5 MACs (``benchmarks/results/latency-cpu-resnet56.json``): TRP's spatial
-factorisation with energy-chosen ranks ran at 1.357x the base's time on ONNX Runtime at batch 1 and 1.085x at
-batch 128, slower than the net it came from, while the same MACs with ranks in multiples of 8 ran at 0.895x / 0.591x.
+kernels: TRP's ResNet-56 at half the MACs, with energy-chosen ranks, ran slower than the net it came from on ONNX
+Runtime (``benchmarks/results/latency-cpu-resnet56.md``, ``latency-cpu-resnet56-trp-plan.md``).
 
 So TRP plans on measured layer times when it knows where the net will run (``deploy``): every distinct layer
 shape (conv configuration and input size; ResNet-56 has 6) is rebuilt with random weights and timed alone, whole
@@ -13,6 +12,10 @@ and factorised at each rank of a grid of aligned ranks, interleaved on the backe
 non-decreasing (a slower narrow timing is noise: the same two kernels on fewer channels do less work). A layer is
 factorised only at ranks whose factors are faster than the layer left whole (:meth:`LayerTimes.max_rank`); at a
 higher rank it stays whole. The table is what the tests fix by hand (:meth:`LayerTimes.fixed`): no timing there.
+
+A deploy of several batches (the CLI's ``--latency-batch 1 128``) times each and keeps a factorisation only where it
+is faster at every one: the table then holds times relative to the whole layer, the largest over the batches
+(:func:`merge_batches`), since one net must not be faster at batch 1 and slower at batch 128 without saying so.
 
 >>> t = LayerTimes.fixed({"a": 1.0, "b": 1.0}, {"a": {8: 0.4, 16: 0.9, 24: 1.3}, "b": {8: 1.2, 16: 1.5}})
 >>> t.max_rank("a"), t.max_rank("b"), t.cost("a", 12), t.cost("a", None)
@@ -37,22 +40,31 @@ class Deploy:
     call, ``threads`` intra-op threads."""
 
     backend: str = "eager"
-    batch: int = 1
+    batch: int | tuple[int, ...] = 1
     threads: int = 1
 
+    @property
+    def batches(self) -> tuple[int, ...]:
+        return tuple(int(b) for b in self.batch) if isinstance(self.batch, (tuple, list)) else (int(self.batch),)
+
     def __str__(self) -> str:
-        return f"{self.backend}, batch {self.batch}, {self.threads} thread(s)"
+        """
+        >>> str(Deploy("onnxruntime", (1, 128), 2))
+        'onnxruntime, batch 1/128, 2 thread(s)'
+        """
+        return f"{self.backend}, batch {'/'.join(map(str, self.batches))}, {self.threads} thread(s)"
 
 
 @dataclass
 class LayerTimes:
-    """Milliseconds of each layer left whole and factorised at each timed rank (after the monotone envelope)."""
+    """Milliseconds of each layer left whole and factorised at each timed rank (after the monotone envelope); for a
+    deploy of several batches, times relative to the whole layer (:func:`merge_batches`)."""
 
     whole: dict[str, float]
     factored: dict[str, dict[int, float]]
     deploy: Deploy | None = None
     build_s: float = 0.0
-    measured: dict[str, dict[int, float]] = field(default_factory=dict)
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)  # raw ms, "b<batch>/<rank>"
 
     @classmethod
     def fixed(cls, whole: dict[str, float], factored: dict[str, dict[int, float]]) -> "LayerTimes":
@@ -84,7 +96,9 @@ class LayerTimes:
     @classmethod
     def from_summary(cls, record: dict[str, Any]) -> "LayerTimes":
         t = cls.fixed(record["whole_ms"], record["factored_ms"])
-        t.deploy = Deploy(**record["deploy"]) if record.get("deploy") else None
+        d = record.get("deploy")
+        t.deploy = Deploy(d["backend"], tuple(d["batch"]) if isinstance(d["batch"], list) else d["batch"],
+                          d["threads"]) if d else None
         t.build_s = float(record.get("build_s", 0.0))
         return t
 
@@ -118,6 +132,23 @@ def _envelope(times: dict[int, float]) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
+def merge_batches(tables: list[tuple[dict[str, float], dict[str, dict[int, float]]]]
+                  ) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+    """One table from the ``(whole, factored)`` tables of several batches: each layer whole is 1, each rank the
+    largest ratio factored / whole over the batches, so a rank pays only if it pays at every batch. One table is
+    returned as it is (milliseconds).
+
+    >>> merge_batches([({"a": 2.0}, {"a": {8: 1.0, 16: 1.8}}), ({"a": 10.0}, {"a": {8: 4.0, 16: 11.0}})])
+    ({'a': 1.0}, {'a': {8: 0.5, 16: 1.1}})
+    """
+    if len(tables) == 1:
+        return tables[0]
+    names = tables[0][0]
+    whole = {n: 1.0 for n in names}
+    factored = {n: {r: max(f[n][r] / w[n] for w, f in tables) for r in tables[0][1][n]} for n in names}
+    return whole, factored
+
+
 def time_factorisations(convs: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], deploy: Deploy,
                         factorise: Callable[[nn.Conv2d, int], nn.Module], full_rank: Callable[[nn.Conv2d], int],
                         round_to: int | None = None, repeats: int = 15) -> LayerTimes:
@@ -133,20 +164,24 @@ def time_factorisations(convs: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], dep
         key = (conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
                str(conv.padding), tuple(conv.dilation), conv.groups, conv.bias is not None, tuple(in_shape))
         shapes.setdefault(key, []).append(name)
-    runners, ranks_of = {}, {}
+    modules, ranks_of = {}, {}
     with torch.no_grad():
         for key, names in shapes.items():
             conv, in_shape = convs[names[0]]
             fresh = _rebuild(conv).eval()
-            runners[(key, None)] = runner(fresh, in_shape, deploy.batch, deploy.backend, deploy.threads)
             ranks_of[key] = rank_grid(full_rank(fresh), round_to)
-            for r in ranks_of[key]:
-                runners[(key, r)] = runner(factorise(fresh, r).eval(), in_shape, deploy.batch, deploy.backend,
-                                           deploy.threads)
-    ms = time_runners(runners, repeats, q=QUANTILE)
-    whole, factored, measured = {}, {}, {}
-    for key, names in shapes.items():
-        raw = {r: ms[(key, r)] for r in ranks_of[key]}
-        for name in names:
-            whole[name], factored[name], measured[name] = ms[(key, None)], _envelope(raw), raw
+            modules[(key, None)] = (fresh, in_shape)
+            modules.update({(key, r): (factorise(fresh, r).eval(), in_shape) for r in ranks_of[key]})
+    tables, measured = [], {}
+    for batch in deploy.batches:  # one batch at a time, its runners interleaved
+        ms = time_runners({k: runner(m, shape, batch, deploy.backend, deploy.threads)
+                           for k, (m, shape) in modules.items()}, repeats, q=QUANTILE)
+        whole, factored = {}, {}
+        for key, names in shapes.items():
+            raw = {r: ms[(key, r)] for r in ranks_of[key]}
+            for name in names:
+                whole[name], factored[name] = ms[(key, None)], _envelope(raw)
+                measured.setdefault(name, {}).update({f"b{batch}/{r}": v for r, v in raw.items()})
+        tables.append((whole, factored))
+    whole, factored = merge_batches(tables)
     return LayerTimes(whole, factored, deploy, time.perf_counter() - start, measured)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ from .base import Method, macs_goal
 from .factor_timing import Deploy, LayerTimes, time_factorisations
 
 SCHEMES = ("channel", "spatial", "nd")
-RANK_RULES = ("threshold", "energy", "target_macs")
+RANK_RULES = ("threshold", "energy", "target_macs", "target_latency")
 TARGET_MODES = ("energy", "uniform")
 #: precision of the training truncation's SVD (TRP's ``svd_dtype``)
 SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -497,36 +497,46 @@ def plan_decomposition(model: nn.Module, example_input: torch.Tensor, scheme: st
                f"on the deploy runtime" if whole else "")
         raise _target_error(f"TRP cannot reach {target / 1e6:.2f}M MACs with scheme {scheme!r}: the least "
                             f"reachable is {lowest / 1e6:.2f}M (rank 1 in every decomposed layer){why}")
-    lo, hi = 0.0, 1.0
-    if macs_at(hi)[0] <= target:
-        return macs_at(hi)[1]
-    for _ in range(40):  # MACs never fall as v grows, so bisection finds the largest v within the target
-        mid = (lo + hi) / 2
-        m, p = macs_at(mid)
-        if m <= target:
-            lo, plans = mid, p
-        else:
-            hi = mid
+    if macs_at(1.0)[0] <= target:
+        return macs_at(1.0)[1]
+    plans = _largest_within(macs_at, target, plans)
     plans = _top_up(cands, plans, scheme, target - fixed, round_to)
     if round_to:
         plans = _closest_above(cands, plans, scheme, target - fixed, round_to)
     return plans
 
 
+def _largest_within(cost_at: Callable[[float], tuple[float, list[LayerPlan]]], budget: float,
+                    plans: list[LayerPlan]) -> list[LayerPlan]:
+    """The plans of the largest setting v in [0, 1] whose cost is within ``budget``, by bisection: the cost (MACs or
+    milliseconds) never falls as v grows. ``plans``: those of v = 0, known to fit."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        cost, p = cost_at(mid)
+        if cost <= budget:
+            lo, plans = mid, p
+        else:
+            hi = mid
+    return plans
+
+
 def _top_up(cands: list[_Candidate], plans: list[LayerPlan], scheme: str, budget: float,
-            round_to: int | None = None) -> list[LayerPlan]:
+            round_to: int | None = None, cost: Callable[[LayerPlan], float] | None = None) -> list[LayerPlan]:
     """Spend what the bisection left under the target one rank at a time (one aligned step with ``round_to``),
-    each time on the layer whose next singular values hold the most energy per extra MAC: one global setting
-    moves many layers at once and can stop several percent short of the target."""
+    each time on the layer whose next singular values hold the most energy per extra MAC (per extra ``cost``, e.g.
+    milliseconds, when given): one global setting moves many layers at once and can stop several percent short
+    of the target."""
+    cost = cost or (lambda p: p.macs_after)
     plans = list(plans)
-    used = sum(p.macs_after for p in plans)
+    used = sum(cost(p) for p in plans)
     while True:
         best, best_gain = None, 0.0
         for i, (c, p) in enumerate(zip(cands, plans)):
             if p.rank >= p.full_rank:
                 continue
             nxt = c.plan(scheme, _next_rank(p.rank, p.full_rank, round_to))
-            extra = nxt.macs_after - p.macs_after
+            extra = cost(nxt) - cost(p)
             if extra <= 0 or used + extra > budget:
                 continue
             e2 = c.s.double() ** 2
@@ -540,7 +550,7 @@ def _top_up(cands: list[_Candidate], plans: list[LayerPlan], scheme: str, budget
         if best is None:
             return plans
         nxt = cands[best].plan(scheme, _next_rank(plans[best].rank, plans[best].full_rank, round_to))
-        used += nxt.macs_after - plans[best].macs_after
+        used += cost(nxt) - cost(plans[best])
         plans[best] = nxt
 
 
@@ -564,6 +574,38 @@ def _closest_above(cands: list[_Candidate], plans: list[LayerPlan], scheme: str,
     plans = list(plans)
     plans[best[0]] = best[1]
     return plans
+
+
+def plan_for_time(model: nn.Module, example_input: torch.Tensor, scheme: str, times: LayerTimes,
+                  budget_ms: float | None,
+                  layers: list[str] | None = None, target_mode: str = "energy",
+                  round_to: int | None = None) -> list[LayerPlan]:
+    """Each layer's rank so that the selected layers' time (whole, or their factors, by ``times``) is at most
+    ``budget_ms``: the MACs search of :func:`plan_decomposition` on milliseconds. A layer is factorised only at
+    ranks where that is faster than the layer whole; TargetError when even the cheapest plan costs more.
+    ``budget_ms=None``: that cheapest plan.
+
+    >>> t = LayerTimes.fixed({"c": 1.0}, {"c": {8: 0.3, 16: 0.6, 24: 1.2}})  # doctest: +SKIP
+    >>> plan_for_time(model, x, "spatial", t, 0.7, layers=["c"])[0].rank   # doctest: +SKIP
+    16
+    """
+    names = select_layers(model) if layers is None else layers
+    cands = [c for c in _candidates(model, example_input, names, scheme, times) if c.name in times.whole]
+
+    def ms(p: LayerPlan) -> float:
+        return times.cost(p.name, p.rank if p.applied else None)
+
+    def ms_at(v: float) -> tuple[float, list[LayerPlan]]:
+        plans = [c.plan(scheme, r) for c, r in zip(cands, _ranks_for(cands, target_mode, v, round_to))]
+        return sum(ms(p) for p in plans), plans
+
+    lowest, plans = ms_at(0.0)
+    if budget_ms is None:
+        return plans
+    if lowest > budget_ms:
+        raise _target_error(f"the factorised layers cannot get below {lowest:.3f} ms (wanted {budget_ms:.3f} ms)")
+    # time never falls as v grows either: factor times are monotone in the rank, and a whole layer caps them
+    return _top_up(cands, _largest_within(ms_at, budget_ms, plans), scheme, budget_ms, round_to, cost=ms)
 
 
 def decompose_model(model: nn.Module, example_input: torch.Tensor, plans: list[LayerPlan]) -> nn.Module:
@@ -623,7 +665,8 @@ class TRP(Method):
     method_phase = "trained-rank pruning"
     options = frozenset({"target_macs", "scheme", "energy", "period", "nuclear", "rank_threshold", "decompose_energy",
                          "rank_rule", "layers", "exclude", "target_mode", "round_to", "svd_dtype", "deploy",
-                         "layer_times"})
+                         "layer_times", "target_latency"})
+    targets = frozenset({"target_macs", "target_latency"})
     finalize_key = "decompose"
     segmentation = True
     layer_control = frozenset({"exclude"})  # an excluded conv is left undecomposed
@@ -645,7 +688,8 @@ class TRP(Method):
                  decompose_energy: float | None = None, rank_rule: str | None = None,
                  layers: str | list[str] | None = None, target_mode: str = "energy",
                  round_to: int | None = None, exclude: Iterable[str] = (), svd_dtype: str = "float32",
-                 deploy: Deploy | None = None, layer_times: LayerTimes | None = None) -> None:
+                 deploy: Deploy | None = None, layer_times: LayerTimes | None = None,
+                 target_latency: Any = None) -> None:
         from ..graph.targeting import check_round_to
 
         skip = [f"!{p}" for g in exclude for p in (g, f"{g}.*")]  # an excluded layer, children too, stays whole
@@ -654,6 +698,11 @@ class TRP(Method):
 
         if deploy is not None and not isinstance(deploy, Deploy):
             raise ValueError(f"TRP deploy must be a slimcnn.methods.factor_timing.Deploy, got {deploy!r}")
+        self.target_latency, self.latency_record = target_latency, {}
+        if target_latency is not None:  # a latency goal is measured where it names: the plan is made there too
+            if target_macs is not None:
+                raise ValueError("TRP takes target_macs or target_latency, not both")
+            deploy = Deploy(target_latency.backend, target_latency.batch, target_latency.threads)
         self.deploy, self.times = deploy, layer_times
         # a plan for a runtime uses aligned ranks: an odd rank leaves the runtime's blocked kernels
         self.round_to = check_round_to(round_to) or (8 if deploy is not None or layer_times is not None else None)
@@ -675,11 +724,14 @@ class TRP(Method):
             raise ValueError(f"target MACs must be > 0 (<= 1: a ratio, > 1: absolute MACs), got {target_macs}")
         if rank_rule is None:
             rank_rule = ("energy" if decompose_energy is not None else
+                         "target_latency" if target_latency is not None else
                          "threshold" if rank_threshold is not None or target_macs is None else "target_macs")
         if rank_rule not in RANK_RULES:
             raise ValueError(f"unknown rank rule {rank_rule!r}; choose one of {', '.join(RANK_RULES)}")
         if rank_rule == "target_macs" and target_macs is None:
             raise ValueError("TRP rank rule 'target_macs' needs target_macs")
+        if rank_rule == "target_latency" and target_latency is None:
+            raise ValueError("TRP rank rule 'target_latency' needs target_latency")
         if rank_rule == "energy" and decompose_energy is None:
             raise ValueError("TRP rank rule 'energy' needs decompose_energy")
         if target_mode not in TARGET_MODES:
@@ -715,12 +767,82 @@ class TRP(Method):
             self._plans = self._plan_for_target(model)
             self._fixed = {p.name: p.rank for p in self._plans if p.applied}
             self._check_target(model, self._plans)
+        elif self.rank_rule == "target_latency":
+            self._plans = self._plan_for_latency(model)
+            self._fixed = {p.name: p.rank for p in self._plans if p.applied}
         return model
+
+    def _plan_for_latency(self, model: nn.Module, rounds: int = 3, tol: float = 0.03) -> list[LayerPlan]:
+        """Ranks for ``target_latency``: the layer times say how many milliseconds the factors must save; each
+        plan is timed against the base on the goal's backend, and while it misses the target by more than ``tol``
+        (relative) the next plan scales the saving by what the last one delivered (a layer timed alone saves
+        more, or less, than it does inside the net), at most ``rounds`` plans; the closest one is kept. Rank 0's
+        plan on every rank under torchrun."""
+        import copy
+        import json
+
+        from ..backends import budgeted_repeats, runner, time_runners
+        from ..engine import distributed
+        from ..graph import TargetError
+        from ..graph.latency import QUANTILE
+
+        goal, times = self.target_latency, self.times
+        x = self.example_input.cpu()
+        base = copy.deepcopy(model).cpu().eval()
+        shape = tuple(x.shape[1:])
+        base_run = runner(base, shape, goal.batch, goal.backend, goal.threads)
+        base_ms = time_runners({"base": base_run}, budgeted_repeats({"base": base_run}, 2.0), q=QUANTILE)["base"]
+        ratio = goal.ratio(base_ms)
+        whole_ms = sum(times.whole[n] for n in self.layers if n in times.whole)
+
+        def measure(plans: list[LayerPlan]) -> tuple[float, float]:
+            runners = {"base": base_run, "plan": runner(decompose_model(base, x, plans), shape, goal.batch,
+                                                        goal.backend, goal.threads)}
+            ms = time_runners(runners, budgeted_repeats(runners, 4.0), q=QUANTILE)
+            return ms["plan"] / ms["base"], ms["base"]
+
+        def plan(budget: float | None) -> list[LayerPlan]:
+            return plan_for_time(base, x, self.scheme, times, budget, self.layers, self.target_mode, self.round_to)
+
+        def layer_ms(plans: list[LayerPlan]) -> float:
+            return sum(times.cost(p.name, p.rank if p.applied else None) for p in plans)
+
+        scale, tried, best = 1.0, [], None
+        for i in range(rounds):
+            try:
+                plans = plan(whole_ms - (1 - ratio) * base_ms / scale)
+            except TargetError as e:  # name what the cheapest plan measures
+                if best is not None:
+                    break
+                least, _ = measure(plan(None))
+                raise _target_error(f"TRP cannot reach latency {goal} ({ratio:.3f} of the base, {goal.backend}, batch "
+                                    f"{goal.batch}): the smallest net its plan allows measures {least:.3f} of the "
+                                    f"base ({e})") from None
+            measured, base_ms = measure(plans)
+            predicted = 1 - scale * (whole_ms - layer_ms(plans)) / base_ms
+            tried.append({"plan": i + 1, "predicted_ratio": round(predicted, 4), "ratio": round(measured, 4)})
+            if best is None or abs(measured - ratio) < abs(best[0] - ratio):
+                best = (measured, plans, tried[-1])
+            if abs(measured - ratio) <= tol * ratio:
+                break
+            saved = (whole_ms - layer_ms(plans)) / base_ms  # the layers' saving, as a share of the base
+            if saved > 0 and measured < 1:
+                scale = (1 - measured) / saved
+        plans = best[1]
+        if distributed.is_distributed():
+            plans = [LayerPlan(**d) for d in json.loads(distributed.gather_strings(
+                json.dumps([vars(p) for p in plans]))[0])]
+        self.latency_record = {"target": str(goal), "target_ratio": round(ratio, 4), "backend": goal.backend,
+                               "batch": goal.batch, "threads": goal.threads, "base_ms": round(base_ms, 4),
+                               "predicted_ratio": best[2]["predicted_ratio"], "search_ratio": best[2]["ratio"],
+                               "plans": tried}
+        return plans
 
     def _plan_for_target(self, model: nn.Module) -> list[LayerPlan]:
         """The MACs plan, on the layer times when there are some: aligned ranks first, then (when the alignment is
-        our default, not the user's --round-to) unaligned ones. When neither lands within 1% of the target, the
-        plan is made on MACs alone, and one warning line says that the net may be slower than the base."""
+        our default, not the user's --round-to) unaligned ones. When neither lands within 1% of the target, or the
+        few layers that pay would be squeezed far below their MACs-plan ranks (:meth:`_squeezed`), the plan is made
+        on MACs alone, and one warning line says that the net may be slower than the base."""
         from ..graph import TargetError
         from ..progress import log_line
 
@@ -738,6 +860,10 @@ class TRP(Method):
                 why = str(e)
                 continue
             if self._on_target(model, plans):
+                squeezed = self._squeezed(plans, plan(None, None))
+                if squeezed:
+                    why = squeezed
+                    break
                 if round_to != self.round_to:
                     self.plan_note = "ranks in multiples of 8 land more than 1% off the MACs target: unaligned ranks"
                     self.round_to = None
@@ -749,6 +875,20 @@ class TRP(Method):
         if self._round_default:
             self.round_to = None
         return plan(self.round_to, None)
+
+    @staticmethod
+    def _squeezed(plans: list[LayerPlan], macs_plans: list[LayerPlan], least: float = 0.5) -> str | None:
+        """Why the plan for the runtime costs too much accuracy, or None: when factorising pays on too few layers,
+        the target squeezes those few to ranks far below what the MACs plan gives them (the demo's ResNet-20 on
+        eager, planned for batches 1 and 128 together, kept ranks 4-9 and lost half its top-1). Below ``least``
+        of the MACs plan's ranks, summed over the layers both factorise, it is."""
+        ranks = {p.name: p.rank for p in macs_plans if p.applied}
+        both = [p for p in plans if p.applied and p.name in ranks]
+        kept, wanted = sum(p.rank for p in both), sum(ranks[p.name] for p in both)
+        if wanted and kept < least * wanted:
+            return (f"factorising pays on too few layers: the target would squeeze them to {kept / wanted:.2f} of "
+                    "the ranks the MACs plan gives them")
+        return None
 
     def _on_target(self, model: nn.Module, plans: list[LayerPlan]) -> bool:
         base = profile(model, example_input=self.example_input.to(next(model.parameters()).device)).macs
@@ -825,7 +965,7 @@ class TRP(Method):
             raise RuntimeError("TRP: call prepare(model, example_input) before finalize")
         x = self.example_input.to(next(model.parameters()).device)
         value = {"threshold": self.rank_threshold, "energy": self.decompose_energy,
-                 "target_macs": self.target_macs}[self.rank_rule]
+                 "target_macs": self.target_macs, "target_latency": None}[self.rank_rule]
         if not self._fixed:
             self._plans = plan_decomposition(model, x, self.scheme, self.rank_rule, value, self.layers,
                                              self.target_mode, self.round_to, self.times)
@@ -851,6 +991,8 @@ class TRP(Method):
             out["round_to"] = self.round_to
         if self.target_miss:
             out["target_miss"] = self.target_miss
+        if self.latency_record:
+            out["latency_target"] = self.latency_record
         if self.times is not None:
             slower = [p.name for p in self._plans if not p.applied and self.times.max_rank(p.name) == 0]
             out["latency_plan"] = {**self.times.summary(), "kept_whole_factors_slower": slower,
@@ -860,7 +1002,7 @@ class TRP(Method):
     def state_dict(self) -> dict[str, Any]:
         # The period follows the engine's global step, so resuming needs only these counters.
         return {"truncations": self.truncations, "svd_failures": self.svd_failures, "layers": list(self.layers or []),
-                "fixed_ranks": dict(self._fixed),
+                "fixed_ranks": dict(self._fixed), "latency_record": self.latency_record,
                 "layer_times": self.times.summary() if self.times is not None else None,
                 "plans": [vars(p).copy() for p in self._plans] if self._fixed else []}
 
@@ -871,6 +1013,7 @@ class TRP(Method):
             self.layers = list(state["layers"])
         if state.get("layer_times"):  # the table the run planned on, not a new timing
             self.times = LayerTimes.from_summary(state["layer_times"])
+        self.latency_record = state.get("latency_record") or self.latency_record
         if state.get("fixed_ranks"):  # the ranks planned on the starting weights, not on the resumed ones
             self._fixed = {k: int(v) for k, v in state["fixed_ranks"].items()}
             self._plans = [LayerPlan(**d) for d in state.get("plans", [])]
