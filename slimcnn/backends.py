@@ -35,7 +35,7 @@ def check_backend(name: str) -> str:
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
-            raise ValueError(f"latency backend onnxruntime needs onnxruntime ({e}): pip install -e \".[export]\"") \
+            raise ValueError(f"latency backend onnxruntime needs onnxruntime ({e}): pip install -e \".[onnx]\"") \
                 from None
     return name
 

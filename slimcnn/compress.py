@@ -447,10 +447,11 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
             tqdm.write(f"warning: {slower}")
 
     method_report = method.report()
-    if isinstance(method_report.get("latency_target"), dict):  # --target-latency: confirm where it was planned
+    # --target-latency, planned by the method or turned into a MACs target before it (info): confirm where it aimed
+    lt = method_report.get("latency_target") or (info or {}).get("latency_target")
+    if isinstance(lt, dict) and distributed.is_main():
         from .graph.latency import confirm_latency
 
-        lt = method_report["latency_target"]
         lt.update(confirm_latency(model, compact, input_shape, lt["backend"], lt["batch"], lt["threads"],
                                   cfg.latency_budget_s))
     fin_extra = method_report.pop(finalize_key, {}) if isinstance(method_report.get(finalize_key), dict) else {}

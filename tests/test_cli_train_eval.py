@@ -104,6 +104,7 @@ def test_every_train_and_eval_option_has_help():
         assert all(actions[f].help for f in flags), name
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     from slimcnn.data import load_cifar10
 

@@ -141,13 +141,26 @@ def test_cli_report_has_the_latency_target_block(tmp_path, capsys):
     (["--target-latency", "0.5", "--target-macs", "0.5"], "two budgets for one width plan"),
     (["--target-latency", "0.5", "--round-to", "0"], "positive integer"),
     (["--target-latency", "12"], "must be in (0, 1]"),
-    (["--target-latency", "0.5", "--method", "dagger", "--epochs", "2"], "not supported with --target-latency yet"),
-    (["--target-latency", "0.5", "--method", "l1+trp", "--epochs", "2"], "not supported with --target-latency yet"),
 ])
 def test_bad_input_is_one_line_before_anything_loads(extra, expected, capsys, tmp_path):
     out = tmp_path / "o"
     err = one_line_compress_error(capsys, [*COMMON, "--out", str(out), *extra])
     assert expected in err and not out.exists()
+
+
+@pytest.mark.parametrize("method", ["dagger", "l1+trp"])
+def test_a_method_without_a_latency_plan_gets_the_macs_target_that_measures_the_goal(method, tmp_path, capsys):
+    """Dagger decides its widths by training and a stack by its split: the goal becomes a MACs target, found on a
+    uniformly pruned net of aligned widths. Timed for real: only the report's form is checked."""
+    out = tmp_path / method
+    assert main([*COMMON, "--method", method, "--epochs", "2", "--target-latency", "0.8", "--no-latency-plan",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    lt = rep["latency_target"]
+    assert lt["via"] == "macs" and lt["round_to"] == 8 and (lt["backend"], lt["batch"]) == ("eager", 1)
+    assert rep["target_macs"] == pytest.approx(lt["macs_ratio"], abs=1e-4) and 0 < lt["macs_ratio"] < 1
+    assert "measured_ratio" in lt
+    assert "compresses to that MACs target" in capsys.readouterr().out
 
 
 def test_unknown_backend_and_missing_cuda(capsys, tmp_path):

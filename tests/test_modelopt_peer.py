@@ -28,6 +28,7 @@ def train_loader(cifar_root):
 
 
 @needs_modelopt
+@pytest.mark.slow
 def test_fastnas_lands_on_target_keeps_shortcuts_frozen_and_round_trips(resnet20, train_loader, tmp_path):
     # divisor 16 keeps the search space small (7 searchable widths) so the search takes seconds; 0.7 is within its
     # reach on ResNet-20 (its smallest subnet is 0.527 of the base)

@@ -191,13 +191,49 @@ def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int, g
     adopt_num_classes(args, loaders)
     model = build_model(args)
     shape = _input_shape(args, loaders["test"])
-    method = methods.create(args.method, **method_kwargs(args, args.method, cfg.target_macs),
-                            **({"target_latency": goal} if goal else {}), **deploy_option(args))
     info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
             "weights": args.weights}
+    if goal and not native_latency(args.method):
+        goal = _latency_as_macs(args, cfg, model, shape, goal, info)
+    method = methods.create(args.method, **method_kwargs(args, args.method, cfg.target_macs),
+                            **({"target_latency": goal} if goal else {}), **deploy_option(args))
     _, report = compress(model, method, loaders["train"], loaders["test"], shape, cfg, args.model, info)
     print_summary(report)
     print(f"wrote {args.out}/model.safetensors, report.json, report.md")
+
+
+def native_latency(method: str) -> bool:
+    """Whether ``method`` plans on latency itself (l1, trp); the others (the stacks too) get a MACs target."""
+    from ..methods import method_class
+
+    return "target_latency" in method_class(method).options and "+" not in method
+
+
+def _latency_as_macs(args: argparse.Namespace, cfg, model, shape: tuple[int, ...], goal, info: dict) -> None:
+    """--target-latency for a method that decides its widths by training or by its own search: the MACs ratio at
+    which a uniformly pruned net of aligned widths measures the goal (:func:`~slimcnn.graph.latency.macs_for_latency`)
+    becomes its MACs target, with widths in multiples of --round-to (default 8); rank 0's figure on every rank.
+    Returns None: the method itself takes no latency goal."""
+    import json
+
+    import torch
+
+    from ..engine import distributed
+    from ..graph.latency import macs_for_latency
+    from ..methods import method_class
+
+    round_to = args.round_to or 8
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    macs, record = macs_for_latency(model, x, goal, round_to)
+    macs, record = json.loads(distributed.gather_strings(json.dumps([macs, record]))[0])
+    cfg.target_macs = macs
+    if "round_to" in method_class(args.method).options:
+        args.round_to = cfg.round_to = round_to
+    info["latency_target"] = record
+    print(f"latency target {goal} ({goal.backend}, batch {goal.batch}): a uniform net of widths in multiples of "
+          f"{round_to} measured {record['search_ratio']:.3f} of the base at {macs:.3f} of its MACs; {args.method} "
+          f"compresses to that MACs target")
+    return None
 
 
 def deploy_option(args: argparse.Namespace) -> dict:
@@ -238,9 +274,6 @@ def latency_goal(args: argparse.Namespace):
         raise ValueError("--target-latency and --target-macs are two budgets for one width plan: give one (the report "
                          "gives the MACs of a latency-targeted run)")
     value, unit = parse_latency_target(args.target_latency)
-    if "target_latency" not in methods.method_class(args.method).options or "+" in args.method:  # not stacks yet
-        able = ", ".join(methods.methods_where(lambda c: "target_latency" in c.options))
-        raise ValueError(f"{args.method} is not supported with --target-latency yet (methods that do: {able})")
     return LatencyGoal(value, unit, check_backend(args.latency_backend), args.latency_batch[0],
                        torch.get_num_threads())
 

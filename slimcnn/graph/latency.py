@@ -445,3 +445,29 @@ def _calibrate(t: LatencyTable, model: nn.Module, x: torch.Tensor, groups: list[
     for k, w in plans.items():
         t.points.append({"what": k, "raw_ratio": round(t.raw_at(w) / raw_full, 4),
                          "ratio": round(ms[k] / ms["base"], 4), "ms": round(ms[k], 4), "base_ms": round(ms["base"], 4)})
+
+
+def macs_for_latency(model: nn.Module, example_input: torch.Tensor, goal: LatencyGoal, round_to: int = 8,
+                     groups: list[ChannelGroup] | None = None) -> tuple[float, dict[str, Any]]:
+    """The MACs ratio at which ``model``, pruned uniformly to aligned widths, measures ``goal`` on its backend:
+    the MACs target of a method that decides its widths by training or by its own search (Dagger, C-SGD, the
+    peers, the stacks), so that every method can be asked for a latency. The widths come from
+    :func:`prune_to_latency` (table, calibration, timed plans); the record says what was measured.
+
+    >>> ratio, record = macs_for_latency(model, x, LatencyGoal(0.6, backend="onnxruntime"))  # doctest: +SKIP
+    """
+    groups = groups if groups is not None else channel_groups(model, example_input)
+    anchor = goal.value if goal.unit == "ratio" else 0.5
+    table = build_latency_table(model, example_input, goal.backend, goal.batch, goal.threads, anchor, groups=groups,
+                                round_to=round_to)
+    ratio = goal.ratio(table.base_ms)
+    scores = {g.key: torch.zeros(g.size) for g in groups if g.prunable}  # which channels: irrelevant to time
+    _, widths, point = prune_to_latency(model, example_input, scores, table, ratio, "uniform", groups=groups,
+                                        round_to=round_to)
+    costs = cost_model(model, example_input, groups)
+    macs_ratio = costs.macs_at(widths) / costs.macs_at({})
+    return macs_ratio, {"target": str(goal), "target_ratio": round(ratio, 4), "backend": goal.backend,
+                        "batch": goal.batch, "threads": goal.threads, "via": "macs",
+                        "macs_ratio": round(macs_ratio, 4), "round_to": round_to,
+                        "predicted_ratio": point.get("predicted"), "search_ratio": point["ratio"],
+                        "table_build_s": round(table.build_s, 2)}
