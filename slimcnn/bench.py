@@ -210,10 +210,15 @@ def write_results(records: dict, budget_name: str, budget: Budget, out_json: Pat
               "notes": "Top-1 on the JPEG copy of CIFAR-10 (not comparable with published lossless figures). "
                        f"{base_note(list(records.values()))}; MACs by slimcnn's op-level counter "
                        "(conv+linear); the tp-peer row runs on option-A shortcuts converted to 1x1 convs (+MACs, counted)."}
+    return save_result(result, out_json, results_markdown, lambda r: plot_results(r, out_json.with_suffix("")))
+
+
+def save_result(result: dict[str, Any], out_json: Path, markdown, plot) -> dict[str, Any]:
+    """``result`` as ``out_json``, its markdown beside it, and its plot once it has rows (atomic writes)."""
     atomic_write_text(out_json, json.dumps(result, indent=1))
-    atomic_write_text(out_json.with_suffix(".md"), results_markdown(result))
+    atomic_write_text(out_json.with_suffix(".md"), markdown(result))
     if result["rows"]:
-        plot_results(result, out_json.with_suffix(""))
+        plot(result)
     return result
 
 
@@ -256,15 +261,17 @@ def results_markdown(result: dict[str, Any]) -> str:
              f"uncompressed base (alpha {s.get('kd_alpha', 0.7)}, T {s.get('kd_temperature', 4.0)}), in every row's "
              f"training epochs. {result['notes']}", "",
              "| model | row | recipe | target | epochs (method+ft) | base top-1 | top-1 | change | MACs | MACs ratio | "
-             "within 1% | params | latency ratio b1 | latency ratio (large b) | at finalize | wall s |",
+             "within 1% | params | latency ratio (batch timed) | latency ratio (batch timed) | at finalize | wall s |",
              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
     for r in sorted(result["rows"], key=lambda r: (r["model"], -r["target_macs"], r["row"], _recipe_of(r))):
-        lat = list(r["latency_ratio"].values())
+        # each cell names its batch: a batch over the timing budget is shrunk, so rows may differ
+        lat = [f"{v:.3f} (b={b}{', ' + r['latency_backend'] if r.get('latency_backend') == 'onnxruntime' else ''})"
+               for b, v in r["latency_ratio"].items()]
         lines.append(f"| {r['model']} | {_row_label(r)} | {_recipe_of(r)} | {r['target_macs']} | "
                      f"{r['method_epochs']}+{r['finetune_epochs']} | "
                      f"{r['base_top1']:.2f} | {r['top1']:.2f} | {r['top1_change']:+.2f} | {r['macs'] / 1e6:.2f}M | "
-                     f"{r['macs_ratio']:.3f} | {_yes(r.get('within_tol'))} | {r['params'] / 1e6:.3f}M | {lat[0]:.3f} | "
-                     f"{lat[-1]:.3f} | {finalize_cell(r.get('finalize'))} | {r['wall_s']:.0f} |")
+                     f"{r['macs_ratio']:.3f} | {_yes(r.get('within_tol'))} | {r['params'] / 1e6:.3f}M | {lat[0]} | "
+                     f"{lat[-1]} | {finalize_cell(r.get('finalize'))} | {r['wall_s']:.0f} |")
     lines.append("")
     for (model, recipe), front in sorted(_fronts(result["rows"]).items()):
         text = ", ".join(f"{r['row']} {r['macs_ratio']:.3f} -> {r['top1']:.2f}" for r in front)

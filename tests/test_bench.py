@@ -80,3 +80,28 @@ def test_smoke_budget_every_row(tmp_path):
                       results=str(tmp_path / "results"))
     assert [r["wall_s"] for r in again["rows"]] == [r["wall_s"] for r in result["rows"]]
     assert json.loads((tmp_path / "results" / "smoke-test.json").read_text())["budget"] == "smoke"
+
+
+@pytest.mark.slow
+def test_latency_bench_gives_every_row_the_same_latency_and_times_them_together(tmp_path):
+    """Smoke budget at latency 0.8 on eager, batch 1: l1 plans on latency, the peer gets the MACs of the uniform
+    aligned net; both are timed with the base at the end. Timed for real: the form is checked, and the values
+    that do not depend on the clock."""
+    from slimcnn.bench_latency import run_latency_bench
+    from slimcnn.graph.latency import LatencyGoal
+
+    goal = LatencyGoal(0.8, "ratio", "eager", 1, 1)
+    result = run_latency_bench(str(CIFAR), str(WEIGHTS), goal, "smoke", name="lat", rows=["l1", "tp-peer"],
+                               work=str(tmp_path / "work"), results=str(tmp_path / "results"), timing_budget_s=2)
+    rows = {r["row"]: r for r in result["rows"]}
+    assert rows["l1"]["via"] == "latency plan" and rows["l1"]["target_macs"] is None
+    assert rows["tp-peer"]["via"] == "macs" and 0 < rows["tp-peer"]["target_macs"] < 1
+    for r in rows.values():
+        assert r["final_ratio"] > 0 and isinstance(r["within_10pct"], bool) and r["target_ratio"] == 0.8
+        assert r["final_timing"]["rows_timed"] == 2
+    md = (tmp_path / "results" / "lat.md").read_text()
+    assert "| cifar_resnet20 | l1 | plain | latency plan |" in md and "At latency 0.8" in md
+    assert (tmp_path / "results" / "lat.png").is_file()
+    again = run_latency_bench(str(CIFAR), str(WEIGHTS), goal, "smoke", name="lat", rows=["l1", "tp-peer"],
+                              work=str(tmp_path / "work"), results=str(tmp_path / "results"), timing_budget_s=2)
+    assert [r["wall_s"] for r in again["rows"]] == [r["wall_s"] for r in result["rows"]]  # resumed: nothing rerun

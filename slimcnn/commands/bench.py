@@ -33,6 +33,12 @@ def add_parser(sub) -> None:
                         "timed whole and factorised there and factorised only where that is faster (default: "
                         "plan on MACs alone, as before)")
     p.add_argument("--latency-batch", type=int, default=1, help="the batch --latency-backend is timed at")
+    p.add_argument("--target-latency", default=None, metavar="R",
+                   help="every row at this latency (a ratio of the base's, e.g. 0.6) on --latency-backend (default "
+                        "eager) at --latency-batch instead of at MACs targets: l1 and trp plan on latency, the other "
+                        "rows and the peers get the MACs that a uniform net of widths in multiples of 8 needs, with "
+                        "their own alignment at 8; all rows and the base are timed together at the end "
+                        "(slimcnn/bench_latency.py)")
     p.set_defaults(func=run)
 
 
@@ -43,11 +49,32 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import run_bench
     from ..methods.factor_timing import Deploy
 
+    if args.target_latency is not None:
+        return _run_latency(args)
     deploy = (Deploy(check_backend(args.latency_backend), args.latency_batch, torch.get_num_threads())
               if args.latency_backend else None)
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()] if s else None  # noqa: E731
     result = run_bench(args.data, args.weights_dir, args.budget, args.name, split(args.rows), split(args.models),
                        [float(t) for t in split(args.targets)] if args.targets else None, args.work, args.results,
                        args.device, args.seed, args.recipe, deploy)
+    print(open(f"{args.results}/{result['name']}.md").read())
+    return 0
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..backends import check_backend
+    from ..bench_latency import run_latency_bench
+    from ..graph.latency import LatencyGoal, parse_latency_target
+
+    if args.targets:
+        raise ValueError("--target-latency and --targets are two budgets for one row: give one")
+    value, unit = parse_latency_target(args.target_latency)
+    goal = LatencyGoal(value, unit, check_backend(args.latency_backend or "eager"), args.latency_batch,
+                       torch.get_num_threads())
+    split = lambda s: [v.strip() for v in s.split(",") if v.strip()] if s else None  # noqa: E731
+    result = run_latency_bench(args.data, args.weights_dir, goal, args.budget, args.name, split(args.rows),
+                               split(args.models), args.work, args.results, args.device, args.seed, args.recipe)
     print(open(f"{args.results}/{result['name']}.md").read())
     return 0

@@ -1,0 +1,233 @@
+"""The side-by-side benchmark at one measured latency: every row, ours and the peers', asked for the same latency
+on the same runtime, trained at the same budget, then all timed again together.
+
+``slimcnn bench --target-latency R --latency-backend B --latency-batch N`` runs this instead of the MACs benchmark
+(:mod:`slimcnn.bench`: same budgets, rows, bases and recipes). How each row meets the goal:
+- ``l1`` and ``trp`` plan on latency themselves (``target_latency``: a latency table, TRP's factor times);
+- every other row (Dagger, C-SGD, the stacks, Torch-Pruning, ModelOpt) gets the MACs ratio at which the base,
+  pruned uniformly to widths in multiples of 8, measures the goal (:func:`slimcnn.graph.latency.macs_for_latency`),
+  and compresses to it with its own alignment option at 8 (``round_to``; Torch-Pruning's ``round_to``, ModelOpt's
+  channel divisor); the stacks' TRP stage plans its factorisation on the same runtime.
+At the end the base and every row's saved net are timed together, interleaved, on the goal's backend and batch
+(the 10th percentile of the calls, the statistic the plans were made and confirmed on; the median beside it): that
+ratio is the row's measured latency, and ``within_10pct`` says whether it is within 10% of the target. Results: ``<results>/<name>.{json,md,png}``; the plot is top-1 against that measured ratio, each
+point labelled with its MACs ratio.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench import BUDGETS, RECIPES, ROWS, _recipe_of, fine_tuned_base, save_result
+from .compress import CompressConfig, compress, split_budget
+from .report import environment
+
+#: the alignment every row that gets a MACs target compresses with (the measured widths were aligned to it)
+ROUND_TO = 8
+PEERS = ("tp", "modelopt")
+
+
+def run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str = "cpu", name: str | None = None,
+                      rows: list[str] | None = None, models: list[str] | None = None, work: str = "runs/bench",
+                      results: str = "benchmarks/results", device: str = "cpu", seed: int = 0,
+                      recipe: str = "plain", timing_budget_s: float = 30.0) -> dict[str, Any]:
+    """Every selected row at latency ``goal`` (a :class:`~slimcnn.graph.latency.LatencyGoal`, as a ratio), resumable:
+    rows already in the results file for this goal are kept, and the final timing covers every row of the file."""
+    from .data import cifar10_loaders
+
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    if goal.unit != "ratio":
+        raise ValueError("the latency benchmark takes --target-latency as a ratio of the base's latency (e.g. 0.6)")
+    budget = BUDGETS[budget_name]
+    tag = f"lat{goal.value:g}-{goal.backend}-b{goal.batch}"
+    name = name or f"bench-{budget_name}-{tag}"
+    out_json = Path(results) / f"{name}.json"
+    done = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    records = {(r["model"], r["row"], _recipe_of(r)): r for r in done.get("rows", []) if r.get("tag") == tag}
+    # one MACs figure per model for every row that gets one, kept across resumed sittings: the same for every row
+    vias: dict[str, dict[str, Any]] = done.get("via", {}) if done.get("tag") == tag else {}
+    unknown = sorted(set(rows or []) - {r.label for r in ROWS})
+    if unknown:
+        raise ValueError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.label for r in ROWS)}")
+    selected = [r for r in ROWS if (r.label in rows if rows is not None else r.default)]
+    loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed)
+    work_dir = Path(work) / budget_name
+    for model_name in models or budget.models:
+        base, base_key = fine_tuned_base(model_name, Path(weights_dir), data, budget, work_dir, device, seed)
+        via = vias.get(model_name)
+        for row in selected:
+            if (model_name, row.label, recipe) in records:
+                continue
+            if not _native(row.method) and via is None:
+                via = vias[model_name] = _macs_for_goal(base, goal)
+            try:
+                record = _run_row(row, model_name, base, base_key, goal, via, budget, budget_name, loaders, work_dir,
+                                  tag, device, seed, recipe)
+            except ValueError as e:  # this row cannot be built at this latency: say why, and go on with the others
+                print(f"{row.label}: cannot run at latency {goal}: {e}")
+                record = {"model": model_name, "row": row.label, "method": row.method, "budget": budget_name,
+                          "recipe": recipe, "tag": tag, "goal": vars(goal), "error": str(e)}
+            records[(model_name, row.label, recipe)] = record
+            _write(records, name, budget_name, budget, goal, out_json, vias, tag)
+        _time_together([r for r in records.values() if r["model"] == model_name], base, goal, timing_budget_s)
+        _write(records, name, budget_name, budget, goal, out_json, vias, tag)
+    return _write(records, name, budget_name, budget, goal, out_json, vias, tag)
+
+
+def _native(method: str) -> bool:
+    from .methods import method_class
+
+    return "target_latency" in method_class(method).options and "+" not in method
+
+
+def _macs_for_goal(base: torch.nn.Module, goal: Any) -> dict[str, Any]:
+    from .graph.latency import macs_for_latency
+
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return macs_for_latency(base, x, goal, ROUND_TO)[1]
+
+
+def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any] | None, budget, budget_name: str,
+             loaders, work_dir: Path, tag: str, device: str, seed: int, recipe: str) -> dict[str, Any]:
+    """Compress ``base`` with ``row`` at the goal and return its record."""
+    from . import methods
+    from .methods.factor_timing import Deploy
+
+    cls = methods.method_class(row.method)
+    native = _native(row.method)
+    kw: dict[str, Any] = {**budget.method_options.get(row.method, {}), **row.kwargs}
+    if "round_to" in cls.options:
+        kw["round_to"] = ROUND_TO
+    if not native and "deploy" in cls.options:  # a stack's trp stage plans for the same runtime
+        kw["deploy"] = Deploy(goal.backend, goal.batch, goal.threads)
+    kw.update({"target_latency": goal} if native else {"target_macs": via["macs_ratio"]})
+    method = methods.create(row.method, **kw)
+    m_epochs, ft_epochs = split_budget(cls, budget.epochs)
+    out_dir = work_dir / model_name / f"{row.label}-{tag}{'' if recipe == 'plain' else '-' + recipe}"
+    cfg = CompressConfig(target_macs=None if native else via["macs_ratio"], method_epochs=m_epochs,
+                         epochs=ft_epochs, lr=budget.lr, seed=seed, device=device, latency_batches=[goal.batch],
+                         latency_backend="onnxruntime" if goal.backend == "onnxruntime" else "eager",
+                         out_dir=str(out_dir), distill=recipe == "distill", kd_alpha=budget.kd_alpha,
+                         kd_temperature=budget.kd_temperature, round_to=kw.get("round_to"))
+    t0 = time.time()
+    _, rep = compress(base, method, loaders["train"], loaders["test"], (3, 32, 32), cfg, model_name,
+                      {"command": f"slimcnn bench --budget {budget_name} --target-latency {goal.value:g} "
+                                  f"--latency-backend {goal.backend} --latency-batch {goal.batch}",
+                       "base_checkpoint": base_key, **({} if native else {"latency_target": dict(via)})})
+    lt = rep.get("latency_target") or {}
+    return {"model": model_name, "row": row.label, "method": row.method, "budget": budget_name, "recipe": recipe,
+            "tag": tag, "goal": vars(goal), "target_ratio": lt.get("target_ratio"),
+            "via": "macs" if not native else "latency plan", "target_macs": cfg.target_macs,
+            "method_epochs": m_epochs, "finetune_epochs": ft_epochs, "base_top1": rep["base"]["top1"],
+            "top1": rep["compressed"]["top1"], "macs": rep["compressed"]["macs"], "macs_ratio": rep["macs_ratio"],
+            "params": rep["compressed"]["params"], "run_ratio": lt.get("measured_ratio"), "out_dir": str(out_dir),
+            "wall_s": round(time.time() - t0, 1), "test_images": rep["test_images"]}
+
+
+def _time_together(rows: list[dict[str, Any]], base, goal, budget_s: float) -> None:
+    """The base and every row's saved net, timed interleaved on the goal's backend and batch; each row gets
+    ``final_ratio`` (10th percentile), ``final_ratio_median`` and ``within_10pct``."""
+    from .backends import budgeted_repeats, quantile, runner, time_samples
+    from .graph.latency import QUANTILE
+    from .io import load
+
+    present = [r for r in rows if "out_dir" in r and (Path(r["out_dir"]) / "model.safetensors").is_file()]
+    if not present:
+        return
+    shape = (3, 32, 32)
+    runners = {"base": runner(base.eval(), shape, goal.batch, goal.backend, goal.threads)}
+    runners.update({r["row"]: runner(load(r["out_dir"]).eval(), shape, goal.batch, goal.backend, goal.threads)
+                    for r in present})
+    repeats = budgeted_repeats(runners, budget_s)
+    samples = time_samples(runners, repeats)
+    ms = {k: quantile(v, QUANTILE) for k, v in samples.items()}  # the statistic every plan was made and confirmed on
+    median = {k: quantile(v, 0.5) for k, v in samples.items()}
+    for r in present:
+        r["final_ratio"] = round(ms[r["row"]] / ms["base"], 4)
+        r["final_ratio_median"] = round(median[r["row"]] / median["base"], 4)
+        r["within_10pct"] = abs(r["final_ratio"] - goal.value) <= 0.1 * goal.value
+        r["final_timing"] = {"base_ms": round(ms["base"], 4), "repeats": repeats, "rows_timed": len(present),
+                             "statistic": f"{QUANTILE:.0%} quantile of interleaved calls (median beside it)"}
+
+
+def _write(records: dict, name: str, budget_name: str, budget, goal, out_json: Path, vias: dict[str, Any],
+           tag: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    result = {"name": name, "budget": budget_name, "settings": asdict(budget), "goal": vars(goal), "tag": tag,
+              "via": vias,
+              "rows": list(records.values()), "environment": environment(),
+              "notes": "Top-1 on the JPEG copy of CIFAR-10 (not comparable with published lossless figures); "
+                       "final ratio: every row and the base timed together at the end (10th percentile of "
+                       "interleaved calls; median in the JSON); run ratio: the run's own confirmation against the "
+                       "base."}
+    return save_result(result, out_json, latency_markdown, lambda r: plot_latency(r, out_json.with_suffix(".png")))
+
+
+def best_line(rows: list[dict[str, Any]], target: float) -> str:
+    """Best top-1 of ours against the best peer's, among the rows within 10% of the target latency.
+
+    >>> best_line([{"row": "trp-spatial", "method": "trp", "top1": 87.0, "within_10pct": True},
+    ...            {"row": "tp-peer", "method": "tp", "top1": 85.0, "within_10pct": True}], 0.6)
+    'At latency 0.6: best of ours trp-spatial 87.00, best peer tp-peer 85.00: +2.00 points.'
+    """
+    ok = [r for r in rows if r.get("within_10pct")]
+    ours = [r for r in ok if r["method"] not in PEERS]
+    peers = [r for r in ok if r["method"] in PEERS]
+    if not ours or not peers:
+        return f"At latency {target:g}: not enough rows within 10% of the target to compare ours with a peer."
+    bo, bp = max(ours, key=lambda r: r["top1"]), max(peers, key=lambda r: r["top1"])
+    return (f"At latency {target:g}: best of ours {bo['row']} {bo['top1']:.2f}, best peer {bp['row']} "
+            f"{bp['top1']:.2f}: {bo['top1'] - bp['top1']:+.2f} points.")
+
+
+def latency_markdown(result: dict[str, Any]) -> str:
+    g, s = result["goal"], result["settings"]
+    lines = [f"# {result['name']}", "",
+             f"Every row asked for latency {g['value']:g} of the base on {g['backend']} at batch {g['batch']} "
+             f"({g['threads']} thread(s)); budget `{result['budget']}`: {s['epochs']} epoch(s) per row, train images "
+             f"{s['train_limit'] or 'all 50,000'}, test images {s['test_limit'] or 'all 10,000'}. {result['notes']}",
+             "", "| model | row | recipe | how | MACs ratio | top-1 | base top-1 | run ratio | final ratio | within 10% "
+             "| wall s |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in sorted(result["rows"], key=lambda r: (r["model"], r["row"])):
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['row']} | {_recipe_of(r)} | not run: {r['error']} | | | | | | no | |")
+            continue
+        lines.append(f"| {r['model']} | {r['row']} | {_recipe_of(r)} | {r['via']} | {r['macs_ratio']:.3f} | "
+                     f"{r['top1']:.2f} | {r['base_top1']:.2f} | {fmt(r.get('run_ratio'))} | "
+                     f"{fmt(r.get('final_ratio'))} | {'yes' if r.get('within_10pct') else 'no'} | {r['wall_s']:.0f} |")
+    for model in sorted({r["model"] for r in result["rows"]}):
+        lines += ["", f"{model}: " + best_line([r for r in result["rows"] if r["model"] == model], g["value"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot_latency(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = result["goal"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in result["rows"]:
+        x = r.get("final_ratio") or r.get("run_ratio")
+        if x is None or "error" in r:
+            continue
+        ax.scatter(x, r["top1"], marker="s" if r["method"] in PEERS else "o", s=26)
+        ax.annotate(f"{r['model'].replace('cifar_', '')} {r['row']} ({r['macs_ratio']:.2f} MACs)", (x, r["top1"]),
+                    fontsize=6, xytext=(4, 2), textcoords="offset points")
+    ax.axvline(g["value"], ls="--", color="grey", lw=1)
+    ax.axvspan(0.9 * g["value"], 1.1 * g["value"], color="grey", alpha=0.1)
+    ax.set_xlabel(f"measured latency ratio ({g['backend']}, batch {g['batch']}; squares: peers)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"accuracy at latency {g['value']:g} of the base (band: within 10%)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
