@@ -24,6 +24,7 @@ import torch
 
 from .bench import BUDGETS, RECIPES, ROWS, _recipe_of, fine_tuned_base, save_result
 from .compress import CompressConfig, compress, split_budget
+from .methods import plans_latency
 from .report import environment
 
 #: the alignment every row that gets a MACs target compresses with (the measured widths were aligned to it)
@@ -63,7 +64,7 @@ def run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str =
         for row in selected:
             if (model_name, row.label, recipe) in records:
                 continue
-            if not _native(row.method) and via is None:
+            if not plans_latency(row.method) and via is None:
                 via = vias[model_name] = _macs_for_goal(base, goal)
             try:
                 record = _run_row(row, model_name, base, base_key, goal, via, budget, budget_name, loaders, work_dir,
@@ -77,12 +78,6 @@ def run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str =
         _time_together([r for r in records.values() if r["model"] == model_name], base, goal, timing_budget_s)
         _write(records, name, budget_name, budget, goal, out_json, vias, tag)
     return _write(records, name, budget_name, budget, goal, out_json, vias, tag)
-
-
-def _native(method: str) -> bool:
-    from .methods import method_class
-
-    return "target_latency" in method_class(method).options and "+" not in method
 
 
 def _macs_for_goal(base: torch.nn.Module, goal: Any) -> dict[str, Any]:
@@ -99,7 +94,7 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
     from .methods.factor_timing import Deploy
 
     cls = methods.method_class(row.method)
-    native = _native(row.method)
+    native = plans_latency(row.method)
     kw: dict[str, Any] = {**budget.method_options.get(row.method, {}), **row.kwargs}
     if "round_to" in cls.options:
         kw["round_to"] = ROUND_TO

@@ -193,20 +193,13 @@ def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int, g
     shape = _input_shape(args, loaders["test"])
     info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
             "weights": args.weights}
-    if goal and not native_latency(args.method):
+    if goal and not methods.plans_latency(args.method):
         goal = _latency_as_macs(args, cfg, model, shape, goal, info)
     method = methods.create(args.method, **method_kwargs(args, args.method, cfg.target_macs),
                             **({"target_latency": goal} if goal else {}), **deploy_option(args))
     _, report = compress(model, method, loaders["train"], loaders["test"], shape, cfg, args.model, info)
     print_summary(report)
     print(f"wrote {args.out}/model.safetensors, report.json, report.md")
-
-
-def native_latency(method: str) -> bool:
-    """Whether ``method`` plans on latency itself (l1, trp); the others (the stacks too) get a MACs target."""
-    from ..methods import method_class
-
-    return "target_latency" in method_class(method).options and "+" not in method
 
 
 def _latency_as_macs(args: argparse.Namespace, cfg, model, shape: tuple[int, ...], goal, info: dict) -> None:

@@ -60,6 +60,16 @@ def methods_where(test: Callable[[type[Method]], bool]) -> list[str]:
     return [name for name in _METHODS if test(method_class(name))]
 
 
+def plans_latency(name: str) -> bool:
+    """Whether method ``name`` plans on a latency goal itself (``target_latency``); the others, the stacks too, are
+    given the MACs target that measures the goal (:func:`slimcnn.graph.latency.macs_for_latency`).
+
+    >>> plans_latency("l1"), plans_latency("dagger"), plans_latency("l1+trp")
+    (True, False, False)
+    """
+    return "+" not in name and "target_latency" in method_class(name).options
+
+
 def create(name: str, **kwargs: Any) -> Method:
     """Build method ``name`` (see :func:`list_methods`) with its options."""
     return method_class(name)(**kwargs)
