@@ -166,6 +166,18 @@ def split_budget(method: Method | type[Method], total_epochs: int, method_epochs
     return m, total_epochs - m
 
 
+def prepare_kwargs(method: Method | type[Method], cfg: CompressConfig, train_loader, test_loader=None
+                   ) -> dict[str, Any]:
+    """The keywords the pipeline hands ``method.prepare`` beyond the model and example input: those of its
+    ``prepare_inputs`` among the method phase's budget (when that phase trains) and the offered loaders and config."""
+    accepted = _method_class(method).prepare_inputs
+    budget = cfg.method_budget(len(train_loader)) if cfg.method_epochs > 0 else {}
+    # data-scored peers read train_loader; a stack runs its first stage whole inside prepare (methods/stack.py) and
+    # needs the loaders and the run's settings
+    offered = {"train_loader": train_loader, "test_loader": test_loader, "cfg": cfg, **budget}
+    return {k: v for k, v in offered.items() if k in accepted}
+
+
 def _no_training_message(cls: type[Method], total: int, override: int | None) -> str:
     given = f"--method-epochs {override}" if override is not None else f"--epochs {total}"
     return (f"{cls.name} needs at least 1 epoch of {cls.method_phase} before it can finalize, and {given} leaves "
@@ -357,14 +369,8 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
         distiller = Distiller(copy.deepcopy(model).eval(), cfg.kd_alpha, cfg.kd_temperature,
                               memo.setdefault("teacher_logits", {}) if memo is not None else None)
 
-    budget = cfg.method_budget(len(train_loader))
-    accepted = method.prepare_inputs
-    # offered to the methods that take them: data-scored peers read train_loader; a stack runs its first stage
-    # whole inside prepare (methods/stack.py) and needs the loaders and the run's settings
-    offered = {"train_loader": train_loader, "test_loader": test_loader, "cfg": cfg}
     work = method.prepare(copy.deepcopy(model), example.to(cfg.device),
-                          **{k: v for k, v in budget.items() if k in accepted and cfg.method_epochs > 0},
-                          **{k: v for k, v in offered.items() if k in accepted})
+                          **prepare_kwargs(method, cfg, train_loader, test_loader))
     phase_epochs = cfg.method_epochs - method.epochs_in_prepare  # a stack spent some in prepare
     if phase_epochs > 0:
         work = _train(work, train_loader, cfg, phase_epochs, cfg.method_lr or cfg.lr, method,

@@ -160,7 +160,10 @@ def test_a_method_without_a_latency_plan_gets_the_macs_target_that_measures_the_
     assert lt["via"] == "macs" and lt["round_to"] == 8 and (lt["backend"], lt["batch"]) == ("eager", 1)
     assert rep["target_macs"] == pytest.approx(lt["macs_ratio"], abs=1e-4) and 0 < lt["macs_ratio"] < 1
     assert "measured_ratio" in lt
-    assert "compresses to that MACs target" in capsys.readouterr().out
+    # the method's own net, built with no training, was probed from the uniform net's figure
+    assert lt["fit"]["chosen"]["macs_target"] == pytest.approx(lt["macs_ratio"], abs=1e-4)
+    assert lt["fit"]["probes"][0]["macs_target"] == pytest.approx(lt["uniform_macs_ratio"], abs=1e-4)
+    assert f"{method} compresses to {lt['macs_ratio']:.3f} of the MACs" in capsys.readouterr().out
 
 
 def test_unknown_backend_and_missing_cuda(capsys, tmp_path):

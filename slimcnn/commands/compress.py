@@ -194,7 +194,7 @@ def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int, g
     info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
             "weights": args.weights}
     if goal and not methods.plans_latency(args.method):
-        goal = _latency_as_macs(args, cfg, model, shape, goal, info)
+        goal = _latency_as_macs(args, cfg, model, shape, goal, info, loaders["train"])
     method = methods.create(args.method, **method_kwargs(args, args.method, cfg.target_macs),
                             **({"target_latency": goal} if goal else {}), **deploy_option(args))
     _, report = compress(model, method, loaders["train"], loaders["test"], shape, cfg, args.model, info)
@@ -202,30 +202,41 @@ def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int, g
     print(f"wrote {args.out}/model.safetensors, report.json, report.md")
 
 
-def _latency_as_macs(args: argparse.Namespace, cfg, model, shape: tuple[int, ...], goal, info: dict) -> None:
+def _latency_as_macs(args: argparse.Namespace, cfg, model, shape: tuple[int, ...], goal, info: dict,
+                     train_loader) -> None:
     """--target-latency for a method that decides its widths by training or by its own search: the MACs ratio at
     which a uniformly pruned net of aligned widths measures the goal (:func:`~slimcnn.graph.latency.macs_for_latency`)
-    becomes its MACs target, with widths in multiples of --round-to (default 8); rank 0's figure on every rank.
-    Returns None: the method itself takes no latency goal."""
+    is the first guess (``uniform_macs_ratio``); then the method's own net, built with no training, is probed and
+    the target corrected until it measures the goal (:func:`~slimcnn.latency_fit.fit_macs_to_latency`). Widths in
+    multiples of --round-to (default 8); rank 0's figure on every rank. Returns None: the method itself takes no
+    latency goal."""
     import json
 
     import torch
 
+    from .. import methods
+    from ..compress import prepare_kwargs
     from ..engine import distributed
-    from ..graph.latency import macs_for_latency
-    from ..methods import method_class
+    from ..graph.latency import LatencyGoal, macs_for_latency
+    from ..latency_fit import fit_macs_to_latency
 
     round_to = args.round_to or 8
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     macs, record = macs_for_latency(model, x, goal, round_to)
-    macs, record = json.loads(distributed.gather_strings(json.dumps([macs, record]))[0])
-    cfg.target_macs = macs
-    if "round_to" in method_class(args.method).options:
-        args.round_to = cfg.round_to = round_to
-    info["latency_target"] = record
     print(f"latency target {goal} ({goal.backend}, batch {goal.batch}): a uniform net of widths in multiples of "
-          f"{round_to} measured {record['search_ratio']:.3f} of the base at {macs:.3f} of its MACs; {args.method} "
-          f"compresses to that MACs target")
+          f"{round_to} measured {record['search_ratio']:.3f} of the base at {macs:.3f} of its MACs")
+    cls = methods.method_class(args.method)
+    if "round_to" in cls.options:
+        args.round_to = cfg.round_to = round_to
+    record["uniform_macs_ratio"] = record["macs_ratio"]
+    ratio_goal = LatencyGoal(record["target_ratio"], "ratio", goal.backend, goal.batch, goal.threads)
+    macs, record["fit"] = fit_macs_to_latency(
+        lambda m: methods.create(args.method, **method_kwargs(args, args.method, m), **deploy_option(args)),
+        model, x.repeat(2, 1, 1, 1), ratio_goal, macs, prepare_kwargs(cls, cfg, train_loader))
+    macs, record = json.loads(distributed.gather_strings(json.dumps([macs, record]))[0])
+    cfg.target_macs = record["macs_ratio"] = macs
+    info["latency_target"] = record
+    print(f"{args.method} compresses to {macs:.3f} of the MACs")
     return None
 
 

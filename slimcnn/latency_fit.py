@@ -1,0 +1,93 @@
+"""The MACs target at which a method's *own* compact net measures a latency goal.
+
+A method that decides its widths itself (Torch-Pruning's per-layer ratios, ModelOpt's subnet search, C-SGD's
+clusters, Dagger's gates) is asked for latency through a MACs target. The first guess comes from the latency model
+(:func:`slimcnn.graph.latency.macs_for_latency`: a uniformly pruned net of aligned widths), but two nets of equal
+MACs differ in time when their widths are spread differently (ResNet-20, ONNX Runtime batch 128, MACs 0.436:
+uniform 0.60 of the base, Torch-Pruning's widths 0.69). So each guess is *probed*: the method prepares and
+finalizes the base at that MACs target with no training in between, the compact net is timed against the base
+(interleaved, the same statistic as every other latency figure), and the target is corrected by the secant through
+the probes until the measured ratio is within ``tol`` of the goal. For the peers and C-SGD the probe builds exactly
+the structure the run will train (their widths follow from the weights they start from); for a stack, the split its
+search chooses and TRP's ranks on the untrained first stage; for Dagger, the structure its gates start from, which
+training then moves, so the final timing is what decides its row.
+
+>>> fit_macs_to_latency(make, base, x, goal, start=0.44, prepare_kwargs={})  # doctest: +SKIP
+(0.41, {"probes": [...], ...})
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .graph.latency import LatencyGoal, confirm_latency
+from .methods.base import Method
+from .profile import profile
+
+#: the range a corrected MACs target is kept in
+LOWEST, HIGHEST = 0.02, 0.995
+
+
+def next_target(points: list[tuple[float, float]], goal: float) -> float:
+    """The next MACs target from probes ``(macs_ratio, latency_ratio)``: the secant through the two probes nearest
+    the goal (latency rises with MACs), or, from one probe, latency taken as proportional to MACs.
+
+    >>> round(next_target([(0.5, 0.8)], 0.6), 3)
+    0.375
+    >>> round(next_target([(0.5, 0.8), (0.375, 0.65)], 0.6), 3)
+    0.333
+    """
+    near = sorted(points, key=lambda p: abs(p[1] - goal))[:2]
+    if len(near) == 1 or abs(near[0][1] - near[1][1]) < 1e-6 or abs(near[0][0] - near[1][0]) < 1e-6:
+        m, r = near[0]
+        guess = m * goal / r
+    else:
+        (m0, r0), (m1, r1) = near
+        slope = (r1 - r0) / (m1 - m0)
+        guess = m0 + (goal - r0) / slope if slope > 0 else near[0][0] * goal / near[0][1]
+    return min(HIGHEST, max(LOWEST, guess))
+
+
+def probe(make: Callable[[float], Method], base: nn.Module, example: torch.Tensor, macs_target: float,
+          prepare_kwargs: dict[str, Any]) -> nn.Module:
+    """The compact net ``make(macs_target)`` builds from ``base`` with no training between prepare and finalize."""
+    method = make(macs_target)
+    # without the run's config a stack trains nothing inside prepare: its first stage is finalized untrained
+    work = method.prepare(copy.deepcopy(base), example, **{k: v for k, v in prepare_kwargs.items() if k != "cfg"})
+    return method.finalize(work.eval()).eval()
+
+
+def fit_macs_to_latency(make: Callable[[float], Method], base: nn.Module, example: torch.Tensor, goal: LatencyGoal,
+                        start: float, prepare_kwargs: dict[str, Any], tol: float = 0.03, probes: int = 4,
+                        measure: Callable[[nn.Module], float] | None = None) -> tuple[float, dict[str, Any]]:
+    """The MACs target whose probe (:func:`probe`) measures closest to ``goal`` (a ratio), and the record of every
+    probe. ``measure`` gives a compact net's latency ratio to the base (default: timed against it on the goal's
+    backend and batch, :func:`~slimcnn.graph.latency.confirm_latency`); it stops at the first probe within ``tol``
+    (relative) of the goal, else after ``probes`` probes, keeping the nearest."""
+    if goal.unit != "ratio":
+        raise ValueError("fit_macs_to_latency takes the goal as a ratio of the base's latency")
+    shape = tuple(example.shape[1:])
+    measure = measure or (lambda net: confirm_latency(base, net, shape, goal.backend, goal.batch, goal.threads,
+                                                      budget_s=4.0)["measured_ratio"])
+    base_macs = profile(base, shape).macs
+    was_training = base.training
+    record: list[dict[str, Any]] = []
+    target = start
+    for _ in range(probes):
+        compact = probe(make, base.eval(), example, target, prepare_kwargs)
+        macs = profile(compact, shape).macs / base_macs
+        ratio = float(measure(compact))
+        record.append({"macs_target": round(target, 4), "macs_ratio": round(macs, 4), "ratio": round(ratio, 4)})
+        print(f"latency probe: MACs target {target:.3f} -> net of {macs:.3f} MACs measures {ratio:.3f} of the base "
+              f"(goal {goal.value:g})")
+        if abs(ratio - goal.value) <= tol * goal.value:
+            break
+        target = next_target([(p["macs_target"], p["ratio"]) for p in record], goal.value)
+    base.train(was_training)
+    best = min(record, key=lambda p: abs(p["ratio"] - goal.value))
+    return best["macs_target"], {"probes": record, "chosen": best, "tol": tol,
+                                 "within_tol": abs(best["ratio"] - goal.value) <= tol * goal.value}
+

@@ -1,0 +1,73 @@
+"""The MACs target at which a method's own compact net measures a latency goal (slimcnn/latency_fit.py).
+
+No timing here: the latency of a net is a fixed function of its MACs (a stand-in *cost table*, as the issue asks
+of unit tests), so the search is checked exactly; the real timing is the one every other latency figure uses.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import RESNET20
+import slimcnn
+from slimcnn import methods
+from slimcnn.graph.latency import LatencyGoal
+from slimcnn.latency_fit import fit_macs_to_latency, next_target
+from slimcnn.profile import profile
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def trained() -> torch.nn.Module:
+    return slimcnn.load_checkpoint(slimcnn.create("cifar_resnet20"), RESNET20).eval()
+
+
+@pytest.fixture(scope="module")
+def base():
+    return trained()
+
+
+def cost_table(base_macs: int):
+    """Latency ratio of a net from its MACs: a fixed per-call part and a part that grows faster than the MACs
+    (what a runtime with less efficient narrow kernels looks like)."""
+    return lambda net: 0.2 + 0.8 * (profile(net, (3, 32, 32)).macs / base_macs) ** 0.8
+
+
+def test_next_target_moves_towards_the_goal_and_stays_in_range():
+    assert next_target([(0.5, 0.8)], 0.6) < 0.5 < next_target([(0.5, 0.4)], 0.6)
+    # a secant that does not rise (noise) falls back to proportional scaling from the nearest probe
+    assert next_target([(0.5, 0.7), (0.4, 0.72)], 0.6) == pytest.approx(0.5 * 0.6 / 0.7)
+    assert next_target([(0.03, 0.9)], 0.01) == 0.02 and next_target([(0.9, 0.1)], 0.9) == 0.995
+
+
+@pytest.mark.parametrize("name", ["l1", "csgd"])
+def test_the_fit_lands_the_method_own_net_on_the_goal(base, name):
+    measure = cost_table(profile(base, (3, 32, 32)).macs)
+    goal = LatencyGoal(0.6)
+    make = lambda m: methods.create(name, target_macs=m, round_to=8)  # noqa: E731
+    target, record = fit_macs_to_latency(make, base, X, goal, start=0.45, prepare_kwargs={}, measure=measure)
+    assert record["within_tol"] and len(record["probes"]) <= 4
+    assert record["chosen"]["macs_target"] == target
+    # the first guess missed (0.45 of the MACs measures 0.2 + 0.8 * 0.45 ** 0.8 = 0.622): it was moved
+    assert record["probes"][0]["macs_target"] == 0.45 and abs(record["probes"][0]["ratio"] - 0.6) > 0.018
+    # the chosen target rebuilds a net that measures the goal: the probe is the structure the run trains
+    from slimcnn.latency_fit import probe
+
+    assert measure(probe(make, base, X, target, {})) == pytest.approx(0.6, rel=0.03)
+    # the base is left as it was
+    fresh = trained().state_dict()
+    assert not base.training and all(torch.equal(v, fresh[k]) for k, v in base.state_dict().items())
+
+
+def test_the_fit_stops_at_the_first_probe_within_tolerance(base):
+    measure = cost_table(profile(base, (3, 32, 32)).macs)
+    start = ((0.6 - 0.2) / 0.8) ** (1 / 0.8)  # where the table gives exactly 0.6
+    _, record = fit_macs_to_latency(lambda m: methods.create("l1", target_macs=m), base, X, LatencyGoal(0.6),
+                                    start=start, prepare_kwargs={}, measure=measure)
+    assert len(record["probes"]) == 1
+
+
+def test_a_goal_in_milliseconds_is_refused(base):
+    with pytest.raises(ValueError, match="ratio"):
+        fit_macs_to_latency(lambda m: methods.create("l1", target_macs=m), base, X, LatencyGoal(3.0, "ms"),
+                            start=0.5, prepare_kwargs={})
