@@ -25,7 +25,7 @@ from typing import Any
 
 from .compress import CompressConfig, compress, split_budget
 from .models.checkpoint import public_checkpoint
-from .report import atomic_write_text, environment
+from .report import atomic_write_text, environment, provenance
 
 
 #: training recipes a benchmark run applies to every row: cross-entropy alone, or distillation from the base
@@ -177,7 +177,7 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                                      out_dir=str(work_dir / model_name / f"{row.label}-{target}{suffix}"),
                                      distill=recipe == "distill", kd_alpha=budget.kd_alpha,
                                      kd_temperature=budget.kd_temperature)
-                t0 = time.time()
+                t0, started = time.time(), provenance()
                 _, rep = compress(base, method, loaders["train"], loaders["test"], (3, 32, 32), cfg, model_name,
                                   {"command": f"slimcnn bench --budget {budget_name} --recipe {recipe}",
                                    "base_checkpoint": base_key})
@@ -196,7 +196,7 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                     "finalize": rep.get(rep["finalize_key"]), "wall_s": round(time.time() - t0, 1),
                     **({"stages": [{k: v for k, v in st.items() if k != "details"} for st in rep["stages"]],
                         "split": rep["stack"]["split"]} if "stages" in rep else {}),
-                    "test_images": rep["test_images"]}
+                    "test_images": rep["test_images"], "provenance": {"start": started, "end": provenance()}}
                 write_results(records, budget_name, budget, out_json, name)
     return write_results(records, budget_name, budget, out_json, name)
 

@@ -29,7 +29,7 @@ import torch
 from .bench import BUDGETS, RECIPES, ROWS, _recipe_of, fine_tuned_base, save_result
 from .compress import CompressConfig, compress, split_budget
 from .methods import plans_latency
-from .report import environment
+from .report import environment, provenance
 
 #: the alignment every row that gets a MACs target compresses with (the measured widths were aligned to it)
 ROUND_TO = 8
@@ -115,7 +115,7 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
                        f"--latency-backend {goal.backend} --latency-batch {goal.batch}",
             "base_checkpoint": base_key, **({} if native else {"latency_target": dict(via)})}
     attempts: list[dict[str, Any]] = []
-    t0 = time.time()
+    t0, started = time.time(), provenance()
     while True:
         kw.update({"target_latency": goal} if native else {"target_macs": target_macs})
         cfg = CompressConfig(target_macs=target_macs, method_epochs=m_epochs, epochs=ft_epochs, lr=budget.lr,
@@ -141,7 +141,8 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
             "method_epochs": m_epochs, "finetune_epochs": ft_epochs, "base_top1": rep["base"]["top1"],
             "top1": rep["compressed"]["top1"], "macs": rep["compressed"]["macs"], "macs_ratio": rep["macs_ratio"],
             "params": rep["compressed"]["params"], "run_ratio": ratio, "out_dir": str(out_dir),
-            "wall_s": round(time.time() - t0, 1), "test_images": rep["test_images"]}
+            "wall_s": round(time.time() - t0, 1), "test_images": rep["test_images"],
+            "provenance": {"start": started, "end": provenance()}}
 
 
 def _fit_row(method_name: str, kw: dict[str, Any], base, goal, via: dict[str, Any], budget, loaders,

@@ -27,6 +27,74 @@ def environment() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def code_version() -> dict[str, Any]:
+    """The git commit the package runs from and whether its code differs from it (results files aside: a bench
+    rewrites them as it goes); ``commit`` is None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") if commit else None
+    return {"commit": commit, "dirty": bool(changes) if changes is not None else None}
+
+
+def machine_load(interval_s: float = 1.0) -> dict[str, Any]:
+    """The 1-minute load average and the share of all cores other processes kept busy over ``interval_s`` (this
+    process excluded): what tells a figure timed on a loaded machine from one timed idle. Linux only (None
+    elsewhere)."""
+    import time
+
+    def sample() -> tuple[int, int, int] | None:
+        try:
+            cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)
+        return sum(cpu), sum(cpu) - idle, int(own[11]) + int(own[12])  # total, busy, own utime + stime
+
+    first = sample()
+    time.sleep(interval_s)
+    last = sample()
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if first is None or last is None or last[0] == first[0]:
+        return {"load_avg_1m": load1, "others_cpu_share": None}
+    total, busy, own = (b - a for a, b in zip(first, last))
+    return {"load_avg_1m": round(load1, 2) if load1 is not None else None,
+            "others_cpu_share": round(max(0.0, (busy - own) / total), 3)}
+
+
+def provenance() -> dict[str, Any]:
+    """What a bench row records at its start and end: code version, load, threads and the versions of the tools
+    it compares (torch, torch_pruning, modelopt)."""
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for dist in ("torch", "torch-pruning", "nvidia-modelopt", "onnxruntime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {**code_version(), **machine_load(), "torch_threads": torch.get_num_threads(), "versions": versions,
+            "time": time_stamp()}
+
+
+def time_stamp() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width of every conv/linear layer by name; a factorised conv (Sequential) reports its inner rank."""
     widths: dict[str, int] = {}
