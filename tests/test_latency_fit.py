@@ -71,3 +71,12 @@ def test_a_goal_in_milliseconds_is_refused(base):
     with pytest.raises(ValueError, match="ratio"):
         fit_macs_to_latency(lambda m: methods.create("l1", target_macs=m), base, X, LatencyGoal(3.0, "ms"),
                             start=0.5, prepare_kwargs={})
+
+
+def test_a_fit_that_misses_says_so_in_one_line(base, capsys):
+    """A latency the net cannot reach within its probes: the nearest probe is kept and a warning names it."""
+    _, record = fit_macs_to_latency(lambda m: methods.create("l1", target_macs=m), base, X, LatencyGoal(0.6),
+                                    start=0.5, prepare_kwargs={}, probes=1, measure=lambda net: 0.9)
+    assert not record["within_tol"] and record["chosen"]["ratio"] == 0.9
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "measured 0.900 of the base" in warnings[0]
