@@ -12,10 +12,6 @@ import sys
 COMMANDS = ["demo", "models", "profile", "eval", "train", "compress", "export", "bench"]
 
 
-class UserError(Exception):
-    """An error the user can fix (bad path, bad option): printed as one line, no traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__  # noqa: F401
 
@@ -43,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure") and not sys.stdout.isatty():
         # a log file gets each line when it is printed (an epoch's line must not wait in a buffer for the next)
         sys.stdout.reconfigure(line_buffering=True)
-    from .commands.common import torch_threads
+    from .commands.common import UserError, torch_threads
     from .data import DataError
     from .graph.validate import SurgeryError
     from .models import CheckpointError

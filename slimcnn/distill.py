@@ -109,7 +109,7 @@ class Distiller:
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's prediction for ``x`` (its last output if it is an iterative model), without gradient."""
-        from .engine.outputs import final_output
+        from .outputs import final_output
 
         key = None
         if self.memo is not None:

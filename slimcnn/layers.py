@@ -18,7 +18,7 @@ from torch import nn
 
 from .graph.handlers import LayerHandler, NewChannel, register_handler
 from .graph.replace import set_submodule
-from .io import register_layer, register_layer_alias
+from .layer_specs import register_layer, register_layer_alias
 
 
 @register_layer

@@ -31,9 +31,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 aten = torch.ops.aten
 
 
-def _conv_macs(args: tuple, out: torch.Tensor) -> int:
-    from .graph.handlers import conv_macs  # here, not at the top: slimcnn.graph imports this module
+def conv_macs(out_elements: int, in_per_group: int, kernel_elements: int) -> int:
+    """MACs of a convolution (or a matrix multiply, kernel 1): every output element is a dot product over the
+    input channels of its group times the kernel. The one formula behind the profiler's count of a conv op,
+    TRP's MACs of a conv and of its factorisation, and :meth:`slimcnn.graph.handlers.ConvHandler.macs`.
 
+    >>> conv_macs(16 * 32 * 32, 3, 9)    # a 3->16 channel 3x3 conv with a 32x32 output
+    442368
+    """
+    return out_elements * in_per_group * kernel_elements
+
+
+def _conv_macs(args: tuple, out: torch.Tensor) -> int:
     x, w = args[0], args[1]
     transposed = bool(args[6]) if len(args) > 6 else False
     kernel = prod(w.shape[2:])
@@ -43,8 +52,6 @@ def _conv_macs(args: tuple, out: torch.Tensor) -> int:
 
 
 def _mm_macs(a: torch.Tensor, b: torch.Tensor) -> int:
-    from .graph.handlers import conv_macs
-
     return conv_macs(prod(a.shape[:-1]) * b.shape[-1], a.shape[-1], 1)  # a matmul is a 1x1 conv
 
 

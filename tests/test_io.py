@@ -9,6 +9,7 @@ from torch import nn
 
 import slimcnn
 import slimcnn.cli
+import slimcnn.commands.common
 from slimcnn.io import SpecError, export_onnx, export_torchscript, load, model_spec, save
 from slimcnn.models import CheckpointError, PadShortcut, create, load_checkpoint
 from conftest import RESNET20
@@ -135,7 +136,7 @@ BAD_LAYERS = {
     "cli entry point": lambda s: {"type": "slimcnn.cli:main", "config": {"argv": ["export", s["model"],
                                                                                   "--torchscript", s["sentinel"]]}},
     "function": lambda s: {"type": "slimcnn.io:export_torchscript", "config": {"path": s["sentinel"]}},
-    "non-module class": lambda s: {"type": "slimcnn.cli:UserError", "config": {}},
+    "non-module class": lambda s: {"type": "slimcnn.commands.common:UserError", "config": {}},
     "unregistered torch module": lambda s: {"type": "torch.nn.modules.conv:Conv3d",
                                             "config": {"in_channels": 16, "out_channels": 16, "kernel_size": 3}},
     "unregistered slimcnn module": lambda s: {"type": "slimcnn.gating.rig:Gate", "config": {}},
@@ -193,7 +194,7 @@ def test_save_refuses_an_unregistered_layer_and_register_layer_checks_its_class(
     with pytest.raises(TypeError, match="nn.Module subclass"):
         register_layer(slimcnn.cli.main)
     with pytest.raises(TypeError, match="nn.Module subclass"):
-        register_layer(slimcnn.cli.UserError)
+        register_layer(slimcnn.commands.common.UserError)
     with pytest.raises(TypeError, match="get_config"):
         register_layer(nn.Conv3d)
 

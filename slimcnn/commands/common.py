@@ -12,6 +12,10 @@ from types import ModuleType
 from ..models import default_input_size
 
 
+class UserError(Exception):
+    """An error the user can fix (bad path, bad option): printed as one line, no traceback."""
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.split(","))
@@ -153,7 +157,6 @@ def require_extra(module: str, extra: str, feature: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        from ..cli import UserError
 
         raise UserError(f'{feature} needs {module} ({e}): pip install -e ".[{extra}]"') from None
 

@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..cli import UserError
+    from .common import UserError
     from ..io import export_onnx, export_torchscript, load
     from ..models import default_input_size
 

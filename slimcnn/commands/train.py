@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from .common import UserError
     from ..engine import TrainConfig, TrainingDiverged, evaluate, train
     from ..engine import distributed
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from ..progress import bar as progress_bar, log_line, on_terminal
-from .outputs import final_output
+from ..outputs import final_output
 
 TASKS = ("classification", "segmentation")
 #: CamVid's void label: ignored by the segmentation loss and metrics

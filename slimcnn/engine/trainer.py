@@ -41,11 +41,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..distill import Distiller
-from ..methods.base import Method
+from ..outputs import final_output, iteration_loss
 from . import distributed
 from .checkpoint import capture_rng, load_state, restore_rng, save_state
 from .evaluate import SEG_IGNORE_INDEX, autocast, check_task, evaluate, match_size, task_loss, topk_hits
-from .outputs import final_output, iteration_loss
+from .hooks import NoHooks, TrainingHooks
 
 CHECKPOINT_NAME = "last.safetensors"
 SCHEDULES = ("cosine", "step", "constant")
@@ -175,7 +175,7 @@ def config_record(cfg: TrainConfig) -> dict[str, Any]:
     return rec
 
 
-def _check_resume(path: Path, state: dict[str, Any], cfg: TrainConfig, steps_per_epoch: int, method: Method,
+def _check_resume(path: Path, state: dict[str, Any], cfg: TrainConfig, steps_per_epoch: int, method: TrainingHooks,
                   distiller: Distiller | None) -> None:
     saved = state["config"]
     problems = [f"{k}={saved.get(k)!r} (this run: {getattr(cfg, k)!r})" for k in _RESUME_KEYS
@@ -217,7 +217,7 @@ class _EpochStats:
         return distributed.all_reduce_sum(t).tolist()
 
 
-def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Method | None = None,
+def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: TrainingHooks | None = None,
           val_loader: Iterable | None = None, resume: bool = False,
           distiller: Distiller | None = None) -> TrainResult:
     """Train ``model`` on ``train_loader`` with SGD, driving ``method``'s hooks; see the module docstring.
@@ -231,7 +231,7 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
     >>> result.history[0]["train_loss"]                                 # doctest: +SKIP
     """
     device = _device(cfg.device)
-    method = method if method is not None else Method()
+    method = method if method is not None else NoHooks()
     main = distributed.is_main()
     show = cfg.progress and main
     _seed_everything(cfg.seed)
@@ -377,7 +377,7 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Me
 
 
 def _restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, sched: LambdaLR,
-             scaler: torch.amp.GradScaler, method: Method, ema: AveragedModel | None = None) -> None:
+             scaler: torch.amp.GradScaler, method: TrainingHooks, ema: AveragedModel | None = None) -> None:
     """Load a checkpoint's model, optimiser, scheduler, AMP scaler, method, EMA and RNG states."""
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])

@@ -14,7 +14,7 @@ and ``gate_init="default"|"open"|"zero"`` (:mod:`slimcnn.gating.rig` says what t
 Gate modules are declared unprunable for channel surgery: a gate couples the channels of the stream it gates
 to those of its source; so are per-iteration BN layers (their copies would have to shrink together).
 """
-from ..engine.outputs import iteration_loss  # the training loop's own loss over the iterations' outputs
+from ..outputs import iteration_loss  # the training loop's own loss over the iterations' outputs
 from ..models.registry import register_wrapper
 from .dig import DIG, VARIANTS
 from .rig import BN_MODES, GATE_INITS, GATE_TYPES, RIG, FeedbackNet, Gate, IterationBN

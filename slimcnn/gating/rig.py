@@ -356,7 +356,7 @@ class FeedbackNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """The last iteration's logits. With ``loss_all_iterations`` and in training mode: the list of every
         iteration's logits (last one last), for a loss averaged over iterations
-        (:func:`slimcnn.engine.outputs.iteration_loss`)."""
+        (:func:`slimcnn.outputs.iteration_loss`)."""
         if self.training and self.loss_all_iterations:
             return self.forward_all(x, all_heads=True)
         return self.forward_all(x, all_heads=False)[-1]

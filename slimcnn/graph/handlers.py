@@ -16,28 +16,17 @@ of testing ``isinstance`` chains, so a new layer type is one class and one :func
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .groups import Role
+from ..profile import conv_macs  # noqa: F401  (re-exported: the one formula, named where handlers are)
+from .group_types import Role
 
 Axis = Literal["in", "out"]
 # A new channel along one axis of one module: (kept old index, old indices whose input slices are summed).
 NewChannel = tuple[int, list[int]]
-
-
-def conv_macs(out_elements: int, in_per_group: int, kernel_elements: int) -> int:
-    """MACs of a convolution (or a matrix multiply, kernel 1): every output element is a dot product over the
-    input channels of its group times the kernel. The one formula behind the profiler's count of a conv op,
-    TRP's MACs of a conv and of its factorisation, and :meth:`ConvHandler.macs`.
-
-    >>> conv_macs(16 * 32 * 32, 3, 9)    # a 3->16 channel 3x3 conv with a 32x32 output
-    442368
-    """
-    return out_elements * in_per_group * kernel_elements
 
 
 class LayerHandler:

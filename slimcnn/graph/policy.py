@@ -29,12 +29,11 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from .groups import ChannelGroup
+from .group_types import ChannelGroup
 
 
 def matches(name: str, pattern: str) -> bool:

@@ -10,7 +10,7 @@ class SurgeryError(RuntimeError):
 
 
 def first_output(out) -> torch.Tensor:
-    from ..engine.outputs import final_output  # the library's one rule for reading a model's prediction
+    from ..outputs import final_output  # the library's one rule for reading a model's prediction
 
     return final_output(out)
 

@@ -97,7 +97,7 @@ SPLIT_HELP = ("stacks (e.g. dagger+trp): fraction in (0, 1) of the log MACs redu
 
 def parse_stack(name: str) -> tuple[str, str]:
     """``"dagger+trp"`` -> ``("dagger", "trp")``; ValueError naming what is wrong and what would work."""
-    from . import list_methods
+    from .registry import list_methods
 
     parts = name.split("+")
     if len(parts) != 2 or not all(parts):
@@ -145,7 +145,7 @@ def _rank0_split(split: float, device: torch.device | str) -> float:
 def stack_class(name: str) -> type[Stack]:
     """The :class:`Stack` subclass for ``name`` (e.g. ``"dagger+trp"``), so that the pipeline, the CLI and the
     benchmark read its name, recipe and options from a class like any method's."""
-    from . import method_class
+    from .registry import method_class
 
     first, last = parse_stack(name)
     c1, c2 = method_class(first), method_class(last)
@@ -189,7 +189,7 @@ class Stack(Method):
     def __init__(self, target_macs: float = 0.5, split: float | None = None,
                  splits: tuple[float, ...] = DEFAULT_SPLITS, search_images: int = 512,
                  round_to: int | None = None, **options: Any) -> None:
-        from . import method_class
+        from .registry import method_class
 
         if target_macs is None or target_macs <= 0:
             raise ValueError(f"target MACs must be > 0 (<= 1: a ratio, > 1: absolute MACs), got {target_macs}")
@@ -241,7 +241,7 @@ class Stack(Method):
         >>> [stack_class(s).stage_epochs(4) for s in ("dagger+trp", "l1+trp", "csgd+trp")]
         [(1, 3), (0, 4), (4, 4)]
         """
-        from . import method_class
+        from .registry import method_class
 
         if cls.concurrent():
             if method_epochs < 1:
@@ -271,7 +271,7 @@ class Stack(Method):
 
         ``cfg`` (a :class:`slimcnn.compress.CompressConfig`; ``compress`` passes it) gives the epoch budget and
         the training settings; without it the channel stage gets no training (fine for l1 and tp)."""
-        from . import create
+        from .registry import create
 
         t0 = time.time()
         self.example_input = example_input
@@ -339,7 +339,7 @@ class Stack(Method):
                             channel_ratio: float, goal: float, t0: float) -> nn.Module:
         """C-SGD to the global ranking's widths at ``channel_ratio``, and TRP's ranks planned on the net its merge
         will produce; both then train in the pipeline's steps (module docstring). Returns the unchanged model."""
-        from . import create
+        from .registry import create
         from .csgd import cluster_lists
 
         first_name, last_name = self.stages
@@ -375,7 +375,7 @@ class Stack(Method):
         """Score each of ``self.splits`` by the finalize-only proxy (module docstring); return the best."""
         from ..engine import recalibrate_bn
         from ..graph.validate import SurgeryError
-        from . import create, method_class
+        from .registry import create, method_class
 
         t0 = time.time()
         device = example_input.device
