@@ -20,13 +20,13 @@ from common import add_data_args  # first: puts this checkout's slimcnn on the p
 import torch
 
 import slimcnn
-from slimcnn.compress import CompressConfig, _train
+from slimcnn.compress import CompressConfig
 from slimcnn.data import cifar10_loaders
-from slimcnn.engine.evaluate import evaluate
+from slimcnn.engine import evaluate, train
 from slimcnn.engine.recalibrate import recalibrate_bn
 from slimcnn.graph.groups import channel_groups
 from slimcnn.graph.surgery import remove_channels
-from slimcnn.graph.targeting import _keep_top
+from slimcnn.graph.targeting import keep_top
 from slimcnn.importance import score
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     widths = json.loads((Path(args.widths_from) / "report.json").read_text())["widths"]
     x = torch.randn(1, 3, 32, 32)
     groups = channel_groups(base, x)
-    keep = _keep_top({g.key: score("group_l2", base, g) for g in groups if g.key in widths}, widths)
+    keep = keep_top({g.key: score("group_l2", base, g) for g in groups if g.key in widths}, widths)
     pruned = remove_channels(base, x, keep, groups=groups)
     loaders = cifar10_loaders(args.data, 128, args.train_limit, None, 0)
     ratio = slimcnn.profile(pruned, example_input=x).macs / slimcnn.profile(base, example_input=x).macs
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = CompressConfig(epochs=args.epochs, lr=args.lr)  # the fine-tune recipe of slimcnn compress and the bench
     recalibrate_bn(pruned, loaders["train"], cfg.bn_recalib)
     print(f"after BN recalibration {evaluate(pruned, loaders['test'])['top1']:.2f}")
-    pruned = _train(pruned, loaders["train"], cfg, cfg.epochs, cfg.lr, method=None, out=None)
+    pruned = train(pruned, loaders["train"], cfg.train_config(cfg.epochs)).model
     print(f"after {args.epochs} fine-tune epoch(s) {evaluate(pruned, loaders['test'])['top1']:.2f}")
     return 0
 

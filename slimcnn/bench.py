@@ -86,7 +86,7 @@ BUDGETS = {
 }
 
 
-def _recipe_of(record: dict[str, Any]) -> str:
+def recipe_of(record: dict[str, Any]) -> str:
     """A stored row's recipe; rows written before recipes existed were plain."""
     return record.get("recipe", "plain")
 
@@ -146,7 +146,7 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
     out_json = Path(results) / f"{name}.json"
     # resume a partly done benchmark: rows already measured with these settings are kept
     done: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    records = {(r["model"], r["row"], r["target_macs"], _recipe_of(r))
+    records = {(r["model"], r["row"], r["target_macs"], recipe_of(r))
                + ((_row_label(r),) if r.get("deploy") else ()): r
                for r in done.get("rows", []) if r.get("budget") == budget_name}
     unknown = sorted(set(rows or []) - {r.label for r in ROWS})
@@ -263,11 +263,11 @@ def results_markdown(result: dict[str, Any]) -> str:
              "| model | row | recipe | target | epochs (method+ft) | base top-1 | top-1 | change | MACs | MACs ratio | "
              "within 1% | params | latency ratio (batch timed) | latency ratio (batch timed) | at finalize | wall s |",
              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
-    for r in sorted(result["rows"], key=lambda r: (r["model"], -r["target_macs"], r["row"], _recipe_of(r))):
+    for r in sorted(result["rows"], key=lambda r: (r["model"], -r["target_macs"], r["row"], recipe_of(r))):
         # each cell names its batch: a batch over the timing budget is shrunk, so rows may differ
         lat = [f"{v:.3f} (b={b}{', ' + r['latency_backend'] if r.get('latency_backend') == 'onnxruntime' else ''})"
                for b, v in r["latency_ratio"].items()]
-        lines.append(f"| {r['model']} | {_row_label(r)} | {_recipe_of(r)} | {r['target_macs']} | "
+        lines.append(f"| {r['model']} | {_row_label(r)} | {recipe_of(r)} | {r['target_macs']} | "
                      f"{r['method_epochs']}+{r['finetune_epochs']} | "
                      f"{r['base_top1']:.2f} | {r['top1']:.2f} | {r['top1_change']:+.2f} | {r['macs'] / 1e6:.2f}M | "
                      f"{r['macs_ratio']:.3f} | {_yes(r.get('within_tol'))} | {r['params'] / 1e6:.3f}M | {lat[0]} | "
@@ -284,7 +284,7 @@ def _fronts(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, 
     is just its best row)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["model"], _recipe_of(r)), []).append(r)
+        groups.setdefault((r["model"], recipe_of(r)), []).append(r)
     return {k: pareto_front(g) for k, g in groups.items() if len({r["target_macs"] for r in g}) > 1}
 
 
@@ -313,7 +313,7 @@ def plot_results(result: dict[str, Any], stem: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    series = lambda r: _row_label(r) if _recipe_of(r) == "plain" else f"{_row_label(r)} ({_recipe_of(r)})"  # noqa: E731
+    series = lambda r: _row_label(r) if recipe_of(r) == "plain" else f"{_row_label(r)} ({recipe_of(r)})"  # noqa: E731
     labels = sorted({series(r) for r in rows})
     colors = {k: plt.get_cmap("tab20" if len(labels) > 10 else "tab10")(i) for i, k in enumerate(labels)}
     models = sorted({r["model"] for r in rows})

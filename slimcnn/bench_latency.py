@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .bench import BUDGETS, RECIPES, ROWS, _recipe_of, fine_tuned_base, save_result
+from .bench import BUDGETS, RECIPES, ROWS, recipe_of, fine_tuned_base, save_result
 from .compress import CompressConfig, compress, split_budget
 from .methods import plans_latency
 from .report import environment, provenance
@@ -53,7 +53,7 @@ def run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str =
     name = name or f"bench-{budget_name}-{tag}"
     out_json = Path(results) / f"{name}.json"
     done = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    records = {(r["model"], r["row"], _recipe_of(r)): r for r in done.get("rows", []) if r.get("tag") == tag}
+    records = {(r["model"], r["row"], recipe_of(r)): r for r in done.get("rows", []) if r.get("tag") == tag}
     # one MACs figure per model for every row that gets one, kept across resumed sittings: the same for every row
     vias: dict[str, dict[str, Any]] = done.get("via", {}) if done.get("tag") == tag else {}
     unknown = sorted(set(rows or []) - {r.label for r in ROWS})
@@ -237,9 +237,9 @@ def latency_markdown(result: dict[str, Any]) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in sorted(result["rows"], key=lambda r: (r["model"], r["row"])):
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['row']} | {_recipe_of(r)} | not run: {r['error']} | | | | | | no | |")
+            lines.append(f"| {r['model']} | {r['row']} | {recipe_of(r)} | not run: {r['error']} | | | | | | no | |")
             continue
-        lines.append(f"| {r['model']} | {r['row']} | {_recipe_of(r)} | {r['via']} | {r['macs_ratio']:.3f} | "
+        lines.append(f"| {r['model']} | {r['row']} | {recipe_of(r)} | {r['via']} | {r['macs_ratio']:.3f} | "
                      f"{r['top1']:.2f} | {r['base_top1']:.2f} | {fmt(r.get('run_ratio'))} | "
                      f"{fmt(r.get('final_ratio'))} | {'yes' if r.get('within_10pct') else 'no'} | {r['wall_s']:.0f} |")
     for model in sorted({r["model"] for r in result["rows"]}):

@@ -42,8 +42,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .methods.base import Method, within_tol
+from .engine import TrainConfig
 from .graph.policy import LayerPolicy, layer_policy
+from .methods.base import Method, within_tol
 from .profile import budgeted_latency, profile
 from .progress import bar as progress_bar
 from .report import alignment, environment, layer_widths, write_report
@@ -111,6 +112,18 @@ class CompressConfig:
         (default ``method_epochs``) at ``steps_per_epoch``, the learning rate and the schedule."""
         epochs = self.method_epochs if epochs is None else epochs
         return {"total_steps": steps_per_epoch * epochs, "lr": self.method_lr or self.lr, "schedule": self.schedule}
+
+    def train_config(self, epochs: int, lr: float | None = None, out_dir: str | Path | None = None,
+                     ema: float | None = None) -> TrainConfig:
+        """The :class:`~slimcnn.engine.TrainConfig` of one training phase of this run: ``epochs`` at ``lr``
+        (default: the fine-tune rate) with the run's optimiser, schedule, seed, device and task.
+
+        >>> CompressConfig(lr=0.02, seed=3).train_config(2).lr, CompressConfig(seed=3).train_config(2).seed
+        (0.02, 3)
+        """
+        return TrainConfig(epochs=epochs, lr=self.lr if lr is None else lr, momentum=self.momentum,
+                           weight_decay=self.weight_decay, schedule=self.schedule, seed=self.seed, device=self.device,
+                           amp=self.amp, out_dir=str(out_dir) if out_dir else None, ema=ema, task=self.task)
 
     @property
     def recipe(self) -> str:
@@ -226,12 +239,9 @@ def _score(model: nn.Module, loader, cfg: CompressConfig, desc: str) -> tuple[fl
 
 def _train(model: nn.Module, loader, cfg: CompressConfig, epochs: int, lr: float, method: Method | None,
            out: Path | None, distiller: Distiller | None = None, ema: float | None = None) -> nn.Module:
-    from .engine import TrainConfig, train
+    from .engine import train
 
-    tcfg = TrainConfig(epochs=epochs, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                       schedule=cfg.schedule, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
-                       out_dir=str(out) if out else None, ema=ema, task=cfg.task)
-    return train(model, loader, tcfg, method=method, distiller=distiller).model
+    return train(model, loader, cfg.train_config(epochs, lr, out, ema), method=method, distiller=distiller).model
 
 
 def check_layer_control(method: Method | type[Method], cfg: CompressConfig, model: nn.Module | None = None

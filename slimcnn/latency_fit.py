@@ -32,8 +32,9 @@ LOWEST, HIGHEST = 0.02, 0.995
 
 
 def next_target(points: list[tuple[float, float]], goal: float) -> float:
-    """The next MACs target from probes ``(macs_ratio, latency_ratio)``: the secant through the two probes nearest
-    the goal (latency rises with MACs), or, from one probe, latency taken as proportional to MACs.
+    """The next MACs target from probes ``(macs_ratio, latency_ratio)`` in the order made: the secant through the two
+    probes nearest the goal (latency rises with MACs); from one probe, or when noise made the secant fall, latency
+    taken as proportional to MACs from the last probe.
 
     >>> round(next_target([(0.5, 0.8)], 0.6), 3)
     0.375
@@ -41,13 +42,15 @@ def next_target(points: list[tuple[float, float]], goal: float) -> float:
     0.333
     """
     near = sorted(points, key=lambda p: abs(p[1] - goal))[:2]
-    if len(near) == 1 or abs(near[0][1] - near[1][1]) < 1e-6 or abs(near[0][0] - near[1][0]) < 1e-6:
-        m, r = near[0]
-        guess = m * goal / r
-    else:
+    last_m, last_r = points[-1]
+    guess = last_m * goal / last_r
+    if len(near) == 2 and abs(near[0][0] - near[1][0]) > 1e-6:
         (m0, r0), (m1, r1) = near
         slope = (r1 - r0) / (m1 - m0)
-        guess = m0 + (goal - r0) / slope if slope > 0 else near[0][0] * goal / near[0][1]
+        if slope > 0:  # else timing noise outweighed the step: scale from the last probe, which keeps moving
+            guess = m0 + (goal - r0) / slope
+    if any(abs(guess - m) < 2e-3 for m, _ in points):  # a target already probed tells nothing new
+        guess = last_m * goal / last_r
     return min(HIGHEST, max(LOWEST, guess))
 
 

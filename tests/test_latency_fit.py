@@ -35,8 +35,9 @@ def cost_table(base_macs: int):
 
 def test_next_target_moves_towards_the_goal_and_stays_in_range():
     assert next_target([(0.5, 0.8)], 0.6) < 0.5 < next_target([(0.5, 0.4)], 0.6)
-    # a secant that does not rise (noise) falls back to proportional scaling from the nearest probe
-    assert next_target([(0.5, 0.7), (0.4, 0.72)], 0.6) == pytest.approx(0.5 * 0.6 / 0.7)
+    # a secant that does not rise (noise) falls back to proportional scaling from the last probe, so the search
+    # moves on instead of probing the same target again
+    assert next_target([(0.436, 0.644), (0.406, 0.649)], 0.6) == pytest.approx(0.406 * 0.6 / 0.649)
     assert next_target([(0.03, 0.9)], 0.01) == 0.02 and next_target([(0.9, 0.1)], 0.9) == 0.995
 
 

@@ -1,7 +1,8 @@
 """What each method declares for the pipeline (slimcnn/methods/base.py) matches what it really takes.
 
-The pipeline reads the declarations instead of inspecting signatures, so a method whose ``__init__`` or
-``prepare`` gains a keyword must declare it; these checks say which one when it does not.
+A method's options are read from its ``__init__`` signature when the class is defined; what a method declares
+by hand (its ``prepare`` inputs, its CLI flags) must match what it really takes; these checks say which one when
+it does not.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import inspect
 import pytest
 
 from slimcnn import methods
-from slimcnn.methods.base import Method
+from slimcnn.methods.base import Method, constructor_keywords, option_help
 
 PIPELINE_INPUTS = {"total_steps", "lr", "schedule", "train_loader", "test_loader", "cfg"}
 NAMES = methods.list_methods() + methods.list_stacks()
@@ -30,6 +31,30 @@ def test_options_are_the_constructor_keywords(name: str) -> None:
     assert cls.options == taken, f"{name}: declared {sorted(cls.options ^ taken)} differ from __init__"
     own = {kw.get("dest", flag.lstrip("-").replace("-", "_")) for flag, kw in cls.cli_args}
     assert own <= cls.options and cls.targets <= cls.options
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_help_texts_leave_the_default_to_the_signature(name: str) -> None:
+    """A default is declared once, in ``__init__``; the CLI appends it to the help (methods/base.py:
+    option_help). A help text that states a default itself would drift from the code."""
+    cls = methods.method_class(name)
+    signature = constructor_keywords(cls)
+    for flag, kw in cls.cli_args:
+        dest = kw.get("dest", flag.lstrip("-").replace("-", "_"))
+        default = signature[dest].default
+        if default not in (None, False):
+            assert "default" not in kw["help"], f"{name} {flag}: the help restates the default {default!r}"
+            assert option_help(cls, dest, kw["help"]).endswith(f"(default: {default:g})" if isinstance(
+                default, float) else f"(default: {default})")
+
+
+def test_the_compress_help_shows_the_signature_defaults(capsys) -> None:
+    from slimcnn.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "truncation (default: 0.9)" in text and "(default: group_l2)" in text
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -27,11 +27,14 @@ class _MethodChoices(list):
 def _method_options() -> list[tuple[str, dict]]:
     """Every method's own CLI options (first declaration of a flag wins: shared flags mean the same)."""
     from ..methods import list_methods, list_stacks, method_class
+    from ..methods.base import option_help
 
     seen: dict[str, dict] = {}
     for name in list_methods() + list_stacks():
-        for flag, kw in method_class(name).cli_args:
-            seen.setdefault(flag, kw)
+        cls = method_class(name)
+        for flag, kw in cls.cli_args:
+            dest = kw.get("dest", flag.lstrip("-").replace("-", "_"))
+            seen.setdefault(flag, {**kw, "help": option_help(cls, dest, kw.get("help", ""))})
     return list(seen.items())
 
 

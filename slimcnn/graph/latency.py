@@ -49,7 +49,7 @@ from ..profile import profile
 from .costs import LayerCost, cost_model
 from .groups import ChannelGroup, channel_groups
 from .surgery import remove_channels
-from .targeting import Scores, TargetError, _keep_top, aligned_widths, allocate_by_cost, check_round_to
+from .targeting import Scores, TargetError, keep_top, aligned_widths, allocate_by_cost, check_round_to
 
 #: the statistic of every timing here: the 10th percentile of interleaved calls, not the median. Why: other jobs on
 #: the cores only ever add time, and a low quantile drops most of it. Measured on ResNet-56, ONNX Runtime, 2 threads
@@ -299,7 +299,7 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, scores: Scor
         if widths == last:
             break  # the new point did not move the plan
         predicted, last = table.ratio_at(widths), widths
-        pruned = remove_channels(model, example_input, _keep_top(scores, widths), groups=groups)
+        pruned = remove_channels(model, example_input, keep_top(scores, widths), groups=groups)
         miss = abs(table.measure(pruned, widths, f"plan {i + 1}") - ratio)
         point = table.points[-1]
         point["predicted"] = round(predicted, 4)

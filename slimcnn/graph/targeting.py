@@ -396,7 +396,13 @@ def _global(cm: WidthCost, considered: list[ChannelGroup], scores: dict[str, tor
     return widths
 
 
-def _keep_top(scores: Scores, widths: Mapping[str, int]) -> dict[str, list[int]]:
+def keep_top(scores: Scores, widths: Mapping[str, int]) -> dict[str, list[int]]:
+    """The channels each group keeps: the indices of its ``widths[key]`` highest scores, in channel order (ties:
+    the lower index).
+
+    >>> keep_top({"g": [0.1, 0.9, 0.5, 0.9]}, {"g": 2})
+    {'g': [1, 3]}
+    """
     keep = {}
     for key, n in widths.items():
         s = torch.as_tensor(scores[key], dtype=torch.float64).flatten()
@@ -416,7 +422,7 @@ def _select(model: nn.Module, x: torch.Tensor, scores: Scores, target: float, mo
     closest: tuple[dict[str, list[int]], nn.Module, int] | None = None
     for _ in range(3):  # the prediction is exact for conv/linear layers; correct it if other ops scale too
         widths = _allocate(cm, considered, aim, mode, scores, tol, normalize, round_to)
-        keep = _keep_top(scores, widths)
+        keep = keep_top(scores, widths)
         pruned = remove_channels(model, x, keep, groups=groups)
         real = profile(pruned, example_input=x).macs
         if abs(real - goal) <= tol * goal:

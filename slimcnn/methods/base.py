@@ -18,6 +18,7 @@ A method never touches data loading.
 """
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -48,12 +49,33 @@ def within_tol(macs: float, base_macs: float, target: float | None, tol: float =
     return abs(macs - goal) <= tol * goal
 
 
+def constructor_keywords(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of ``cls.__init__`` (``**kwargs`` and ``*args`` aside), by name."""
+    return {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def option_help(cls: type, dest: str, text: str) -> str:
+    """``text`` with the option's default, read from ``cls.__init__``, appended: a default of None or False (the
+    option is off, or the text says what stands in) adds nothing.
+
+    >>> class M(Method):
+    ...     def __init__(self, energy: float = 0.9, layers: str | None = None) -> None: ...
+    >>> option_help(M, "energy", "energy kept"), option_help(M, "layers", "layer patterns")
+    ('energy kept (default: 0.9)', 'layer patterns')
+    """
+    default = constructor_keywords(cls)[dest].default
+    return text if default in (None, False, inspect.Parameter.empty) else f"{text} (default: {default:g})" \
+        if isinstance(default, float) else f"{text} (default: {default})"
+
+
 class Method:
     """Base class: every hook is a no-op, so a method overrides only what it needs."""
 
     name = "base"
     #: CLI options of ``slimcnn compress`` for this method: (flag, argparse kwargs); each ``dest`` must be a
-    #: keyword of ``__init__``. Options set to None on the command line are not passed (the default applies).
+    #: keyword of ``__init__``. Options set to None on the command line are not passed (the default applies). The
+    #: help says what the option does; its default is appended from the signature (:func:`option_help`).
     cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = []
     #: whether the method wants a training phase before ``finalize`` (L1 does not: it prunes, then fine-tunes)
     trains_before_finalize = False
@@ -63,10 +85,10 @@ class Method:
     method_share: ClassVar[float] = 0.0
     #: what the epochs with the method attached do, in words, for reports ("centripetal SGD", "gate search", ...)
     method_phase: ClassVar[str] = "training with the method attached"
-    #: every keyword option of ``__init__``. ``slimcnn compress`` passes each one it holds a value for (the
-    #: method's own ``cli_args`` and the run's shared flags: --target-macs, --round-to, --seed, ...), and a stack
-    #: hands each of its stages the options that stage lists. tests/test_method_declarations.py holds it to the
-    #: signature.
+    #: every keyword option of ``__init__``, read from its signature when the class is defined (never written by
+    #: hand). ``slimcnn compress`` passes each one it holds a value for (the method's own ``cli_args`` and the
+    #: run's shared flags: --target-macs, --round-to, --seed, ...), and a stack hands each of its stages the
+    #: options that stage lists.
     options: ClassVar[frozenset[str]] = frozenset()
     #: the options each of which sets the compression budget on its own (C-SGD's ``rounds``, L1's
     #: ``target_latency``): the pipeline's default ``target_macs`` is a fallback, passed only when none is set
@@ -85,6 +107,11 @@ class Method:
     epochs_in_prepare: int = 0
     #: the channel alignment the method keeps its widths to (None: none); the report counts aligned layers by it
     round_to: int | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "options" not in cls.__dict__:  # a built stack class declares its stages' options besides its own
+            cls.options = frozenset(constructor_keywords(cls))
 
     def prepare(self, model: nn.Module, example_input: torch.Tensor, graph: ChannelGraph | None = None) -> nn.Module:
         """Keep the example input and the model's :class:`~slimcnn.graph.ChannelGraph` (``graph`` when the caller

@@ -299,9 +299,6 @@ class CSGD(Method):
     trains_before_finalize = True
     method_share = 1.0  # its recipe: share of the epoch budget before finalize
     method_phase = "centripetal SGD"
-    options = frozenset({"target_macs", "widths", "rounds", "squeeze", "eps", "cluster", "cluster_on", "vector_scale",
-                         "weight_decay", "tol", "seed", "lossless_tol", "ramp", "momentum", "converged_distance",
-                         "round_to"})
     targets = frozenset({"target_macs", "widths", "rounds", "squeeze"})
     prepare_inputs = frozenset({"total_steps", "lr", "schedule"})
     finalize_key = "merge"
@@ -311,18 +308,18 @@ class CSGD(Method):
         ("--eps", {"type": float, "default": None,
                    "help": "csgd: centripetal strength (default: derived from lr and the number of steps)"}),
         ("--cluster", {"choices": ["kmeans", "even"], "default": None,
-                       "help": "csgd: cluster filters by k-means on the kernels (default) or in contiguous blocks"}),
+                       "help": "csgd: cluster filters by k-means on the kernels (kmeans) or in contiguous blocks (even)"}),
         ("--cluster-on", {"dest": "cluster_on", "choices": ["concat", "first"], "default": None,
-                          "help": "csgd: a residual stream is clustered on all its producers' kernels (concat, "
-                                  "default) or on its first producer (first, as the official code)"}),
+                          "help": "csgd: a residual stream is clustered on all its producers' kernels (concat) "
+                                  "or on its first producer (first, as the official code)"}),
         ("--rounds", {"type": parse_fractions, "default": None,
                       "help": "csgd: width fractions per round, e.g. 13/16,11/16,5/8 (instead of --target-macs)"}),
         ("--vector-scale", {"dest": "vector_scale", "type": float, "default": None,
-                            "help": "csgd: strength on BN gamma/beta and biases, relative to eps (default 0.1, "
-                                    "official; 1.0 lets the filters collapse gradually over the whole budget)"}),
+                            "help": "csgd: strength on BN gamma/beta and biases, relative to eps (0.1 is "
+                                    "the official value; 1.0 lets the filters collapse gradually over the whole budget)"}),
         ("--ramp", {"type": float, "default": None,
                     "help": "csgd: fraction of each round over which the strength grows from the official 3e-3 to "
-                            "its full value (default 0.3; 0: full strength from the first step)"}),
+                            "its full value (0: full strength from the first step)"}),
         ("--squeeze", {"action": "store_true", "default": None,
                        "help": "csgd: cluster a wide model (width > 1) down to the original widths"}),
     ]

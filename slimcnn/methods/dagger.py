@@ -263,10 +263,6 @@ class Dagger(Method):
     trains_before_finalize = True
     method_share = 0.5  # its recipe: share of the epoch budget before finalize
     method_phase = "gate search"
-    options = frozenset({"target_macs", "search_lr", "lambda_flops", "gate", "temperature", "final_temperature",
-                         "anneal", "anneal_steps", "reg", "polarize", "features", "normalize", "hidden", "embed_dim",
-                         "init_gate", "prior", "prior_scale", "detach_weights", "clip_grad", "mode", "seed",
-                         "lambda_lr", "round_to"})
     prepare_inputs = frozenset({"total_steps"})  # anneals its gates over the phase
     segmentation = True
     layer_control = frozenset({"exclude", "min_keep"})
@@ -274,22 +270,22 @@ class Dagger(Method):
         ("--search-lr", dict(dest="search_lr", type=float, default=None,
                              help="dagger: learning rate of the Dagger module (default: 10x the training lr)")),
         ("--lambda-flops", dict(dest="lambda_flops", type=float, default=None,
-                                help="weight of the FLOPs regulariser (default 10)")),
+                                help="dagger: weight of the FLOPs regulariser")),
         ("--gate", dict(dest="gate", choices=["sigmoid", "ste"], default=None,
-                        help="straight-through hard gates, or soft sigmoid gates (default ste)")),
+                        help="dagger: straight-through hard gates (ste) or soft sigmoid gates (sigmoid)")),
         ("--temperature", dict(dest="temperature", type=float, default=None,
-                               help="initial gate temperature T (default 1.0)")),
+                               help="dagger: initial gate temperature T")),
         ("--final-temperature", dict(dest="final_temperature", type=float, default=None,
-                                     help="temperature at the end of annealing (default 0.1)")),
+                                     help="dagger: temperature at the end of annealing")),
         ("--anneal-steps", dict(dest="anneal_steps", type=int, default=None,
-                                help="optimiser steps over which T anneals (default: the whole search under compress, else 2000)")),
+                                help="dagger: optimiser steps over which T anneals (default: the whole search under compress, else 2000)")),
         ("--reg", dict(dest="reg", choices=["square", "hinge"], default=None,
-                       help="regulariser form: (F/F_t - 1)^2 or max(0, F/F_t - 1) (default square)")),
+                       help="dagger: regulariser form: (F/F_t - 1)^2 (square) or max(0, F/F_t - 1) (hinge)")),
         ("--lambda-lr", dict(dest="lambda_lr", type=float, default=None,
                              help="dagger: dual-ascent step on lambda per search step, lambda += lr * (MACs/target - 1) "
-                                  "(default 20; 0 keeps lambda fixed)")),
+                                  "(0 keeps lambda fixed)")),
         ("--polarize", dict(dest="polarize", type=float, default=None,
-                            help="weight of the polarisation term mean(4 p (1 - p)) on gate probabilities (default 1.0)")),
+                            help="dagger: weight of the polarisation term mean(4 p (1 - p)) on gate probabilities")),
     ]
 
     def __init__(self, target_macs: float | None = None, search_lr: float | None = None, lambda_flops: float = 10.0,

@@ -30,15 +30,14 @@ class L1Pruning(Method):
     name = "l1"
     trains_before_finalize = False
     method_share = 0.0  # its recipe: share of the epoch budget before finalize
-    options = frozenset({"target_macs", "mode", "scorer", "round_to", "target_latency"})
     targets = frozenset({"target_macs", "target_latency"})
     segmentation = True
     layer_control = frozenset({"exclude", "min_keep"})
     cli_args = [("--mode", {"choices": ["uniform", "global"], "default": None,
-                            "help": "l1/tp: same keep ratio in every group (uniform, default) or one global ranking "
-                                    "(the default of a stack's l1 stage, e.g. l1+trp)"}),
+                            "help": "l1/tp: same keep ratio in every group (uniform) or one global ranking "
+                                    "(what a stack's l1 stage uses, e.g. l1+trp)"}),
                ("--scorer", {"choices": sorted(SCORERS), "default": None,
-                             "help": "l1: channel importance: group_l2 (producers + consumers + BN, default) or "
+                             "help": "l1: channel importance: group_l2 (producers + consumers + BN) or "
                                      "l1 (the paper's producer L1 norm)"})]
 
     def __init__(self, target_macs: float = 0.5, mode: str = "uniform", scorer: str = "group_l2",

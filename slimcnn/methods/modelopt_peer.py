@@ -84,7 +84,6 @@ class ModelOptPeer(Method):
     name = "modelopt"
     trains_before_finalize = False
     method_share = 0.0  # its recipe: share of the epoch budget before finalize
-    options = frozenset({"target_macs", "divisor", "score_images", "tol", "round_to"})
     prepare_inputs = frozenset({"train_loader"})  # FastNAS scores its subnets on training images
     # no segmentation: it scores subnets by top-1; no layer control: its search space has no per-layer switch
     cli_args = [
@@ -93,7 +92,7 @@ class ModelOptPeer(Method):
                                         "that reaches the target)"}),
         ("--score-images", {"dest": "score_images", "type": int, "default": None,
                             "help": "modelopt: training images FastNAS scores subnets on (and recalibrates BN on; "
-                                    "default 1000, at least 50)"}),
+                                    "at least 50)"}),
     ]
 
     def __init__(self, target_macs: float = 0.5, divisor: int | None = None, score_images: int = 1000,

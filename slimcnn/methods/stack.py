@@ -181,7 +181,6 @@ class Stack(Method):
     trains_before_finalize = True  # TRP's training, at least
     method_share = 1.0             # every epoch before TRP's finalize; TRP's recipe leaves no fine-tune
     method_phase = "stage training"
-    options = frozenset({"target_macs", "split", "splits", "search_images", "round_to"})  # + its stages' (stack_class)
     prepare_inputs = frozenset({"train_loader", "test_loader", "cfg"})  # it runs its first stage whole in prepare
     cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = [
         ("--split", {"type": float, "default": None, "metavar": "S", "help": SPLIT_HELP})]
@@ -308,12 +307,10 @@ class Stack(Method):
         if e1 > 0:
             if train_loader is None:
                 raise ValueError(f"{self.name}: {first_name} trains before its finalize: pass train_loader")
-            from ..engine import TrainConfig, train
+            from ..engine import train
 
-            tcfg = TrainConfig(epochs=e1, lr=cfg.method_lr or cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, schedule=cfg.schedule, seed=cfg.seed,
-                               device=cfg.device, amp=cfg.amp,
-                               out_dir=str(Path(cfg.out_dir) / "stage1_ckpt") if cfg.out_dir else None)
+            tcfg = cfg.train_config(e1, cfg.method_lr or cfg.lr, Path(cfg.out_dir) / "stage1_ckpt" if cfg.out_dir
+                                    else None)
             work = train(work, train_loader, tcfg, method=self.first).model
         pruned = self.first.finalize(work).to(device)
         recalib = 0

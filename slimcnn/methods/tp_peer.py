@@ -73,7 +73,6 @@ class TorchPruningPeer(Method):
     name = "tp"
     trains_before_finalize = False
     method_share = 0.0  # its recipe: share of the epoch budget before finalize
-    options = frozenset({"target_macs", "global_pruning", "p", "tol", "mode", "round_to"})
     # no segmentation: Torch-Pruning protects only a final nn.Linear, so it would prune a conv classifier's classes
     layer_control = frozenset({"exclude"})  # as Torch-Pruning's ignored_layers
     cli_args = [("--tp-global", {"dest": "global_pruning", "action": "store_const", "const": True, "default": None,

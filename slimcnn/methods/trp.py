@@ -663,20 +663,18 @@ class TRP(Method):
     trains_before_finalize = True
     method_share = 1.0  # its recipe: share of the epoch budget before finalize
     method_phase = "trained-rank pruning"
-    options = frozenset({"target_macs", "scheme", "energy", "period", "nuclear", "rank_threshold", "decompose_energy",
-                         "rank_rule", "layers", "exclude", "target_mode", "round_to", "svd_dtype", "deploy",
-                         "layer_times", "target_latency"})
     targets = frozenset({"target_macs", "target_latency"})
     finalize_key = "decompose"
     segmentation = True
     layer_control = frozenset({"exclude"})  # an excluded conv is left undecomposed
     cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = [
         ("--scheme", dict(choices=SCHEMES, default=None, help="TRP factorisation: channel (NC), spatial (VH) or nd")),
-        ("--energy", dict(type=float, default=None, help="TRP: energy kept by the training truncation (default 0.9)")),
-        ("--period", dict(type=int, default=None, help="TRP: truncate every M steps (default 1; official ND uses 5)")),
-        ("--nuclear", dict(type=float, default=None, help="TRP: nuclear-norm sub-gradient weight (default 3e-4)")),
+        ("--energy", dict(type=float, default=None, help="TRP: energy kept by the training truncation")),
+        ("--period", dict(type=int, default=None, help="TRP: truncate every M steps (the official ND uses 5)")),
+        ("--nuclear", dict(type=float, default=None, help="TRP: nuclear-norm sub-gradient weight")),
         ("--rank-threshold", dict(type=float, default=None,
-                                  help="TRP: decompose keeping singular values above this (default 0.05)")),
+                                  help="TRP: decompose keeping singular values above this (default: the --target-macs plan "
+                                       f"given a target, else {DEFAULT_RANK_THRESHOLD})")),
         ("--decompose-energy", dict(type=float, default=None,
                                     help="TRP: decompose keeping this energy instead of a threshold")),
         ("--rank-rule", dict(choices=RANK_RULES, default=None, help="TRP: force the decomposition rank rule")),
