@@ -29,7 +29,7 @@ import torch
 from .bench import BUDGETS, RECIPES, ROWS, recipe_of, fine_tuned_base, save_result
 from .compress import CompressConfig, compress, split_budget
 from .methods import plans_latency
-from .report import environment, provenance
+from .report import environment, machine_load, provenance
 
 #: the alignment every row that gets a MACs target compresses with (the measured widths were aligned to it)
 ROUND_TO = 8
@@ -41,7 +41,18 @@ def run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str =
                       results: str = "benchmarks/results", device: str = "cpu", seed: int = 0,
                       recipe: str = "plain", timing_budget_s: float = 30.0) -> dict[str, Any]:
     """Every selected row at latency ``goal`` (a :class:`~slimcnn.graph.latency.LatencyGoal`, as a ratio), resumable:
-    rows already in the results file for this goal are kept, and the final timing covers every row of the file."""
+    rows already in the results file for this goal are kept, and the final timing covers every row of the file.
+    Every timing waits until other processes leave the cores quiet (:func:`slimcnn.backends.quiet_timing`)."""
+    from .backends import quiet_timing
+
+    with quiet_timing():
+        return _run_latency_bench(data, weights_dir, goal, budget_name, name, rows, models, work, results, device,
+                                  seed, recipe, timing_budget_s)
+
+
+def _run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str, name: str | None,
+                       rows: list[str] | None, models: list[str] | None, work: str, results: str, device: str,
+                       seed: int, recipe: str, timing_budget_s: float) -> dict[str, Any]:
     from .data import cifar10_loaders
 
     if recipe not in RECIPES:
@@ -171,7 +182,7 @@ def _fit_row(method_name: str, kw: dict[str, Any], base, goal, via: dict[str, An
 def _time_together(rows: list[dict[str, Any]], base, goal, budget_s: float) -> None:
     """The base and every row's saved net, timed interleaved on the goal's backend and batch; each row gets
     ``final_ratio`` (10th percentile), ``final_ratio_median`` and ``within_10pct``."""
-    from .backends import budgeted_repeats, quantile, runner, time_samples
+    from .backends import budgeted_repeats, last_wait, quantile, runner, time_samples
     from .graph.latency import QUANTILE
     from .io import load
 
@@ -186,11 +197,13 @@ def _time_together(rows: list[dict[str, Any]], base, goal, budget_s: float) -> N
     samples = time_samples(runners, repeats)
     ms = {k: quantile(v, QUANTILE) for k, v in samples.items()}  # the statistic every plan was made and confirmed on
     median = {k: quantile(v, 0.5) for k, v in samples.items()}
+    before, after = dict(last_wait), machine_load()
     for r in present:
         r["final_ratio"] = round(ms[r["row"]] / ms["base"], 4)
         r["final_ratio_median"] = round(median[r["row"]] / median["base"], 4)
         r["within_10pct"] = abs(r["final_ratio"] - goal.value) <= 0.1 * goal.value
         r["final_timing"] = {"base_ms": round(ms["base"], 4), "repeats": repeats, "rows_timed": len(present),
+                             "load_before": before, "load_after": after,
                              "statistic": f"{QUANTILE:.0%} quantile of interleaved calls (median beside it)"}
 
 

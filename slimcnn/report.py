@@ -46,30 +46,14 @@ def code_version() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(changes) if changes is not None else None}
 
 
-def machine_load(interval_s: float = 1.0) -> dict[str, Any]:
-    """The 1-minute load average and the share of all cores other processes kept busy over ``interval_s`` (this
-    process excluded): what tells a figure timed on a loaded machine from one timed idle. Linux only (None
-    elsewhere)."""
-    import time
+def machine_load(window_s: float = 1.0) -> dict[str, Any]:
+    """The 1-minute load average and the share of all cores other processes kept busy over ``window_s`` (this
+    process excluded): what tells a figure timed on a loaded machine from one timed idle."""
+    from .backends import busy_cores_elsewhere
 
-    def sample() -> tuple[int, int, int] | None:
-        try:
-            cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, ValueError, IndexError):
-            return None
-        idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)
-        return sum(cpu), sum(cpu) - idle, int(own[11]) + int(own[12])  # total, busy, own utime + stime
-
-    first = sample()
-    time.sleep(interval_s)
-    last = sample()
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    if first is None or last is None or last[0] == first[0]:
-        return {"load_avg_1m": load1, "others_cpu_share": None}
-    total, busy, own = (b - a for a, b in zip(first, last))
     return {"load_avg_1m": round(load1, 2) if load1 is not None else None,
-            "others_cpu_share": round(max(0.0, (busy - own) / total), 3)}
+            "others_cpu_share": round(min(1.0, busy_cores_elsewhere(window_s) / (os.cpu_count() or 1)), 3)}
 
 
 def provenance() -> dict[str, Any]:

@@ -43,3 +43,30 @@ def test_fold_bn_times_an_untraceable_net_unfolded():
     model = _Untraceable().train()
     assert fold_bn(model) is model and not model.training
 
+
+
+def test_under_quiet_timing_a_timing_waits_for_the_other_processes(monkeypatch):
+    """The busy figure is fed (a real one depends on the machine): the timing starts only once it drops below the
+    limit, and the wait is recorded; outside quiet_timing nothing waits."""
+    from slimcnn import backends
+
+    seen = iter([1.5, 0.9, 0.1])
+    monkeypatch.setattr(backends, "busy_cores_elsewhere", lambda window_s=0.3: next(seen))
+    monkeypatch.setattr(backends.time, "sleep", lambda s: None)
+    calls = []
+    with backends.quiet_timing(max_busy_cores=0.3, timeout_s=60):
+        backends.time_samples({"a": lambda: calls.append(1)}, repeats=2, warmup=0)
+    assert len(calls) == 2 and backends.last_wait["quiet"] and backends.last_wait["busy_cores_elsewhere"] == 0.1
+    backends.time_samples({"a": lambda: calls.append(1)}, repeats=1, warmup=0)  # no wait: the iterator is spent
+    assert len(calls) == 3
+
+
+def test_a_wait_that_times_out_says_so(monkeypatch):
+    from slimcnn import backends
+
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(backends, "busy_cores_elsewhere", lambda window_s=0.3: 2.0)
+    monkeypatch.setattr(backends.time, "sleep", lambda s: None)
+    monkeypatch.setattr(backends.time, "monotonic", lambda: float(next(clock)))
+    seen = backends.wait_for_quiet(0.3, timeout_s=30)
+    assert seen["quiet"] is False and seen["waited_s"] >= 30 and seen["busy_cores_elsewhere"] == 2.0

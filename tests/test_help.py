@@ -187,7 +187,7 @@ def test_busy_cores_elsewhere_excludes_this_process(monkeypatch):
     import io
     import types
 
-    from slimcnn.commands import common
+    from slimcnn import backends as common
 
     hz = os.sysconf("SC_CLK_TCK")
     # /proc/stat's first line at the two samples: 3 s of busy ticks (user + system) pass, idle and iowait excluded

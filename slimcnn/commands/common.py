@@ -5,10 +5,10 @@ import argparse
 import contextlib
 import importlib
 import os
-import time
 from collections.abc import Iterator
 from types import ModuleType
 
+from ..backends import busy_cores_elsewhere  # noqa: F401  (default_threads reads it here; tests patch it)
 from ..models import default_input_size
 
 
@@ -71,24 +71,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity API (macOS, Windows)
         return os.cpu_count() or 1
-
-
-def busy_cores_elsewhere(window_s: float = 0.3) -> float:
-    """Cores that other processes keep busy, measured over ``window_s``: the machine's busy time in
-    ``/proc/stat`` minus this process's own CPU time, per second. 0.0 where ``/proc/stat`` does not exist."""
-    def sample() -> tuple[float, float]:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), time.process_time()
-
-    try:
-        busy0, own0 = sample()
-        t0 = time.monotonic()
-        time.sleep(window_s)
-        busy1, own1 = sample()
-    except (OSError, ValueError):
-        return 0.0
-    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (time.monotonic() - t0))
 
 
 def default_threads(measure_load: bool = True) -> int:
