@@ -145,11 +145,11 @@ def quiet_timing(max_busy_cores: float = 0.3, timeout_s: float = 300.0) -> Itera
 
 
 def wait_for_quiet(max_busy_cores: float, timeout_s: float) -> dict[str, Any]:
-    """Wait until other processes keep at most ``max_busy_cores`` cores busy (measured over 1 s, every 5 s), at most
+    """Wait until other processes keep at most ``max_busy_cores`` cores busy (measured over 0.5 s, every 5 s), at most
     ``timeout_s``; returns what it saw: ``busy_cores_elsewhere``, ``waited_s`` and ``quiet`` (False: timed out)."""
     t0 = time.monotonic()
     while True:
-        busy = busy_cores_elsewhere(1.0)
+        busy = busy_cores_elsewhere(0.5)
         waited = time.monotonic() - t0
         if busy <= max_busy_cores or waited >= timeout_s:
             last_wait.update({"busy_cores_elsewhere": round(busy, 2), "waited_s": round(waited, 1),
