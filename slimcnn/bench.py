@@ -132,9 +132,12 @@ def fine_tuned_base(model_name: str, weights_dir: Path, data: str, budget: Budge
 def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str | None = None,
               rows: list[str] | None = None, models: list[str] | None = None, targets: list[float] | None = None,
               work: str = "runs/bench", results: str = "benchmarks/results", device: str = "cpu",
-              seed: int = 0, recipe: str = "plain", deploy: Any = None) -> dict[str, Any]:
+              seed: int = 0, recipe: str = "plain", deploy: Any = None, keep_stale: bool = False,
+              asked: dict[str, Any] | None = None) -> dict[str, Any]:
     """``deploy`` (a :class:`~slimcnn.methods.factor_timing.Deploy`): the runtime that rows taking it (TRP and the
-    stacks) plan their factorisation on; such rows record it and are keyed apart from rows planned on MACs."""
+    stacks) plan their factorisation on; such rows record it and are keyed apart from rows planned on MACs.
+    Rows kept from an earlier sitting with other code are refused unless ``keep_stale`` (:func:`check_stale`);
+    ``asked`` (what the run was asked: the command's options) is recorded in the results."""
     from . import methods
     from .data import cifar10_loaders
 
@@ -149,6 +152,8 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
     records = {(r["model"], r["row"], r["target_macs"], recipe_of(r))
                + ((_row_label(r),) if r.get("deploy") else ()): r
                for r in done.get("rows", []) if r.get("budget") == budget_name}
+    check_stale(list(records.values()), keep_stale, out_json)
+    asked = asked or {"rows": rows, "models": models, "targets": targets, "recipe": recipe, "seed": seed}
     unknown = sorted(set(rows or []) - {r.label for r in ROWS})
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.label for r in ROWS)}")
@@ -197,15 +202,46 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                     **({"stages": [{k: v for k, v in st.items() if k != "details"} for st in rep["stages"]],
                         "split": rep["stack"]["split"]} if "stages" in rep else {}),
                     "test_images": rep["test_images"], "provenance": {"start": started, "end": provenance()}}
-                write_results(records, budget_name, budget, out_json, name)
-    return write_results(records, budget_name, budget, out_json, name)
+                write_results(records, budget_name, budget, out_json, name, asked)
+    return write_results(records, budget_name, budget, out_json, name, asked)
 
 
-def write_results(records: dict, budget_name: str, budget: Budget, out_json: Path, name: str) -> dict[str, Any]:
+def check_stale(rows: list[dict[str, Any]], keep_stale: bool, where: Path) -> None:
+    """Rows kept from an earlier sitting that other code measured (:func:`slimcnn.report.code_differs` on the
+    commit each row recorded at its start; a row without one counts as other code) are refused in one line, or,
+    with ``keep_stale``, kept and marked ``"stale": True`` (the tables name them)."""
+    from .report import code_differs
+
+    def code(r: dict[str, Any]) -> tuple[str | None, str | None]:
+        start = r.get("provenance", {}).get("start", {})
+        return start.get("commit"), start.get("code_diff_sha256")
+
+    differ = {c for c in {code(r) for r in rows} if code_differs(*c)}
+    stale = [r for r in rows if code(r) in differ]
+    if stale and not keep_stale:
+        named = ", ".join(sorted((c or "none recorded")[:10] + ("+edits" if d else "") for c, d in differ))
+        raise ValueError(f"{len(stale)} row(s) in {where} were measured with other code (commit {named}): rerun "
+                         "them (remove them or the file) or pass --keep-stale to keep them, marked in the table")
+    for r in rows:
+        r["stale"] = r in stale
+
+
+def row_name(record: dict[str, Any]) -> str:
+    """A row's label in a table: marked when it was kept from other code (--keep-stale).
+
+    >>> row_name({"row": "l1"}), row_name({"row": "l1", "stale": True})
+    ('l1', 'l1 (stale)')
+    """
+    return f"{record['row']} (stale)" if record.get("stale") else record["row"]
+
+
+def write_results(records: dict, budget_name: str, budget: Budget, out_json: Path, name: str,
+                  asked: dict[str, Any] | None = None) -> dict[str, Any]:
     from dataclasses import asdict
 
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    result = {"name": name, "budget": budget_name, "settings": asdict(budget), "rows": list(records.values()),
+    result = {"name": name, "budget": budget_name, "settings": {**asdict(budget), "asked": asked},
+              "rows": list(records.values()),
               "environment": environment(),
               "notes": "Top-1 on the JPEG copy of CIFAR-10 (not comparable with published lossless figures). "
                        f"{base_note(list(records.values()))}; MACs by slimcnn's op-level counter "
@@ -249,7 +285,7 @@ def _row_label(r: dict[str, Any]) -> str:
     """
     d = r.get("deploy")
     batches = "/".join(map(str, d["batch"])) if d and isinstance(d["batch"], list) else d and d["batch"]
-    return f"{r['row']} @{d['backend']} b{batches}" if d else r["row"]
+    return f"{row_name(r)} @{d['backend']} b{batches}" if d else row_name(r)
 
 
 def results_markdown(result: dict[str, Any]) -> str:

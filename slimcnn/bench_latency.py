@@ -39,7 +39,8 @@ PEERS = ("tp", "modelopt")
 def run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str = "cpu", name: str | None = None,
                       rows: list[str] | None = None, models: list[str] | None = None, work: str = "runs/bench",
                       results: str = "benchmarks/results", device: str = "cpu", seed: int = 0,
-                      recipe: str = "plain", timing_budget_s: float = 30.0) -> dict[str, Any]:
+                      recipe: str = "plain", timing_budget_s: float = 30.0, keep_stale: bool = False,
+                      asked: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every selected row at latency ``goal`` (a :class:`~slimcnn.graph.latency.LatencyGoal`, as a ratio), resumable:
     rows already in the results file for this goal are kept, and the final timing covers every row of the file.
     Every timing waits until other processes leave the cores quiet (:func:`slimcnn.backends.quiet_timing`)."""
@@ -47,12 +48,15 @@ def run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str =
 
     with quiet_timing():
         return _run_latency_bench(data, weights_dir, goal, budget_name, name, rows, models, work, results, device,
-                                  seed, recipe, timing_budget_s)
+                                  seed, recipe, timing_budget_s, keep_stale,
+                                  asked or {"rows": rows, "models": models, "recipe": recipe, "seed": seed,
+                                            "goal": vars(goal)})
 
 
 def _run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str, name: str | None,
                        rows: list[str] | None, models: list[str] | None, work: str, results: str, device: str,
-                       seed: int, recipe: str, timing_budget_s: float) -> dict[str, Any]:
+                       seed: int, recipe: str, timing_budget_s: float, keep_stale: bool,
+                       asked: dict[str, Any]) -> dict[str, Any]:
     from .data import cifar10_loaders
 
     if recipe not in RECIPES:
@@ -65,6 +69,7 @@ def _run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str,
     out_json = Path(results) / f"{name}.json"
     done = json.loads(out_json.read_text()) if out_json.is_file() else {}
     records = {(r["model"], r["row"], recipe_of(r)): r for r in done.get("rows", []) if r.get("tag") == tag}
+    check_stale(list(records.values()), keep_stale, out_json)
     # one MACs figure per model for every row that gets one, kept across resumed sittings: the same for every row
     vias: dict[str, dict[str, Any]] = done.get("via", {}) if done.get("tag") == tag else {}
     unknown = sorted(set(rows or []) - {r.label for r in ROWS})
@@ -89,10 +94,10 @@ def _run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str,
                 record = {"model": model_name, "row": row.label, "method": row.method, "budget": budget_name,
                           "recipe": recipe, "tag": tag, "goal": vars(goal), "error": str(e)}
             records[(model_name, row.label, recipe)] = record
-            _write(records, name, budget_name, budget, goal, out_json, vias, tag)
+            _write(records, name, budget_name, budget, goal, out_json, vias, tag, asked)
         _time_together([r for r in records.values() if r["model"] == model_name], base, goal, timing_budget_s)
-        _write(records, name, budget_name, budget, goal, out_json, vias, tag)
-    return _write(records, name, budget_name, budget, goal, out_json, vias, tag)
+        _write(records, name, budget_name, budget, goal, out_json, vias, tag, asked)
+    return _write(records, name, budget_name, budget, goal, out_json, vias, tag, asked)
 
 
 def _macs_for_goal(base: torch.nn.Module, goal: Any) -> dict[str, Any]:
@@ -208,12 +213,12 @@ def _time_together(rows: list[dict[str, Any]], base, goal, budget_s: float) -> N
 
 
 def _write(records: dict, name: str, budget_name: str, budget, goal, out_json: Path, vias: dict[str, Any],
-           tag: str) -> dict[str, Any]:
+           tag: str, asked: dict[str, Any]) -> dict[str, Any]:
     from dataclasses import asdict
 
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    result = {"name": name, "budget": budget_name, "settings": asdict(budget), "goal": vars(goal), "tag": tag,
-              "via": vias,
+    result = {"name": name, "budget": budget_name, "settings": {**asdict(budget), "asked": asked},
+              "goal": vars(goal), "tag": tag, "via": vias,
               "rows": list(records.values()), "environment": environment(),
               "notes": "Top-1 on the JPEG copy of CIFAR-10 (not comparable with published lossless figures); "
                        "final ratio: every row and the base timed together at the end (10th percentile of "
@@ -250,9 +255,9 @@ def latency_markdown(result: dict[str, Any]) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in sorted(result["rows"], key=lambda r: (r["model"], r["row"])):
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['row']} | {recipe_of(r)} | not run: {r['error']} | | | | | | no | |")
+            lines.append(f"| {r['model']} | {row_name(r)} | {recipe_of(r)} | not run: {r['error']} | | | | | | no | |")
             continue
-        lines.append(f"| {r['model']} | {r['row']} | {recipe_of(r)} | {r['via']} | {r['macs_ratio']:.3f} | "
+        lines.append(f"| {r['model']} | {row_name(r)} | {recipe_of(r)} | {r['via']} | {r['macs_ratio']:.3f} | "
                      f"{r['top1']:.2f} | {r['base_top1']:.2f} | {fmt(r.get('run_ratio'))} | "
                      f"{fmt(r.get('final_ratio'))} | {'yes' if r.get('within_10pct') else 'no'} | {r['wall_s']:.0f} |")
     for model in sorted({r["model"] for r in result["rows"]}):

@@ -43,7 +43,35 @@ def code_version() -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") if commit else None
-    return {"commit": commit, "dirty": bool(changes) if changes is not None else None}
+    version: dict[str, Any] = {"commit": commit, "dirty": bool(changes) if changes is not None else None}
+    if changes:  # which uncommitted changes: two sittings on the same edits measure the same code
+        import hashlib
+
+        diff = git("diff", "HEAD", "--", "slimcnn", "pyproject.toml") or ""
+        version["code_diff_sha256"] = hashlib.sha256(diff.encode()).hexdigest()[:16]
+    return version
+
+
+def code_differs(commit: str | None, diff_sha256: str | None = None) -> bool:
+    """Whether the code this process runs (slimcnn/ and pyproject.toml, uncommitted changes included) differs from
+    the code at ``commit`` plus the uncommitted changes whose digest is ``diff_sha256`` (None: none); True when
+    that cannot be told (no commit recorded, not a git checkout, an unknown commit)."""
+    import subprocess
+
+    here = code_version()
+    if commit is None or here["commit"] is None:
+        return True
+    if diff_sha256 is not None:  # measured on uncommitted changes: the same code only as the same edits
+        return not (commit == here["commit"] and here.get("code_diff_sha256") == diff_sha256)
+    root = Path(__file__).resolve().parent.parent
+    # that commit's code against the working tree (uncommitted changes included); exit 0: same code; 1: differs;
+    # anything else (an unknown commit): cannot tell
+    try:
+        done = subprocess.run(["git", "-C", str(root), "diff", "--quiet", commit, "--", "slimcnn", "pyproject.toml"],
+                              capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return done.returncode != 0
 
 
 def machine_load(window_s: float = 1.0) -> dict[str, Any]:

@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("--results", default="benchmarks/results", help="folder for the JSON/markdown/PNG results")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-stale", action="store_true",
+                   help="resume into a results file that holds rows measured with other code (another commit "
+                        "whose slimcnn/ differs, or uncommitted changes): keep them, marked (stale) in the table; "
+                        "without it such a file is refused")
     p.add_argument("--latency-backend", choices=["eager", "onnxruntime", "cuda"], default=None,
                    help="the deploy runtime the trp rows (and the stacks' trp stage) plan on: each layer shape is "
                         "timed whole and factorised there and factorised only where that is faster (default: "
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()] if s else None  # noqa: E731
     result = run_bench(args.data, args.weights_dir, args.budget, args.name, split(args.rows), split(args.models),
                        [float(t) for t in split(args.targets)] if args.targets else None, args.work, args.results,
-                       args.device, args.seed, args.recipe, deploy)
+                       args.device, args.seed, args.recipe, deploy, args.keep_stale, _asked(args))
     print(open(f"{args.results}/{result['name']}.md").read())
     return 0
 
@@ -75,6 +79,12 @@ def _run_latency(args: argparse.Namespace) -> int:
                        torch.get_num_threads())
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()] if s else None  # noqa: E731
     result = run_latency_bench(args.data, args.weights_dir, goal, args.budget, args.name, split(args.rows),
-                               split(args.models), args.work, args.results, args.device, args.seed, args.recipe)
+                               split(args.models), args.work, args.results, args.device, args.seed, args.recipe,
+                               keep_stale=args.keep_stale, asked=_asked(args))
     print(open(f"{args.results}/{result['name']}.md").read())
     return 0
+
+
+def _asked(args: argparse.Namespace) -> dict:
+    """The command's options as given (what the run was asked), for the results' ``settings``."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command") and not callable(v)}
