@@ -219,7 +219,7 @@ def check_stale(rows: list[dict[str, Any]], keep_stale: bool, where: Path) -> No
     differ = {c for c in {code(r) for r in rows} if code_differs(*c)}
     stale = [r for r in rows if code(r) in differ]
     if stale and not keep_stale:
-        named = ", ".join(sorted((c or "none recorded")[:10] + ("+edits" if d else "") for c, d in differ))
+        named = ", ".join(sorted((c[:10] if c else "none recorded") + (" with edits" if d else "") for c, d in differ))
         raise ValueError(f"{len(stale)} row(s) in {where} were measured with other code (commit {named}): rerun "
                          "them (remove them or the file) or pass --keep-stale to keep them, marked in the table")
     for r in rows:

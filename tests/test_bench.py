@@ -31,6 +31,9 @@ def test_both_recipes_coexist_in_one_results_file(tmp_path):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "recipes.json").write_text(json.dumps({"rows": [earlier]}))
     kw = dict(rows=["l1"], name="recipes", work=str(tmp_path / "work"), results=str(tmp_path / "results"))
+    with pytest.raises(ValueError, match="measured with other code"):  # the earlier row recorded no code version
+        run_bench(str(CIFAR), str(WEIGHTS), "smoke", recipe="distill", **kw)
+    kw["keep_stale"] = True
     both = run_bench(str(CIFAR), str(WEIGHTS), "smoke", recipe="distill", **kw)  # not blocked by the plain row
     rows = {r.get("recipe", "plain"): r for r in both["rows"]}
     assert set(rows) == {"plain", "distill"} and len(both["rows"]) == 2
@@ -39,7 +42,7 @@ def test_both_recipes_coexist_in_one_results_file(tmp_path):
     again = run_bench(str(CIFAR), str(WEIGHTS), "smoke", recipe="plain", **kw)  # finds its row: runs nothing
     assert sorted(r["wall_s"] for r in again["rows"]) == sorted(r["wall_s"] for r in both["rows"])
     md = (tmp_path / "results" / "recipes.md").read_text()
-    assert "| row | recipe |" in md and "| l1 | distill |" in md and "| l1 | plain |" in md
+    assert "| row | recipe |" in md and "| l1 | distill |" in md and "| l1 (stale) | plain |" in md
     with pytest.raises(ValueError, match="unknown recipe"):
         run_bench(str(CIFAR), str(WEIGHTS), "smoke", recipe="fancy", **kw)
 
