@@ -135,8 +135,8 @@ last_wait: dict[str, Any] = {}
 def quiet_timing(max_busy_cores: float = 0.3, timeout_s: float = 300.0) -> Iterator[None]:
     """Within it, every timing first waits (up to ``timeout_s``) until other processes keep at most
     ``max_busy_cores`` cores busy: a benchmark's latencies are ratios of interleaved calls, but a job that starts
-    on the shared cores mid-way still moves them (ResNet-20 on ONNX Runtime, batch 128: the same two nets timed
-    0.61 apart idle, 0.55 while a test suite ran)."""
+    on the shared cores mid-way still moves them (the same two nets measured a ratio about 10% lower while a test
+    suite shared the cores)."""
     token = _QUIET.set((max_busy_cores, timeout_s))
     try:
         yield

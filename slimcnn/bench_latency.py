@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .bench import BUDGETS, RECIPES, ROWS, recipe_of, fine_tuned_base, save_result
+from .bench import BUDGETS, RECIPES, ROWS, check_stale, fine_tuned_base, recipe_of, row_name, save_result
 from .compress import CompressConfig, compress, split_budget
 from .methods import plans_latency
 from .report import environment, machine_load, provenance

@@ -3,8 +3,8 @@
 A method that decides its widths itself (Torch-Pruning's per-layer ratios, ModelOpt's subnet search, C-SGD's
 clusters, Dagger's gates) is asked for latency through a MACs target. The first guess comes from the latency model
 (:func:`slimcnn.graph.latency.macs_for_latency`: a uniformly pruned net of aligned widths), but two nets of equal
-MACs differ in time when their widths are spread differently (ResNet-20, ONNX Runtime batch 128, MACs 0.436:
-uniform 0.60 of the base, Torch-Pruning's widths 0.69). So each guess is *probed*: the method prepares and
+MACs differ in time when their widths are spread differently (Torch-Pruning's widths at the uniform net's MACs
+measured well above the goal on ONNX Runtime). So each guess is *probed*: the method prepares and
 finalizes the base at that MACs target with no training in between, the compact net is timed against the base
 (interleaved, the same statistic as every other latency figure), and the target is corrected by the secant through
 the probes until the measured ratio is within ``tol`` of the goal. For the peers and C-SGD the probe builds exactly
