@@ -74,11 +74,14 @@ class Budget:
     kd_temperature: float = 4.0
     #: per-method option overrides of this budget (the smoke budget scores ModelOpt's subnets on fewer images)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: images of the validation split (training images outside the training subset; see data.train_val_indices)
+    val_size: int = 5000
 
 
 BUDGETS = {
     "smoke": Budget(["cifar_resnet20"], [0.5], base_epochs=0, epochs=1, train_limit=256, test_limit=200,
-                    batch_size=64, latency_batches=[1, 16], method_options={"modelopt": {"score_images": 64}}),
+                    batch_size=64, latency_batches=[1, 16], method_options={"modelopt": {"score_images": 64}},
+                    val_size=200),
     # ~2 h on 2 cores: epochs over a fixed class-balanced half of the training set (25,000 images)
     "cpu": Budget(["cifar_resnet20", "cifar_resnet56"], [0.5], base_epochs=1, epochs=2, train_limit=25000),
     "paper": Budget(["cifar_resnet20", "cifar_resnet56"], [0.7, 0.5, 0.4], base_epochs=30, epochs=100, lr=0.05,
@@ -158,7 +161,9 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.label for r in ROWS)}")
     selected = [r for r in ROWS if (r.label in rows if rows is not None else r.default)]
-    loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed)
+    # the validation split: training images outside the rows' training half, for every choice made from accuracy
+    loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed,
+                              splits=("train", "val", "test"), val_size=budget.val_size)
     for model_name in models or budget.models:
         base, base_key = fine_tuned_base(model_name, Path(weights_dir), data, budget, work_dir, device, seed)
         for target in targets or budget.targets:
@@ -185,7 +190,7 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                 t0, started = time.time(), provenance()
                 _, rep = compress(base, method, loaders["train"], loaders["test"], (3, 32, 32), cfg, model_name,
                                   {"command": f"slimcnn bench --budget {budget_name} --recipe {recipe}",
-                                   "base_checkpoint": base_key})
+                                   "base_checkpoint": base_key}, val_loader=loaders["val"])
                 records[key] = {
                     "model": model_name, "row": row.label, "method": row.method, "budget": budget_name,
                     "recipe": recipe, "distill": rep.get("distill"),
@@ -193,6 +198,7 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                        if plans_on else {}),
                     "target_macs": target, "method_epochs": m_epochs, "finetune_epochs": ft_epochs,
                     "base_top1": rep["base"]["top1"], "top1": rep["compressed"]["top1"],
+                    "base_val_top1": rep["base"].get("val_top1"), "val_top1": rep["compressed"].get("val_top1"),
                     "top1_change": rep["top1_change"], "macs": rep["compressed"]["macs"],
                     "base_macs": rep["base"]["macs"], "macs_ratio": rep["macs_ratio"], "within_tol": rep["within_tol"],
                     "params": rep["compressed"]["params"], "base_params": rep["base"]["params"],
@@ -296,16 +302,18 @@ def results_markdown(result: dict[str, Any]) -> str:
              f"{s['test_limit'] or 'all 10,000'}. Recipe: plain = cross-entropy; distill = distillation from the "
              f"uncompressed base (alpha {s.get('kd_alpha', 0.7)}, T {s.get('kd_temperature', 4.0)}), in every row's "
              f"training epochs. {result['notes']}", "",
-             "| model | row | recipe | target | epochs (method+ft) | base top-1 | top-1 | change | MACs | MACs ratio | "
-             "within 1% | params | latency ratio (batch timed) | latency ratio (batch timed) | at finalize | wall s |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
+             "| model | row | recipe | target | epochs (method+ft) | base top-1 | top-1 | val top-1 | change | MACs | "
+             "MACs ratio | within 1% | params | latency ratio (batch timed) | latency ratio (batch timed) | "
+             "at finalize | wall s |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
     for r in sorted(result["rows"], key=lambda r: (r["model"], -r["target_macs"], r["row"], recipe_of(r))):
         # each cell names its batch: a batch over the timing budget is shrunk, so rows may differ
         lat = [f"{v:.3f} (b={b}{', ' + r['latency_backend'] if r.get('latency_backend') == 'onnxruntime' else ''})"
                for b, v in r["latency_ratio"].items()]
         lines.append(f"| {r['model']} | {_row_label(r)} | {recipe_of(r)} | {r['target_macs']} | "
                      f"{r['method_epochs']}+{r['finetune_epochs']} | "
-                     f"{r['base_top1']:.2f} | {r['top1']:.2f} | {r['top1_change']:+.2f} | {r['macs'] / 1e6:.2f}M | "
+                     f"{r['base_top1']:.2f} | {r['top1']:.2f} | "
+                     f"{'-' if r.get('val_top1') is None else format(r['val_top1'], '.2f')} | {r['top1_change']:+.2f} | {r['macs'] / 1e6:.2f}M | "
                      f"{r['macs_ratio']:.3f} | {_yes(r.get('within_tol'))} | {r['params'] / 1e6:.3f}M | {lat[0]} | "
                      f"{lat[-1]} | {finalize_cell(r.get('finalize'))} | {r['wall_s']:.0f} |")
     lines.append("")

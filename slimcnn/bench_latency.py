@@ -76,7 +76,8 @@ def _run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str,
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.label for r in ROWS)}")
     selected = [r for r in ROWS if (r.label in rows if rows is not None else r.default)]
-    loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed)
+    loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed,
+                              splits=("train", "val", "test"), val_size=budget.val_size)
     work_dir = Path(work) / budget_name
     for model_name in models or budget.models:
         base, base_key = fine_tuned_base(model_name, Path(weights_dir), data, budget, work_dir, device, seed)
@@ -140,7 +141,7 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
                              out_dir=str(out_dir), distill=recipe == "distill", kd_alpha=budget.kd_alpha,
                              kd_temperature=budget.kd_temperature, round_to=kw.get("round_to"))
         _, rep = compress(base, methods.create(row.method, **kw), loaders["train"], loaders["test"], (3, 32, 32),
-                          cfg, model_name, info)
+                          cfg, model_name, info, val_loader=loaders["val"])
         lt = rep.get("latency_target") or {}
         ratio = lt.get("measured_ratio")
         attempts.append({"target_macs": target_macs, "macs_ratio": rep["macs_ratio"], "run_ratio": ratio,
@@ -155,7 +156,9 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
             "via": "latency plan" if native else "macs, probed" if fit else "macs", "target_macs": cfg.target_macs,
             **({"probes": fit} if fit else {}), **({"attempts": attempts} if len(attempts) > 1 else {}),
             "method_epochs": m_epochs, "finetune_epochs": ft_epochs, "base_top1": rep["base"]["top1"],
-            "top1": rep["compressed"]["top1"], "macs": rep["compressed"]["macs"], "macs_ratio": rep["macs_ratio"],
+            "top1": rep["compressed"]["top1"], "val_top1": rep["compressed"].get("val_top1"),
+            "base_val_top1": rep["base"].get("val_top1"),
+            "macs": rep["compressed"]["macs"], "macs_ratio": rep["macs_ratio"],
             "params": rep["compressed"]["params"], "run_ratio": ratio, "out_dir": str(out_dir),
             "wall_s": round(time.time() - t0, 1), "test_images": rep["test_images"],
             "provenance": {"start": started, "end": provenance()}}
@@ -178,7 +181,8 @@ def _fit_row(method_name: str, kw: dict[str, Any], base, goal, via: dict[str, An
     cfg = CompressConfig(method_epochs=method_epochs, lr=budget.lr)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     target, fit = fit_macs_to_latency(lambda m: methods.create(method_name, **{**kw, "target_macs": m}), base, x,
-                                      goal, via["macs_ratio"], prepare_kwargs(cls, cfg, loaders["train"]))
+                                      goal, via["macs_ratio"], prepare_kwargs(cls, cfg, loaders["train"],
+                                                                          val_loader=loaders["val"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(fit, indent=1))
     return target, fit
@@ -250,15 +254,16 @@ def latency_markdown(result: dict[str, Any]) -> str:
              f"Every row asked for latency {g['value']:g} of the base on {g['backend']} at batch {g['batch']} "
              f"({g['threads']} thread(s)); budget `{result['budget']}`: {s['epochs']} epoch(s) per row, train images "
              f"{s['train_limit'] or 'all 50,000'}, test images {s['test_limit'] or 'all 10,000'}. {result['notes']}",
-             "", "| model | row | recipe | how | MACs ratio | top-1 | base top-1 | run ratio | final ratio | within 10% "
-             "| wall s |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+             "", "| model | row | recipe | how | MACs ratio | top-1 | val top-1 | base top-1 | run ratio | final ratio | "
+             "within 10% | wall s |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    fmt2 = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in sorted(result["rows"], key=lambda r: (r["model"], r["row"])):
         if "error" in r:
-            lines.append(f"| {r['model']} | {row_name(r)} | {recipe_of(r)} | not run: {r['error']} | | | | | | no | |")
+            lines.append(f"| {r['model']} | {row_name(r)} | {recipe_of(r)} | not run: {r['error']} | | | | | | | no | |")
             continue
         lines.append(f"| {r['model']} | {row_name(r)} | {recipe_of(r)} | {r['via']} | {r['macs_ratio']:.3f} | "
-                     f"{r['top1']:.2f} | {r['base_top1']:.2f} | {fmt(r.get('run_ratio'))} | "
+                     f"{r['top1']:.2f} | {fmt2(r.get('val_top1'))} | {r['base_top1']:.2f} | {fmt(r.get('run_ratio'))} | "
                      f"{fmt(r.get('final_ratio'))} | {'yes' if r.get('within_10pct') else 'no'} | {r['wall_s']:.0f} |")
     for model in sorted({r["model"] for r in result["rows"]}):
         lines += ["", f"{model}: " + best_line([r for r in result["rows"] if r["model"] == model], g["value"])]

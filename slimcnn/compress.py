@@ -179,15 +179,16 @@ def split_budget(method: Method | type[Method], total_epochs: int, method_epochs
     return m, total_epochs - m
 
 
-def prepare_kwargs(method: Method | type[Method], cfg: CompressConfig, train_loader, test_loader=None
-                   ) -> dict[str, Any]:
+def prepare_kwargs(method: Method | type[Method], cfg: CompressConfig, train_loader, test_loader=None,
+                   val_loader=None) -> dict[str, Any]:
     """The keywords the pipeline hands ``method.prepare`` beyond the model and example input: those of its
     ``prepare_inputs`` among the method phase's budget (when that phase trains) and the offered loaders and config."""
     accepted = _method_class(method).prepare_inputs
     budget = cfg.method_budget(len(train_loader)) if cfg.method_epochs > 0 else {}
     # data-scored peers read train_loader; a stack runs its first stage whole inside prepare (methods/stack.py) and
     # needs the loaders and the run's settings
-    offered = {"train_loader": train_loader, "test_loader": test_loader, "cfg": cfg, **budget}
+    offered = {"train_loader": train_loader, "test_loader": test_loader, "val_loader": val_loader, "cfg": cfg,
+               **budget}
     return {k: v for k, v in offered.items() if k in accepted}
 
 
@@ -329,8 +330,12 @@ def _named_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
 
 def compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
              cfg: CompressConfig, model_name: str = "", info: dict[str, Any] | None = None,
-             memo: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
+             memo: dict | None = None, val_loader=None) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` with ``method``; returns the compact model and the report (``model`` is untouched).
+
+    ``val_loader``: a validation split (e.g. ``cifar10_loaders(..., splits=("train", "val", "test"))``): every
+    choice the method makes from accuracy (a stack's split) is made on it, and the report gives the base's and the
+    compressed net's score on it beside the test split's (``val_<metric>``).
 
     Raises ValueError before any work if ``method`` needs training before finalize and ``cfg.method_epochs`` is 0,
     or if ``cfg.exclude`` / ``cfg.min_keep`` ask for a layer control the method lacks or name no layer.
@@ -345,12 +350,12 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
     policy = check_layer_control(method, cfg, model)
     with layer_policy(policy=policy):  # every channel group the method builds, from prepare to finalize
         return _compress(model, method, train_loader, test_loader, input_shape, cfg, model_name, info, policy,
-                         memo)
+                         memo, val_loader)
 
 
 def _compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
               cfg: CompressConfig, model_name: str, info: dict[str, Any] | None, policy: LayerPolicy,
-              memo: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
+              memo: dict | None = None, val_loader=None) -> tuple[nn.Module, dict[str, Any]]:
     from .engine import distributed
     from .engine.replicas import adopt_rank0, state_digests
 
@@ -380,7 +385,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
                               memo.setdefault("teacher_logits", {}) if memo is not None else None)
 
     work = method.prepare(copy.deepcopy(model), example.to(cfg.device),
-                          **prepare_kwargs(method, cfg, train_loader, test_loader))
+                          **prepare_kwargs(method, cfg, train_loader, test_loader, val_loader))
     phase_epochs = cfg.method_epochs - method.epochs_in_prepare  # a stack spent some in prepare
     if phase_epochs > 0:
         work = _train(work, train_loader, cfg, phase_epochs, cfg.method_lr or cfg.lr, method,
@@ -474,8 +479,11 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     report: dict[str, Any] = {
         "method": method.name, "model": model_name, "target_macs": cfg.target_macs,
         "task": cfg.task, "metric": metric,
-        "base": {"macs": base_prof.macs, "params": base_prof.params, metric: base_score},
-        "compressed": {"macs": comp_prof.macs, "params": comp_prof.params, metric: comp_score},
+        "base": {"macs": base_prof.macs, "params": base_prof.params, metric: base_score,
+                 **({f"val_{metric}": _score(model, val_loader, cfg, "val base")[0]} if val_loader else {})},
+        "compressed": {"macs": comp_prof.macs, "params": comp_prof.params, metric: comp_score,
+                       **({f"val_{metric}": _score(compact, val_loader, cfg, "val compressed")[0]}
+                          if val_loader else {})},
         "macs_ratio": comp_prof.macs / base_prof.macs, "speedup": base_prof.macs / comp_prof.macs,
         "within_tol": within_tol(comp_prof.macs, base_prof.macs, cfg.target_macs),
         "params_ratio": comp_prof.params / base_prof.params, f"{metric}_change": round(comp_score - base_score, 2),

@@ -38,6 +38,8 @@ def test_both_recipes_coexist_in_one_results_file(tmp_path):
     rows = {r.get("recipe", "plain"): r for r in both["rows"]}
     assert set(rows) == {"plain", "distill"} and len(both["rows"]) == 2
     assert rows["plain"]["wall_s"] == 123.0 and rows["distill"]["distill"]["alpha"] == 0.7
+    # scored on the validation split too (training images outside the rows' training subset), beside test
+    assert 0 <= rows["distill"]["val_top1"] <= 100 and 0 <= rows["distill"]["base_val_top1"] <= 100
     assert rows["distill"]["method_epochs"] + rows["distill"]["finetune_epochs"] == 1
     again = run_bench(str(CIFAR), str(WEIGHTS), "smoke", recipe="plain", **kw)  # finds its row: runs nothing
     assert sorted(r["wall_s"] for r in again["rows"]) == sorted(r["wall_s"] for r in both["rows"])

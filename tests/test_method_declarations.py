@@ -13,7 +13,7 @@ import pytest
 from slimcnn import methods
 from slimcnn.methods.base import Method, constructor_keywords, option_help
 
-PIPELINE_INPUTS = {"total_steps", "lr", "schedule", "train_loader", "test_loader", "cfg"}
+PIPELINE_INPUTS = {"total_steps", "lr", "schedule", "train_loader", "test_loader", "val_loader", "cfg"}
 NAMES = methods.list_methods() + methods.list_stacks()
 
 

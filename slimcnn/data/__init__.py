@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from .cifar10 import CLASSES, DataError, ImageSet, balanced_subset, cache_dir, load_cifar10
 from .embedded import load_demo
 from .folder import FolderLoader, folder_loaders, is_cifar_layout
@@ -11,19 +13,58 @@ from .loader import IMAGENET_MEAN, IMAGENET_STD, Loader
 
 __all__ = ["CLASSES", "DataError", "ImageSet", "Loader", "FolderLoader", "balanced_subset", "cache_dir",
            "load_cifar10", "IMAGENET_MEAN", "IMAGENET_STD", "cifar10_loaders", "folder_loaders",
-           "classification_loaders", "is_cifar_layout", "loader_classes", "load_demo"]
+           "classification_loaders", "is_cifar_layout", "loader_classes", "load_demo", "train_val_indices",
+           "VAL_SIZE"]
+
+
+#: images in the validation split carved from CIFAR-10's training images (see :func:`train_val_indices`)
+VAL_SIZE = 5000
+
+
+def train_val_indices(labels, train_limit: int | None, seed: int = 0,
+                      val_size: int = VAL_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the training subset and of the validation split, disjoint: the training subset is the seeded
+    class-balanced ``train_limit`` (all images when None, less the validation split); the validation split is a
+    seeded class-balanced ``val_size`` of the images *not* in it, so choosing on it never reads a training image.
+
+    >>> labels = torch.arange(100) % 10
+    >>> tr, va = train_val_indices(labels, 50, val_size=20)
+    >>> len(tr), len(va), len(set(tr.tolist()) & set(va.tolist())), torch.bincount(labels[va]).tolist()
+    (50, 20, 0, [2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    >>> tr, va = train_val_indices(labels, None, val_size=20)
+    >>> len(tr), len(va)
+    (80, 20)
+    """
+    everything = torch.arange(len(labels))
+    train = balanced_subset(labels, train_limit, seed) if train_limit else None
+    rest = everything if train is None else everything[~torch.isin(everything, train)]
+    if len(rest) < val_size:
+        raise DataError(f"a validation split of {val_size} images needs that many training images outside the "
+                        f"training subset; only {len(rest)} are left (lower --train-limit)")
+    val = rest[balanced_subset(labels[rest], val_size, seed + 1)]
+    if train is None:
+        train = everything[~torch.isin(everything, val)]
+    return train, torch.sort(val).values
 
 
 def cifar10_loaders(root, batch_size: int = 128, train_limit: int | None = None, test_limit: int | None = None,
                     seed: int = 0, rank: int = 0, world_size: int = 1, augment: bool = True,
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD, splits=("train", "test")) -> dict[str, Loader]:
-    """Loaders for the requested splits of CIFAR-10 at ``root``; ``*_limit`` picks a seeded class-balanced subset."""
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, splits=("train", "test"),
+                    val_size: int = VAL_SIZE) -> dict[str, Loader]:
+    """Loaders for the requested splits of CIFAR-10 at ``root``; ``*_limit`` picks a seeded class-balanced subset.
+    ``"val"`` among ``splits``: a validation split of ``val_size`` images carved from the training images outside
+    the training subset (:func:`train_val_indices`; with no ``train_limit`` the training split then leaves those
+    images out)."""
     out = {}
     for split in splits:
-        data = load_cifar10(root, split)
-        limit = train_limit if split == "train" else test_limit
-        if limit:
-            data = data.subset(balanced_subset(data.labels, limit, seed))
+        data = load_cifar10(root, "test" if split == "test" else "train")
+        if split == "test" and test_limit:
+            data = data.subset(balanced_subset(data.labels, test_limit, seed))
+        elif split == "val" or (split == "train" and "val" in splits):
+            train_idx, val_idx = train_val_indices(data.labels, train_limit, seed, val_size)
+            data = data.subset(val_idx if split == "val" else train_idx)
+        elif split == "train" and train_limit:
+            data = data.subset(balanced_subset(data.labels, train_limit, seed))
         train = split == "train"
         out[split] = Loader(data, batch_size, shuffle=train, augment=train and augment, mean=mean, std=std,
                             seed=seed, rank=rank, world_size=world_size if train else 1, drop_last=False)

@@ -95,7 +95,8 @@ class Method:
     targets: ClassVar[frozenset[str]] = frozenset({"target_macs"})
     #: keywords of ``prepare`` beyond ``(model, example_input)`` that the pipeline supplies: ``total_steps``, ``lr``,
     #: ``schedule`` (the budget of the method phase; given only when that phase trains), ``train_loader``,
-    #: ``test_loader``, ``cfg`` (the run's :class:`~slimcnn.compress.CompressConfig`)
+    #: ``test_loader``, ``val_loader`` (the validation split, when the run has one: what a choice made from accuracy
+    #: is scored on), ``cfg`` (the run's :class:`~slimcnn.compress.CompressConfig`)
     prepare_inputs: ClassVar[frozenset[str]] = frozenset()
     #: report.json key of the finalize figures (scores before and after, the method's own finalize record)
     finalize_key: ClassVar[str] = "finalize"

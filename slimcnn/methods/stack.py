@@ -11,8 +11,8 @@ always planned at the absolute overall target (T x base MACs) on the net the cha
 stage that lands a little off its own ratio is corrected and the final MACs are within TRP's 1% (TRP raises
 ``TargetError`` at ``prepare`` otherwise). Without ``split``, it is searched: each of ``splits`` is scored by a
 finalize-only proxy (channel stage at T**S with no training, TRP's decomposition at the rest, BatchNorm
-recalibrated on a few training batches, top-1 on ``search_images`` other training images); the best is used and
-every split tried is in the report, beside the same proxy for TRP alone (no channel stage): when that scores above
+recalibrated on a few training batches, top-1 on ``search_images`` images of the validation split when the run
+has one, else of other training batches); the best is used and every split tried is in the report, beside the same proxy for TRP alone (no channel stage): when that scores above
 every split, the report and one warning line say the stack is not expected to beat TRP at this target. The proxy
 for a channel stage that needs training before its finalize (dagger, csgd) is magnitude pruning (l1, global ranking:
 dagger's search spreads widths unevenly, and csgd in a stack takes the global ranking's widths): untrained gates or
@@ -181,7 +181,8 @@ class Stack(Method):
     trains_before_finalize = True  # TRP's training, at least
     method_share = 1.0             # every epoch before TRP's finalize; TRP's recipe leaves no fine-tune
     method_phase = "stage training"
-    prepare_inputs = frozenset({"train_loader", "test_loader", "cfg"})  # it runs its first stage whole in prepare
+    # it runs its first stage whole in prepare; it scores its split search on the validation split
+    prepare_inputs = frozenset({"train_loader", "test_loader", "val_loader", "cfg"})
     cli_args: ClassVar[list[tuple[str, dict[str, Any]]]] = [
         ("--split", {"type": float, "default": None, "metavar": "S", "help": SPLIT_HELP})]
 
@@ -264,7 +265,7 @@ class Stack(Method):
 
     # ------------------------------------------------------------------------------------------ stage 1
     def prepare(self, model: nn.Module, example_input: torch.Tensor, train_loader=None, test_loader=None,
-                cfg: Any = None) -> nn.Module:
+                cfg: Any = None, val_loader=None) -> nn.Module:
         """Choose the split, run the channel stage whole (prepare, train, finalize, BN recalibration, top-1),
         then prepare TRP on its output at the overall target; returns the model TRP's training starts from.
 
@@ -290,7 +291,8 @@ class Stack(Method):
         elif train_loader is None:
             raise ValueError(f"{self.name}: give split= (there is no training data to search it on)")
         else:
-            split = _rank0_split(self._search_split(model, example_input, train_loader, ratio, goal, base), device)
+            split = _rank0_split(self._search_split(model, example_input, train_loader, ratio, goal, base,
+                                                    val_loader), device)
             self.search["chosen"] = split
         self.chosen_split = split
         self._base_macs = base
@@ -368,8 +370,9 @@ class Stack(Method):
         return model
 
     def _search_split(self, model: nn.Module, example_input: torch.Tensor, train_loader, ratio: float,
-                      goal: float, base: int) -> float:
-        """Score each of ``self.splits`` by the finalize-only proxy (module docstring); return the best."""
+                      goal: float, base: int, val_loader=None) -> float:
+        """Score each of ``self.splits`` by the finalize-only proxy (module docstring) on the validation split
+        (without one: on training batches set apart from the recalibration ones); return the best."""
         from ..engine import recalibrate_bn
         from ..graph.validate import SurgeryError
         from .registry import create, method_class
@@ -384,6 +387,13 @@ class Stack(Method):
             if seen >= 2 * self.search_images:
                 break
         held = held or calib
+        if val_loader is not None:  # choose on images no stage trains on
+            held, seen = [], 0
+            for batch in val_loader:
+                held.append(batch)
+                seen += len(batch[1])
+                if seen >= self.search_images:
+                    break
         first_name, last_name = self.stages
         proxy = first_name if not method_class(first_name).trains_before_finalize else "l1"
         proxy_opts = self.stage_options[0] if proxy == first_name else {
@@ -420,6 +430,7 @@ class Stack(Method):
             alone["error"] = str(e)
         mode = f"{proxy_opts['mode']}, " if "mode" in proxy_opts else ""
         self.search = {"proxy": f"{proxy} ({mode}no training), then {last_name} decomposition, BN recalibrated",
+                       "scored_on": "validation split" if val_loader is not None else "training images",
                        "images": sum(len(b[1]) for b in held), "calibration_images": sum(len(b[1]) for b in calib),
                        "tried": tried, "alone": alone, "chosen": best["split"], "time_s": round(time.time() - t0, 1)}
         if alone["top1"] is not None and alone["top1"] > best["top1"]:
