@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -75,187 +74,17 @@ import torch
 from torch import nn
 
 from .base import Method
+from .centripetal import TensorPlan, _centripetal, default_eps, schedule_lr, tensor_plan
+from .centripetal import centripetal_grad  # noqa: F401  (re-exported: callers and tests import it from here)
+from .clustering import (_explicit_widths, canonical_ids, cluster_lists, cluster_means, partitioned_clusters,
+                         producer_features, relative_distances, shortcut_classes, squeeze_widths)
+from .clustering import even_clusters, kmeans_clusters  # noqa: F401  (re-exported: callers and tests import them here)
 
 if TYPE_CHECKING:
     from ..graph import ChannelGraph
 
 OFFICIAL_EPS = 3e-3
 _ROW_ROLES = ("out", "dw", "bn")  # member roles whose parameters hold the group's channels as rows (dim 0)
-
-
-# ----------------------------------------------------------------------------------------------- clusters
-def canonical_ids(labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Renumber cluster labels in order of each cluster's first member.
-
-    >>> canonical_ids([2, 2, 0, 1, 0]).tolist()
-    [0, 0, 1, 2, 1]
-    """
-    order: dict[int, int] = {}
-    out = [order.setdefault(int(v), len(order)) for v in torch.as_tensor(labels).tolist()]
-    return torch.tensor(out, dtype=torch.long)
-
-
-def cluster_lists(ids: torch.Tensor) -> list[list[int]]:
-    """Cluster ids -> clusters as sorted member lists, ordered by first member (the form merge_channels takes).
-
-    >>> cluster_lists(torch.tensor([0, 1, 0, 2]))
-    [[0, 2], [1], [3]]
-    """
-    out: dict[int, list[int]] = {}
-    for i, c in enumerate(ids.tolist()):
-        out.setdefault(c, []).append(i)
-    return [out[c] for c in sorted(out, key=lambda c: out[c][0])]
-
-
-def even_clusters(n: int, k: int) -> torch.Tensor:
-    """Cluster ids of ``n`` channels in ``k`` contiguous blocks whose sizes differ by at most one.
-
-    >>> even_clusters(10, 3).tolist()
-    [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
-    """
-    _check_k(n, k)
-    return torch.arange(n) * k // n
-
-
-def kmeans_clusters(features: torch.Tensor, k: int, seed: int = 0, n_init: int = 3) -> torch.Tensor:
-    """Cluster ids of the rows of ``features`` (n, d) by k-means (k-means++ starts, best of ``n_init``) with a
-    fixed seed: exactly ``k`` clusters.
-
-    >>> kmeans_clusters(torch.tensor([[0.0], [10.0], [0.1], [10.1]]), 2).tolist()
-    [0, 1, 0, 1]
-    """
-    n = features.shape[0]
-    _check_k(n, k)
-    if k == n:
-        return torch.arange(n)
-    if k == 1:
-        return torch.zeros(n, dtype=torch.long)
-    from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
-    from threadpoolctl import threadpool_limits
-
-    # one thread: measured 4x faster than the default threads on small and large (512 x 4608) problems alike
-    with warnings.catch_warnings(), threadpool_limits(limits=1):
-        warnings.simplefilter("ignore", ConvergenceWarning)  # duplicate rows find fewer clusters; fixed below
-        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-        labels = km.fit(features.detach().double().cpu().numpy()).labels_
-    ids = canonical_ids(labels)
-    while int(ids.max()) + 1 < k:  # split the largest cluster until there are k
-        sizes = torch.bincount(ids)
-        big = int(torch.argmax(sizes))
-        last = int(torch.nonzero(ids == big).flatten()[-1])
-        ids[last] = int(ids.max()) + 1
-        ids = canonical_ids(ids)
-    return ids
-
-
-def partitioned_clusters(k: int, classes: Sequence[int] | torch.Tensor, features: torch.Tensor | None = None,
-                         seed: int = 0) -> torch.Tensor:
-    """``k`` clusters of which none spans two ``classes``: k-means on ``features`` within each class (``None``:
-    contiguous blocks). Clusters are shared out over the classes in proportion to their sizes (at least one each).
-
-    >>> partitioned_clusters(3, [0, 0, 1, 1, 1, 1]).tolist()
-    [0, 0, 1, 1, 2, 2]
-    """
-    cls = canonical_ids(classes)
-    n_cls = int(cls.max()) + 1
-    if n_cls > k:
-        raise ValueError(f"{n_cls} kinds of channel that may not share a cluster, but only {k} clusters")
-    sizes = torch.bincount(cls).tolist()
-    alloc = [1] * n_cls
-    for _ in range(k - n_cls):  # highest size per cluster next (D'Hondt), never more clusters than channels
-        c = max((c for c in range(n_cls) if alloc[c] < sizes[c]), key=lambda c: sizes[c] / alloc[c])
-        alloc[c] += 1
-    ids = torch.empty(len(cls), dtype=torch.long)
-    first = 0
-    for c in range(n_cls):
-        idx = torch.nonzero(cls == c).flatten()
-        local = (kmeans_clusters(features[idx], alloc[c], seed) if features is not None
-                 else even_clusters(len(idx), alloc[c]))
-        ids[idx] = local + first
-        first += alloc[c]
-    return canonical_ids(ids)
-
-
-def _check_k(n: int, k: int) -> None:
-    if not 1 <= k <= n:
-        raise ValueError(f"cannot make {k} clusters of {n} channels (need 1 <= k <= {n})")
-
-
-def cluster_means(x: torch.Tensor, ids: torch.Tensor, inv_counts: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of the rows of ``x`` (n, d) per cluster: (k, d). ``inv_counts`` (k, 1) may be precomputed."""
-    k = int(ids.max()) + 1
-    if inv_counts is None:
-        inv_counts = 1.0 / torch.bincount(ids, minlength=k).to(x.dtype).unsqueeze(1)
-    return x.new_zeros(k, x.shape[1]).index_add_(0, ids, x).mul_(inv_counts)
-
-
-def centripetal_grad(grad: torch.Tensor, param: torch.Tensor, ids: torch.Tensor, eps: float,
-                     eta: float | torch.Tensor = 0.0, inv_counts: torch.Tensor | None = None) -> torch.Tensor:
-    """The centripetal gradient ``M G + eta P + eps (P - M P)`` over the rows (dim 0) of ``param``.
-
-    ``M`` averages rows with the same cluster id; ``eta`` may be a scalar or a per-row (n, 1) tensor.
-
-    >>> p = torch.tensor([[1.0], [3.0]]); g = torch.tensor([[0.5], [-0.5]])
-    >>> centripetal_grad(g, p, torch.tensor([0, 0]), eps=0.5)   # mean grad 0, pull towards the mean 2
-    tensor([[-0.5000],
-            [ 0.5000]])
-    """
-    return _centripetal(grad, param, ids, inv_counts, eps, eta + eps)
-
-
-def _centripetal(grad: torch.Tensor, param: torch.Tensor, ids: torch.Tensor, inv_counts: torch.Tensor | None,
-                 eps: float, coef: float | torch.Tensor) -> torch.Tensor:
-    # M G + eta P + eps (P - M P) = M (G - eps P) + (eps + eta) P: one index_add per tensor, no loop over clusters
-    n = param.shape[0]
-    p = param.detach().reshape(n, -1)
-    a = torch.add(grad.reshape(n, -1), p, alpha=-eps)
-    out = cluster_means(a, ids, inv_counts).index_select(0, ids)
-    out = out.addcmul_(coef, p) if isinstance(coef, torch.Tensor) else out.add_(p, alpha=coef)
-    return out.view_as(grad)
-
-
-def relative_distances(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Per row: ``||P_i - mean_c|| / ||mean_c||`` with ``mean_c`` the mean of its cluster (0 for singletons)."""
-    rows = rows.detach().double().reshape(rows.shape[0], -1)
-    mean = cluster_means(rows, ids).index_select(0, ids)
-    return (rows - mean).norm(dim=1) / mean.norm(dim=1).clamp_min(1e-12)
-
-
-# --------------------------------------------------------------------------------------------- strength
-def default_eps(lr_sum: float, max_lr: float, eta: float = 0.0, tol: float = 1e-6, vector_scale: float = 0.1,
-                max_step: float = 1.0) -> float:
-    """Centripetal strength that shrinks every intra-cluster difference by ``tol`` over a run.
-
-    ``lr_sum`` is the sum of the learning rate over the steps (mean lr x steps). The vectors (strength
-    ``vector_scale * eps``) are the slowest: ``eps = ln(1/tol) / (vector_scale * lr_sum)``, capped so that
-    ``max_lr * (eta + eps) <= max_step``.
-
-    >>> round(default_eps(lr_sum=0.025 * 3910, max_lr=0.05), 3)   # 10 cosine epochs of ResNet-56 at lr 0.05
-    1.413
-    """
-    if lr_sum <= 0 or max_lr <= 0:
-        raise ValueError(f"the learning-rate budget must be positive (sum {lr_sum}, max {max_lr})")
-    eps = math.log(1.0 / tol) / (min(vector_scale, 1.0) * lr_sum)
-    return max(0.0, min(eps, max_step / max_lr - eta))
-
-
-def schedule_lr(lr: float, schedule: str, total_steps: int, warmup_steps: int = 0,
-                milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1) -> Callable[[int], float]:
-    """A learning-rate function step -> lr for a named schedule: the engine's own
-    (:class:`slimcnn.engine.trainer.Schedule`: linear warm-up, then "cosine", "step" (x ``gamma`` at ``milestones``,
-    fractions of the run) or "constant"), times ``lr`` as the optimiser applies it.
-
-    >>> f = schedule_lr(0.1, "step", 100)
-    >>> f(0), round(f(60), 4), round(f(80), 4)
-    (0.1, 0.01, 0.001)
-    """
-    from ..engine.trainer import SCHEDULES, Schedule
-
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r} for C-SGD's strength rule; pass lr_at=... instead")
-    multiplier = Schedule.of_run(schedule, total_steps, warmup_steps, milestones, gamma)
-    return lambda step: lr * multiplier(step)
 
 
 def parse_fractions(text: str) -> list[float]:
@@ -274,19 +103,6 @@ def parse_fractions(text: str) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------- the method
-@dataclass
-class _TensorPlan:
-    """How one parameter tensor is transformed: one cluster id per row (rows outside clusters: singletons)."""
-
-    name: str
-    vector: bool
-    ids: torch.Tensor  # (rows,)
-    inv_counts: torch.Tensor  # (clusters, 1)
-    eta_rows: torch.Tensor  # (rows, 1): decay per row
-    param: nn.Parameter | None = None
-    coef: torch.Tensor | None = None  # eps_t + eta_rows, for the current eps
-
-
 class CSGD(Method):
     """Centripetal SGD to a MACs target, explicit widths, several rounds, or the "squeeze" of a wide model.
 
@@ -379,7 +195,7 @@ class CSGD(Method):
         self.warmup_steps = 0
         self._groups: dict[str, Any] = {}
         self._readers: dict[str, list[tuple[str, int, int]]] = {}
-        self._plans: list[_TensorPlan] | None = None
+        self._plans: list[TensorPlan] | None = None
         self._bound: nn.Module | None = None
         self._report: dict[str, Any] = {}
 
@@ -486,24 +302,6 @@ class CSGD(Method):
                 out[key] = int(k)
         return out
 
-    def _features(self, model: nn.Module, key: str) -> torch.Tensor:
-        """The rows k-means sees for a group: its producers' kernels (concatenated, or the first one)."""
-        g = self._groups[key]
-        blocks = []
-        for m in g.members:
-            if m.role not in ("out", "dw"):
-                continue
-            w = getattr(model.get_submodule(m.module), "weight", None)
-            if not isinstance(w, torch.Tensor):
-                continue  # a parameter-free producer, e.g. an option-A shortcut
-            rows = w.detach()[m.offset: m.offset + g.size].reshape(g.size, -1).double().cpu()
-            blocks.append(rows / rows.norm().clamp_min(1e-12))
-            if self.cluster_on == "first":
-                break
-        if not blocks:
-            raise ValueError(f"C-SGD: channel group {key!r} has no producer with weights to cluster")
-        return torch.cat(blocks, dim=1)
-
     def _cluster(self, model: nn.Module, widths: dict[str, int],
                  previous: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Cluster ids per group, in forward order; with ``previous``, new clusters are unions of previous ones."""
@@ -518,8 +316,10 @@ class CSGD(Method):
             if k >= len(members):
                 out[key] = prev.clone()
                 continue
-            classes = self._classes(model, key, out)[[c[0] for c in members]]
-            feats = None if self.cluster == "even" else cluster_means(self._features(model, key), prev)
+            group = self._groups[key]
+            classes = shortcut_classes(model, group, self._readers, out)[[c[0] for c in members]]
+            feats = (None if self.cluster == "even"
+                     else cluster_means(producer_features(model, group, self.cluster_on == "first"), prev))
             try:
                 coarse = partitioned_clusters(k, classes, feats, self.seed)
             except ValueError as e:
@@ -528,36 +328,6 @@ class CSGD(Method):
                                  "too)") from None
             out[key] = canonical_ids(coarse[prev])
         return _broadcast_ids(out, model)
-
-    def _classes(self, model: nn.Module, key: str, done: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per channel: what parameter-free producers (option-A shortcuts) put into it. Channels may share a
-        cluster only if they get the same: nothing, or the same (cluster of) source channel; training cannot
-        make two different sources equal, so merging them would not be lossless."""
-        from ..layers import PadShortcut
-
-        g = self._groups[key]
-        sig: list[tuple] = [() for _ in range(g.size)]
-        for m in g.producers:
-            module = model.get_submodule(m.module)
-            if isinstance(getattr(module, "weight", None), torch.Tensor):
-                continue
-            if not isinstance(module, PadShortcut):
-                raise ValueError(f"C-SGD cannot merge channels of group {key!r}: producer {m.module!r} "
-                                 f"({type(module).__name__}) has no weights to train")
-            source = dict(zip(module.dst, module.src))
-            for c in range(g.size):
-                s = source.get(m.offset + c)
-                sig[c] += (m.module, self._source_cluster(m.module, s, done) if s is not None else None)
-        order: dict[tuple, int] = {}
-        return torch.tensor([order.setdefault(t, len(order)) for t in sig], dtype=torch.long)
-
-    def _source_cluster(self, module: str, channel: int, done: dict[str, torch.Tensor]) -> tuple[str, int]:
-        """The (group, cluster) that input ``channel`` of ``module`` belongs to (its own index when unclustered)."""
-        for key, offset, size in self._readers.get(module, []):
-            if offset <= channel < offset + size:
-                ids = done.get(key)  # groups are clustered in forward order: the sources come first
-                return key, int(ids[channel - offset]) if ids is not None else channel - offset
-        return "", channel
 
     # ------------------------------------------------------------------------------------- optimiser
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
@@ -603,7 +373,7 @@ class CSGD(Method):
         return default_eps(sum(lrs), max(lrs), eta, self.tol, self.vector_scale)
 
     # ---------------------------------------------------------------------------------------- the step
-    def _build_plans(self, model: nn.Module) -> list[_TensorPlan]:
+    def _build_plans(self, model: nn.Module) -> list[TensorPlan]:
         if self._plans is not None and self._bound is model and (
                 not self._plans or self._plans[0].ids.device == self._plans[0].param.device):
             return self._plans
@@ -621,27 +391,7 @@ class CSGD(Method):
                     raise ValueError(f"C-SGD: {name} has {p.shape[0]} rows, group {key!r} needs {m.offset + len(ids)}")
                 rows.setdefault(name, []).append((m.offset, ids, key))
         eta = float(self.weight_decay or 0.0)
-        plans = []
-        for name, parts in rows.items():
-            p = params[name]
-            n = p.shape[0]
-            labels: list[Any] = list(range(n))  # rows outside any cluster stay singletons
-            clustered = torch.zeros(n, dtype=torch.bool)
-            for off, ids, key in parts:
-                for i, c in enumerate(ids.tolist()):
-                    labels[off + i] = (key, c)
-                clustered[off: off + len(ids)] = True
-            order: dict[Any, int] = {}
-            tid = torch.tensor([order.setdefault(lab, len(order)) for lab in labels], dtype=torch.long)
-            vector = p.dim() == 1
-            # vectors: no decay inside clusters (the spec); rows outside clusters keep the decay the optimiser
-            # would have given them
-            eta_rows = torch.full((n, 1), eta, dtype=p.dtype)
-            if vector:
-                eta_rows[clustered] = 0.0
-            counts = torch.bincount(tid, minlength=len(order)).to(p.dtype).unsqueeze(1)
-            plans.append(_TensorPlan(name, vector, tid.to(p.device), (1.0 / counts).to(p.device),
-                                     eta_rows.to(p.device), p))
+        plans = [tensor_plan(name, params[name], parts, eta) for name, parts in rows.items()]
         self._plans, self._bound = plans, model
         self._set_coef()
         return plans
@@ -771,57 +521,6 @@ class CSGD(Method):
 
 
 # -------------------------------------------------------------------------------------------- helpers
-def _explicit_widths(widths: float | dict[str, float], sizes: dict[str, int]) -> dict[str, int]:
-    """Widths given as one fraction, or per group key / stage prefix (an int count or a float fraction)."""
-    def count(v: float, n: int) -> int:
-        return int(v) if isinstance(v, int) else max(1, math.floor(v * n + 1e-9))
-
-    if isinstance(widths, (int, float)):
-        return {k: count(float(widths), n) for k, n in sizes.items()}
-    out, used = {}, set()
-    for key, n in sizes.items():
-        # the most specific entry wins: the key itself, else the longest module-name prefix (a stage)
-        match = max((w for w in widths if w == key or key.startswith(w + ".")), key=len, default=None)
-        if match is not None:
-            out[key] = count(widths[match], n)
-            used.add(match)
-    unused = set(widths) - used
-    if unused:
-        raise ValueError(f"C-SGD widths: {', '.join(sorted(unused))} match no prunable group; "
-                         f"groups: {', '.join(sizes)}")
-    return out
-
-
-def squeeze_widths(model: nn.Module, example_input: torch.Tensor, reference: nn.Module | None = None,
-                   graph: ChannelGraph | None = None) -> dict[str, int]:
-    """Group widths of ``reference`` (default: ``model``'s recipe rebuilt at width 1) for a wide ``model``
-    (``graph``: ``model``'s :class:`~slimcnn.graph.ChannelGraph`, when the caller has one).
-
-    >>> from slimcnn.models import create
-    >>> wide = create("cifar_resnet20", width=1.5)
-    >>> squeeze_widths(wide, torch.zeros(1, 3, 32, 32))["conv1"]                # doctest: +SKIP
-    16
-    """
-    from ..graph import ChannelGraph, channel_groups
-
-    if reference is None:
-        spec = getattr(model, "slimcnn_spec", None)
-        if spec is None or spec["kwargs"].get("width", 1.0) == 1.0:
-            raise ValueError("C-SGD squeeze needs a model built wide, e.g. create('cifar_resnet56', width=1.5), "
-                             "or an explicit reference model")
-        from ..models import create
-
-        kwargs = {k: v for k, v in spec["kwargs"].items() if k != "width"}
-        reference = create(spec["name"], num_classes=spec["num_classes"], **kwargs)
-    graph = graph if graph is not None else ChannelGraph(model, example_input)
-    wide = {g.key: g.size for g in graph.groups_for(model) if g.prunable}
-    narrow = {g.key: g.size for g in channel_groups(reference, example_input)}
-    missing = sorted(set(wide) - set(narrow))
-    if missing:
-        raise ValueError(f"C-SGD squeeze: the reference model has no channel group {', '.join(missing)}")
-    return {k: narrow[k] for k in wide}
-
-
 def _broadcast_ids(ids: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Under torch.distributed, every rank takes rank 0's clusters (k-means is seeded, but be certain)."""
     import torch.distributed as dist

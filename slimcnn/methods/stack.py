@@ -338,8 +338,8 @@ class Stack(Method):
                             channel_ratio: float, goal: float, t0: float) -> nn.Module:
         """C-SGD to the global ranking's widths at ``channel_ratio``, and TRP's ranks planned on the net its merge
         will produce; both then train in the pipeline's steps (module docstring). Returns the unchanged model."""
+        from .clustering import cluster_lists
         from .registry import create
-        from .csgd import cluster_lists
 
         first_name, last_name = self.stages
         ranker = create("l1", target_macs=channel_ratio, mode="global",
