@@ -353,167 +353,253 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
                          memo, val_loader)
 
 
+@dataclass
+class _Run:
+    """What the phases of one compression run hand on: the inputs, the model each phase leaves, and what each
+    phase recorded (``records``, from which the report is built)."""
+
+    model: nn.Module
+    method: Method
+    cfg: CompressConfig
+    loaders: dict[str, Any]
+    input_shape: tuple[int, ...]
+    out: Path | None
+    memo: dict | None
+    metric: str = "top1"
+    distiller: Any = None
+    work: nn.Module | None = None
+    compact: nn.Module | None = None
+    records: dict[str, Any] = field(default_factory=dict)
+    t0: float = field(default_factory=time.time)
+
+
 def _compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
               cfg: CompressConfig, model_name: str, info: dict[str, Any] | None, policy: LayerPolicy,
               memo: dict | None = None, val_loader=None) -> tuple[nn.Module, dict[str, Any]]:
+    """The run as its phases, in order; each reads the run and records its own figures."""
     from .engine import distributed
-    from .engine.replicas import adopt_rank0, state_digests
+    from .engine.replicas import adopt_rank0
 
-    t0 = time.time()
     torch.manual_seed(cfg.seed)
-    world = distributed.world_size()
-    if world > 1:  # every rank starts from rank 0's base (random initialisation may differ between processes)
+    if distributed.world_size() > 1:  # every rank starts from rank 0's base (random init may differ per process)
         model, _ = adopt_rank0(copy.deepcopy(model))
     out = Path(cfg.out_dir) if cfg.out_dir and distributed.is_main() else None  # rank 0 alone writes
-    metric = METRICS[cfg.task]
-    example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(cfg.seed))
+    run = _Run(model, method, cfg, {"train": train_loader, "test": test_loader, "val": val_loader}, input_shape,
+               out, memo, METRICS[cfg.task])
+    for phase in (_measure_base, _prepare, _train_method, _finalize, _recalibrate, _fine_tune, _measure_compressed,
+                  _time_latency, _confirm_latency_goal):
+        phase(run, info)
+    report = _build_report(run, model_name, info, policy)
+    if out:
+        from .io import save
+
+        save(run.compact, out)
+        write_report(report, out, layer_widths(model), layer_widths(run.compact))
+    return run.compact, report
+
+
+def _measure_base(run: _Run, info: dict[str, Any] | None) -> None:
+    cfg, memo = run.cfg, run.memo
     if memo is not None and "base" in memo:
-        base_prof, base_score, test_images = memo["base"]
+        prof, score, images = memo["base"]
     else:
-        base_prof = profile(model, input_shape)
-        base_score, _, test_images = _score(model, test_loader, cfg, "eval base")
+        prof = profile(run.model, run.input_shape)
+        score, _, images = _score(run.model, run.loaders["test"], cfg, "eval base")
         if memo is not None:
-            memo["base"] = (base_prof, base_score, test_images)
-    tqdm.write(f"base: {metric} {base_score:.2f}  MACs {base_prof.macs / 1e6:.2f}M  params {base_prof.params / 1e6:.3f}M")
-    tqdm.write(f"plan: {recipe_text(method, cfg)}")
-    distiller = None
+            memo["base"] = (prof, score, images)
+    run.records["base"] = {"profile": prof, "score": score, "test_images": images}
+    tqdm.write(f"base: {run.metric} {score:.2f}  MACs {prof.macs / 1e6:.2f}M  params {prof.params / 1e6:.3f}M")
+    tqdm.write(f"plan: {recipe_text(run.method, cfg)}")
     if cfg.distils:
         from .distill import Distiller
 
-        # a frozen copy of the uncompressed base teaches both phases; ``model`` itself stays untouched
-        distiller = Distiller(copy.deepcopy(model).eval(), cfg.kd_alpha, cfg.kd_temperature,
-                              memo.setdefault("teacher_logits", {}) if memo is not None else None)
+        # a frozen copy of the uncompressed base teaches both phases; the base itself stays untouched
+        run.distiller = Distiller(copy.deepcopy(run.model).eval(), cfg.kd_alpha, cfg.kd_temperature,
+                                  memo.setdefault("teacher_logits", {}) if memo is not None else None)
 
-    work = method.prepare(copy.deepcopy(model), example.to(cfg.device),
-                          **prepare_kwargs(method, cfg, train_loader, test_loader, val_loader))
-    phase_epochs = cfg.method_epochs - method.epochs_in_prepare  # a stack spent some in prepare
+
+def _prepare(run: _Run, info: dict[str, Any] | None) -> None:
+    example = torch.randn(2, *run.input_shape, generator=torch.Generator().manual_seed(run.cfg.seed))
+    run.work = run.method.prepare(copy.deepcopy(run.model), example.to(run.cfg.device),
+                                  **prepare_kwargs(run.method, run.cfg, run.loaders["train"], run.loaders["test"],
+                                                   run.loaders["val"]))
+
+
+def _train_method(run: _Run, info: dict[str, Any] | None) -> None:
+    from .engine.replicas import adopt_rank0
+
+    cfg = run.cfg
+    phase_epochs = cfg.method_epochs - run.method.epochs_in_prepare  # a stack spent some in prepare
     if phase_epochs > 0:
-        work = _train(work, train_loader, cfg, phase_epochs, cfg.method_lr or cfg.lr, method,
-                      out / "method_ckpt" if out else None, distiller)
+        run.work = _train(run.work, run.loaders["train"], cfg, phase_epochs, cfg.method_lr or cfg.lr, run.method,
+                          run.out / "method_ckpt" if run.out else None, run.distiller)
     # DDP kept the parameters equal; BatchNorm statistics follow each rank's own last batches: finalize rank 0's
-    work, _ = adopt_rank0(work)
-    finalize_key = method.finalize_key
-    before_logits = before_score = None
-    if method.trains_before_finalize and cfg.stage_evals:
-        before_score, before_logits, _ = _score(work, test_loader, cfg, f"eval before {finalize_key}")
-    compact = method.finalize(work).to(cfg.device)
-    after_score = after_logits = None
-    if cfg.stage_evals:
-        after_score, after_logits, _ = _score(compact, test_loader, cfg, f"eval after {finalize_key}")
-    finalize = {f"{metric}_before": before_score, f"{metric}_after": after_score,
-                "max_logit_change": (after_logits - before_logits).abs().max().item()
-                if before_logits is not None and after_logits is not None else None}
-    if before_score is not None and after_score is not None:
-        finalize["gap"] = round(after_score - before_score, 2)
-    fin_warning = (method.report().get(finalize_key) or {}).get("warning") if method.trains_before_finalize else None
-    if fin_warning:
-        tqdm.write(f"warning: {fin_warning}")
-    from .engine.recalibrate import recalibrate_bn
+    run.work, _ = adopt_rank0(run.work)
 
-    finalize["bn_recalib_batches"] = recalibrate_bn(compact, train_loader, cfg.bn_recalib, cfg.device)
-    if finalize["bn_recalib_batches"] and cfg.stage_evals:
-        after_score, _, _ = _score(compact, test_loader, cfg, "eval after BN recalibration")
-        finalize[f"{metric}_recalibrated"] = after_score
+
+def _finalize(run: _Run, info: dict[str, Any] | None) -> None:
+    cfg, method, metric, test = run.cfg, run.method, run.metric, run.loaders["test"]
+    key = method.finalize_key
+    before_logits = before = after_logits = after = None
+    if method.trains_before_finalize and cfg.stage_evals:
+        before, before_logits, _ = _score(run.work, test, cfg, f"eval before {key}")
+    run.compact = method.finalize(run.work).to(cfg.device)
+    if cfg.stage_evals:
+        after, after_logits, _ = _score(run.compact, test, cfg, f"eval after {key}")
+    record = {f"{metric}_before": before, f"{metric}_after": after,
+              "max_logit_change": (after_logits - before_logits).abs().max().item()
+              if before_logits is not None and after_logits is not None else None}
+    if before is not None and after is not None:
+        record["gap"] = round(after - before, 2)
+    warning = (method.report().get(key) or {}).get("warning") if method.trains_before_finalize else None
+    if warning:
+        tqdm.write(f"warning: {warning}")
+    run.records["finalize"] = record
+    run.records["score_after_finalize"] = after
+
+
+def _recalibrate(run: _Run, info: dict[str, Any] | None) -> None:
+    from .engine.recalibrate import recalibrate_bn
+    from .engine.replicas import adopt_rank0
+
+    cfg, record = run.cfg, run.records["finalize"]
+    record["bn_recalib_batches"] = recalibrate_bn(run.compact, run.loaders["train"], cfg.bn_recalib, cfg.device)
+    if record["bn_recalib_batches"] and cfg.stage_evals:
+        score, _, _ = _score(run.compact, run.loaders["test"], cfg, "eval after BN recalibration")
+        record[f"{run.metric}_recalibrated"] = run.records["score_after_finalize"] = score
     # a finalize that read data or drew at random may have kept other channels on another rank, and each rank
     # recalibrated on its own shard: every rank fine-tunes (and ends with) rank 0's model
-    compact, structure_from_rank0 = adopt_rank0(compact)
+    run.compact, run.records["structure_from_rank0"] = adopt_rank0(run.compact)
+
+
+def _fine_tune(run: _Run, info: dict[str, Any] | None) -> None:
+    from .engine.replicas import adopt_rank0
+
+    cfg = run.cfg
     if cfg.ema is not None and cfg.epochs == 0:
         tqdm.write(f"warning: --ema {cfg.ema} has no fine-tune to average (0 fine-tune epochs); not applied")
     if cfg.epochs > 0:
-        compact = _train(compact, train_loader, cfg, cfg.epochs, cfg.lr, None, out / "finetune_ckpt" if out else None,
-                         distiller, cfg.ema)
-        compact, _ = adopt_rank0(compact)  # the BatchNorm statistics of rank 0's last batches
-    if cfg.epochs > 0 or after_score is None:  # stage_evals=False scored nothing yet: score the result once here
-        comp_score, _, _ = _score(compact, test_loader, cfg, "eval compressed")
-    else:
-        comp_score = after_score
-    del distiller
-    comp_prof = profile(compact, input_shape)
-    ddp = None
+        run.compact = _train(run.compact, run.loaders["train"], cfg, cfg.epochs, cfg.lr, None,
+                             run.out / "finetune_ckpt" if run.out else None, run.distiller, cfg.ema)
+        run.compact, _ = adopt_rank0(run.compact)  # the BatchNorm statistics of rank 0's last batches
+    run.distiller = None
+
+
+def _measure_compressed(run: _Run, info: dict[str, Any] | None) -> None:
+    from .engine import distributed
+    from .engine.replicas import state_digests
+
+    cfg, after = run.cfg, run.records["score_after_finalize"]
+    if cfg.epochs > 0 or after is None:  # stage_evals=False scored nothing yet: score the result once here
+        after, _, _ = _score(run.compact, run.loaders["test"], cfg, "eval compressed")
+    run.records["compressed"] = {"profile": profile(run.compact, run.input_shape), "score": after}
+    if run.loaders["val"] is not None:  # the validation split beside test, for the base and the result
+        run.records["base"]["val"] = _score(run.model, run.loaders["val"], cfg, "val base")[0]
+        run.records["compressed"]["val"] = _score(run.compact, run.loaders["val"], cfg, "val compressed")[0]
+    world = distributed.world_size()
     if world > 1:  # each rank checks for itself that every rank holds the same model
-        digests = state_digests(compact)
-        ddp = {"world_size": world, "ranks_identical": len(set(digests)) == 1,
-               "structure_from_rank0": structure_from_rank0, "digests": digests}
-        if not ddp["ranks_identical"]:
+        digests = state_digests(run.compact)
+        run.records["ddp"] = {"world_size": world, "ranks_identical": len(set(digests)) == 1,
+                              "structure_from_rank0": run.records["structure_from_rank0"], "digests": digests}
+        if not run.records["ddp"]["ranks_identical"]:
             tqdm.write(f"warning: the ranks ended with different models: {digests}")
 
-    latency_ms = None
-    if cfg.latency and distributed.is_main():  # on the device the run uses, within a time budget per batch size
-        timed_base = copy.deepcopy(model).to(cfg.device).eval()
-        timed_comp = copy.deepcopy(compact).to(cfg.device).eval()
-        lat_base, lat_comp, batches, repeats = [], [], [], []
-        for b in progress_bar(cfg.latency_batches, desc="latency"):
-            pair = {"base": timed_base, "compressed": timed_comp}
-            if cfg.latency_backend == "onnxruntime":  # the runtime the user deploys on, interleaved as on eager
-                t, timed_b, reps = runtime_latency(pair, input_shape, b, cfg.latency_backend, cfg.latency_budget_s)
-            else:
-                t, timed_b, reps = budgeted_latency(pair, input_shape, batch=b, budget_s=cfg.latency_budget_s,
-                                                    max_repeats=cfg.latency_repeats)
-            lat_base.append(round(t["base"], 3))
-            lat_comp.append(round(t["compressed"], 3))
-            batches.append(timed_b)
-            repeats.append(reps)
-        del timed_base, timed_comp
-        latency_ms = {"batch": batches, "base": lat_base, "compressed": lat_comp,
-                      "ratio": [round(c / b, 4) for b, c in zip(lat_base, lat_comp)], "device": cfg.device,
-                      "backend": cfg.latency_backend,
-                      "repeats": repeats, "budget_s": cfg.latency_budget_s}
-        if batches != list(cfg.latency_batches):
-            latency_ms["requested_batch"] = list(cfg.latency_batches)
-            tqdm.write(f"latency: timed batch {batches} instead of {list(cfg.latency_batches)} to stay within "
-                       f"{cfg.latency_budget_s:g} s per batch size")
-        slower = slower_than_base(latency_ms)
-        if slower:
-            latency_ms["slower_than_base"] = slower
-            tqdm.write(f"warning: {slower}")
 
-    method_report = method.report()
-    # --target-latency, planned by the method or turned into a MACs target before it (info): confirm where it aimed
-    lt = method_report.get("latency_target") or (info or {}).get("latency_target")
+def _time_latency(run: _Run, info: dict[str, Any] | None) -> None:
+    """Base and compressed timed interleaved on the run's backend, at each --latency-batch within a time budget."""
+    from .engine import distributed
+
+    cfg = run.cfg
+    if not cfg.latency or not distributed.is_main():
+        return
+    pair = {"base": copy.deepcopy(run.model).to(cfg.device).eval(),
+            "compressed": copy.deepcopy(run.compact).to(cfg.device).eval()}
+    base, comp, batches, repeats = [], [], [], []
+    for b in progress_bar(cfg.latency_batches, desc="latency"):
+        if cfg.latency_backend == "onnxruntime":  # the runtime the user deploys on, interleaved as on eager
+            t, timed_b, reps = runtime_latency(pair, run.input_shape, b, cfg.latency_backend, cfg.latency_budget_s)
+        else:
+            t, timed_b, reps = budgeted_latency(pair, run.input_shape, batch=b, budget_s=cfg.latency_budget_s,
+                                                max_repeats=cfg.latency_repeats)
+        base.append(round(t["base"], 3))
+        comp.append(round(t["compressed"], 3))
+        batches.append(timed_b)
+        repeats.append(reps)
+    latency = {"batch": batches, "base": base, "compressed": comp,
+               "ratio": [round(c / b, 4) for b, c in zip(base, comp)], "device": cfg.device,
+               "backend": cfg.latency_backend, "repeats": repeats, "budget_s": cfg.latency_budget_s}
+    if batches != list(cfg.latency_batches):
+        latency["requested_batch"] = list(cfg.latency_batches)
+        tqdm.write(f"latency: timed batch {batches} instead of {list(cfg.latency_batches)} to stay within "
+                   f"{cfg.latency_budget_s:g} s per batch size")
+    slower = slower_than_base(latency)
+    if slower:
+        latency["slower_than_base"] = slower
+        tqdm.write(f"warning: {slower}")
+    run.records["latency_ms"] = latency
+
+
+def _confirm_latency_goal(run: _Run, info: dict[str, Any] | None) -> None:
+    """--target-latency, planned by the method or turned into a MACs target before it (``info``): the compressed
+    net timed against the base where the goal aimed."""
+    from .engine import distributed
+
+    run.records["method_report"] = run.method.report()
+    lt = run.records["method_report"].get("latency_target") or (info or {}).get("latency_target")
     if isinstance(lt, dict) and distributed.is_main():
         from .graph.latency import confirm_latency
 
-        lt.update(confirm_latency(model, compact, input_shape, lt["backend"], lt["batch"], lt["threads"],
-                                  cfg.latency_budget_s))
-    fin_extra = method_report.pop(finalize_key, {}) if isinstance(method_report.get(finalize_key), dict) else {}
+        lt.update(confirm_latency(run.model, run.compact, run.input_shape, lt["backend"], lt["batch"], lt["threads"],
+                                  run.cfg.latency_budget_s))
+
+
+def _build_report(run: _Run, model_name: str, info: dict[str, Any] | None, policy: LayerPolicy) -> dict[str, Any]:
+    """report.json from the phases' records."""
+    cfg, method, metric, rec = run.cfg, run.method, run.metric, run.records
+    base, comp = rec["base"], rec["compressed"]
+    bp, cp = base["profile"], comp["profile"]
+    key = method.finalize_key
+    method_report = rec["method_report"]
+    fin_extra = method_report.pop(key, {}) if isinstance(method_report.get(key), dict) else {}
+    val = lambda r: {f"val_{metric}": r["val"]} if "val" in r else {}  # noqa: E731
     report: dict[str, Any] = {
-        "method": method.name, "model": model_name, "target_macs": cfg.target_macs,
-        "task": cfg.task, "metric": metric,
-        "base": {"macs": base_prof.macs, "params": base_prof.params, metric: base_score,
-                 **({f"val_{metric}": _score(model, val_loader, cfg, "val base")[0]} if val_loader else {})},
-        "compressed": {"macs": comp_prof.macs, "params": comp_prof.params, metric: comp_score,
-                       **({f"val_{metric}": _score(compact, val_loader, cfg, "val compressed")[0]}
-                          if val_loader else {})},
-        "macs_ratio": comp_prof.macs / base_prof.macs, "speedup": base_prof.macs / comp_prof.macs,
-        "within_tol": within_tol(comp_prof.macs, base_prof.macs, cfg.target_macs),
-        "params_ratio": comp_prof.params / base_prof.params, f"{metric}_change": round(comp_score - base_score, 2),
-        "latency_ms": latency_ms,
-        "layer_control": _layer_control_record(policy, model, compact, input_shape) if policy else None,
-        "finalize_key": finalize_key, finalize_key: {**fin_extra, **finalize},
-        "epoch_budget": epoch_budget(method, cfg), "recipe": cfg.recipe,
-        "distill": ({"teacher": "the uncompressed base (eval mode, no gradient)", "alpha": cfg.kd_alpha,
-                     "temperature": cfg.kd_temperature,
-                     "phases": [ph for ph, n in (("method", cfg.method_epochs), ("finetune", cfg.epochs)) if n]}
-                    if cfg.distill else None),
+        "method": method.name, "model": model_name, "target_macs": cfg.target_macs, "task": cfg.task,
+        "metric": metric,
+        "base": {"macs": bp.macs, "params": bp.params, metric: base["score"], **val(base)},
+        "compressed": {"macs": cp.macs, "params": cp.params, metric: comp["score"], **val(comp)},
+        "macs_ratio": cp.macs / bp.macs, "speedup": bp.macs / cp.macs,
+        "within_tol": within_tol(cp.macs, bp.macs, cfg.target_macs), "params_ratio": cp.params / bp.params,
+        f"{metric}_change": round(comp["score"] - base["score"], 2), "latency_ms": rec.get("latency_ms"),
+        "layer_control": _layer_control_record(policy, run.model, run.compact, run.input_shape) if policy else None,
+        "finalize_key": key, key: {**fin_extra, **rec["finalize"]},
+        "epoch_budget": epoch_budget(method, cfg), "recipe": cfg.recipe, "distill": _distill_record(cfg),
         "ema": {"decay": cfg.ema, "applied": cfg.epochs > 0} if cfg.ema is not None else None,
-        "test_images": test_images, "ddp": ddp, "config": asdict(cfg), "environment": environment(), **(info or {}),
+        "test_images": base["test_images"], "ddp": rec.get("ddp"), "config": asdict(cfg),
+        "environment": environment(), **(info or {}),
     }
-    skipped = sorted(set(getattr(train_loader, "skipped", [])) | set(getattr(test_loader, "skipped", [])))
-    if skipped:  # an image folder read with --skip-bad-images
-        report["skipped_images"], report["skipped_examples"] = len(skipped), skipped[:10]
-        tqdm.write(f"warning: skipped {len(skipped)} image(s) that could not be decoded, e.g. {skipped[0]}")
+    _note_skipped_images(report, run.loaders)
     # the method's own figures (TRP's layers, Dagger's gates, ...) sit at the top level of the report
     report.update({k: v for k, v in method_report.items() if k not in report})
     if report["within_tol"] is False:
         tqdm.write(f"warning: MACs ratio {report['macs_ratio']:.4f} is more than 1% off the target {cfg.target_macs}")
     # aligned widths: counted at the run's --round-to, else at 8, so rows with and without it compare
     round_to = cfg.round_to or method.round_to
-    report["alignment"] = {"round_to": round_to, **alignment(compact, round_to or 8),
-                           "base_aligned_layers": alignment(model, round_to or 8)["aligned_layers"]}
-    report["wall_s"] = round(time.time() - t0, 1)
-    if out:
-        from .io import save
+    report["alignment"] = {"round_to": round_to, **alignment(run.compact, round_to or 8),
+                           "base_aligned_layers": alignment(run.model, round_to or 8)["aligned_layers"]}
+    report["wall_s"] = round(time.time() - run.t0, 1)
+    return report
 
-        save(compact, out)
-        write_report(report, out, layer_widths(model), layer_widths(compact))
-    return compact, report
+
+def _distill_record(cfg: CompressConfig) -> dict[str, Any] | None:
+    if not cfg.distill:
+        return None
+    return {"teacher": "the uncompressed base (eval mode, no gradient)", "alpha": cfg.kd_alpha,
+            "temperature": cfg.kd_temperature,
+            "phases": [ph for ph, n in (("method", cfg.method_epochs), ("finetune", cfg.epochs)) if n]}
+
+
+def _note_skipped_images(report: dict[str, Any], loaders: dict[str, Any]) -> None:
+    skipped = sorted(set(getattr(loaders["train"], "skipped", [])) | set(getattr(loaders["test"], "skipped", [])))
+    if skipped:  # an image folder read with --skip-bad-images
+        report["skipped_images"], report["skipped_examples"] = len(skipped), skipped[:10]
+        tqdm.write(f"warning: skipped {len(skipped)} image(s) that could not be decoded, e.g. {skipped[0]}")
