@@ -96,6 +96,34 @@ def test_no_module_imports_one_that_imports_it_back():
     assert not found, "import circles: " + " | ".join(why)
 
 
+#: the package's rooms from the bottom up; a room imports only rooms on lower floors (written once, here)
+FLOORS: list[set[str]] = [
+    {"backends", "layer_specs", "metrics", "outputs", "profile", "progress", "quantize"},  # leaves: torch only
+    {"data", "distill", "graph", "report"},
+    {"importance", "layers"},
+    {"models"},
+    {"gating", "io"},
+    {"engine"},
+    {"methods"},
+    {"compress", "latency_fit"},
+    {"bench"},
+    {"bench_latency"},
+    {"commands"},
+    {"cli"},
+    {"__main__"},
+]
+
+
+def test_every_import_runs_down_the_floors():
+    floor = {r: i for i, rooms in enumerate(FLOORS) for r in rooms}
+    graph = import_graph()
+    rooms = {room(m) for m in graph} - {None}
+    assert rooms <= set(floor), f"rooms on no floor (add them to FLOORS): {sorted(rooms - set(floor))}"
+    upward = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                    if room(a) and room(b) and room(a) != room(b) and floor[room(b)] >= floor[room(a)])
+    assert not upward, "imports that do not run down the floors: " + "; ".join(upward)
+
+
 def test_no_room_imports_a_room_that_imports_it_back():
     rooms: dict[str, set[str]] = {}
     edges: dict[tuple[str, str], list[str]] = {}
