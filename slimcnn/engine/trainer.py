@@ -217,6 +217,39 @@ class _EpochStats:
         return distributed.all_reduce_sum(t).tolist()
 
 
+@dataclass
+class _Loop:
+    """One training run's moving parts, built once by :func:`_start`, and its position (``step``, ``history``)."""
+
+    model: nn.Module
+    net: nn.Module  # the model, wrapped in DDP under torchrun
+    cfg: TrainConfig
+    method: TrainingHooks
+    distiller: Distiller | None
+    ema: AveragedModel | None
+    opt: torch.optim.Optimizer
+    sched: LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    use_amp: bool
+    show: bool
+    ckpt: Path | None
+    steps_per_epoch: int
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def save(self, epoch_done: int, partial_values: list[float] | None) -> None:
+        if self.ckpt is None or not distributed.is_main():
+            return
+        save_state(self.ckpt, {
+            "epoch": epoch_done, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(), "method": self.method.name, "method_state": self.method.state_dict(),
+            "rng": capture_rng(), "history": self.history, "partial": partial_values, "config": config_record(self.cfg),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "distill": self.distiller.record() if self.distiller is not None else None})
+
+
 def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: TrainingHooks | None = None,
           val_loader: Iterable | None = None, resume: bool = False,
           distiller: Distiller | None = None) -> TrainResult:
@@ -230,10 +263,44 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Tr
     >>> result = train(model, loader, TrainConfig(epochs=1, lr=0.01))   # doctest: +SKIP
     >>> result.history[0]["train_loss"]                                 # doctest: +SKIP
     """
+    from tqdm import tqdm
+
+    loop = _start(model, train_loader, cfg, method, distiller)
+    start_epoch, partial = _resume(loop, resume)
+    run_history = list(loop.history)
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_steps is not None and loop.step >= cfg.max_steps:
+            break
+        rec, stopped, stats = _epoch(loop, train_loader, epoch, partial)
+        if stopped:
+            rec["complete"] = False
+            run_history.append(rec)
+            loop.save(epoch, stats.values[:4])
+            break
+        if val_loader is not None:
+            val = evaluate(loop.ema.module if loop.ema is not None else model, val_loader, cfg.task, loop.device,
+                           amp=loop.use_amp, progress=loop.show)
+            rec.update({f"val_{k}": v for k, v in val.items() if k != "iou"})
+        loop.history.append(rec)
+        run_history.append(rec)
+        loop.save(epoch + 1, None)
+        if loop.show:
+            tqdm.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+    if loop.ema is not None and int(loop.ema.n_averaged) > 0:
+        _load_ema_weights(model, loop.ema)
+    digests = distributed.gather_digests(model) if distributed.is_distributed() else None
+    if digests and distributed.is_main() and len(set(digests)) > 1:
+        print(f"warning: DDP replicas ended with different weights: {digests}")
+    return TrainResult(model=model, history=run_history, steps=loop.step,
+                       checkpoint=loop.ckpt if loop.ckpt is not None and loop.ckpt.is_file() else None,
+                       replica_digests=digests)
+
+
+def _start(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: TrainingHooks | None,
+           distiller: Distiller | None) -> _Loop:
+    """Seeds, optimiser, schedule, AMP scaler, EMA and the DDP wrapper of a run."""
     device = _device(cfg.device)
     method = method if method is not None else NoHooks()
-    main = distributed.is_main()
-    show = cfg.progress and main
     _seed_everything(cfg.seed)
     model.to(device)
     opt = torch.optim.SGD(method.param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
@@ -241,139 +308,123 @@ def train(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, method: Tr
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batches (empty data set, or drop_last with too few samples)")
-    total = cfg.epochs * steps_per_epoch
-    sched = LambdaLR(opt, Schedule.of_run(cfg.schedule, total, round(cfg.warmup_epochs * steps_per_epoch),
-                                          cfg.milestones, cfg.gamma))
+    sched = LambdaLR(opt, Schedule.of_run(cfg.schedule, cfg.epochs * steps_per_epoch,
+                                          round(cfg.warmup_epochs * steps_per_epoch), cfg.milestones, cfg.gamma))
     use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    distiller = distiller.to(device) if distiller is not None and distiller.active else None
-    ema = _make_ema(model, cfg.ema) if cfg.ema is not None else None
-
-    ckpt = checkpoint_path(cfg.out_dir) if cfg.out_dir is not None else None
-    start_epoch, step, history, partial = 0, 0, [], None
-    if resume:
-        if ckpt is None:
-            raise ValueError("resume=True needs cfg.out_dir (the folder holding the run's last checkpoint)")
-        if ckpt.is_file():
-            state = load_state(ckpt)
-            _check_resume(ckpt, state, cfg, steps_per_epoch, method, distiller)
-            _restore(state, model, opt, sched, scaler, method, ema)
-            start_epoch, step, history, partial = state["epoch"], state["step"], state["history"], state["partial"]
-            if show:
-                print(f"resuming from {ckpt}: epoch {start_epoch}/{cfg.epochs}, step {step}")
-        elif show:
-            print(f"no checkpoint at {ckpt}; starting from scratch")
-
     net: nn.Module = model
     if distributed.is_distributed():
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Loop(model, net, cfg, method,
+                 distiller.to(device) if distiller is not None and distiller.active else None,
+                 _make_ema(model, cfg.ema) if cfg.ema is not None else None, opt, sched,
+                 torch.amp.GradScaler("cuda", enabled=use_amp), device, use_amp,
+                 cfg.progress and distributed.is_main(),
+                 checkpoint_path(cfg.out_dir) if cfg.out_dir is not None else None, steps_per_epoch)
 
-    def save(epoch_done: int, partial_values: list[float] | None) -> None:
-        if ckpt is None or not main:
-            return
-        save_state(ckpt, {"epoch": epoch_done, "step": step, "steps_per_epoch": steps_per_epoch,
-                          "model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                          "method": method.name, "method_state": method.state_dict(), "rng": capture_rng(),
-                          "history": history, "partial": partial_values, "config": config_record(cfg),
-                          "ema": ema.state_dict() if ema is not None else None,
-                          "distill": distiller.record() if distiller is not None else None})
 
-    from tqdm import tqdm
+def _resume(loop: _Loop, resume: bool) -> tuple[int, list[float] | None]:
+    """(first epoch to run, the partial epoch's statistics) after restoring the last checkpoint when asked."""
+    if not resume:
+        return 0, None
+    if loop.ckpt is None:
+        raise ValueError("resume=True needs cfg.out_dir (the folder holding the run's last checkpoint)")
+    if not loop.ckpt.is_file():
+        if loop.show:
+            print(f"no checkpoint at {loop.ckpt}; starting from scratch")
+        return 0, None
+    state = load_state(loop.ckpt)
+    _check_resume(loop.ckpt, state, loop.cfg, loop.steps_per_epoch, loop.method, loop.distiller)
+    _restore(state, loop.model, loop.opt, loop.sched, loop.scaler, loop.method, loop.ema)
+    loop.step, loop.history = state["step"], state["history"]
+    if loop.show:
+        print(f"resuming from {loop.ckpt}: epoch {state['epoch']}/{loop.cfg.epochs}, step {loop.step}")
+    return state["epoch"], state["partial"]
 
+
+def _epoch(loop: _Loop, train_loader: Iterable, epoch: int, partial: list[float] | None
+           ) -> tuple[dict[str, Any], bool, _EpochStats]:
+    """One epoch (the rest of it after a resume): (its record, whether max_steps stopped it, its statistics)."""
     from ..progress import bar as progress_bar
 
-    run_history = list(history)
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.max_steps is not None and step >= cfg.max_steps:
+    cfg = loop.cfg
+    if hasattr(train_loader, "set_epoch"):
+        train_loader.set_epoch(epoch)
+    skip = loop.step - epoch * loop.steps_per_epoch  # batches of this epoch done before a resume
+    stats = _EpochStats(partial if skip else None)
+    loop.net.train()
+    stopped, t0, last_lr = False, time.perf_counter(), loop.opt.param_groups[0]["lr"]
+    bar = progress_bar(total=loop.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       enabled=loop.show)
+    for i, (x, y) in enumerate(train_loader):
+        if i < skip:
+            continue
+        if cfg.max_steps is not None and loop.step >= cfg.max_steps:
+            stopped = True
             break
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
-        stats = _EpochStats(partial if skip else None)
-        net.train()
-        stopped, t0, last_lr = False, time.perf_counter(), opt.param_groups[0]["lr"]
-        bar = progress_bar(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=show)
-        for i, (x, y) in enumerate(train_loader):
-            if i < skip:
-                continue
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                stopped = True
-                break
-            # contiguous NCHW: the in-memory loaders yield channels-last views, and torch 2.14's CPU backward of a
-            # 1x1 stride-2 conv with an odd input width (5, as pruning leaves) on channels-last input corrupts the
-            # heap (measured: "double free or corruption", a pruned seg_tiny's shortcut)
-            x, y = x.to(device, non_blocking=True).contiguous(), y.to(device, non_blocking=True)
-            method.before_forward(model, step)
-            opt.zero_grad(set_to_none=True)
-            with autocast(device, use_amp):
-                out = net(x)
-                logits = final_output(out)
-                soft = distiller.teacher_logits(x) if distiller is not None else None
+        try:
+            loss_value, logits, y, last_lr = _step(loop, x, y, epoch)
+        except TrainingDiverged:
+            bar.close()
+            raise
+        stats.add(cfg.task, loss_value, logits, y)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{last_lr:.3g}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    loss_sum, correct, count, images, fresh = stats.reduced(loop.device)
+    acc_name = "train_pixel_acc" if cfg.task == "segmentation" else "train_top1"
+    rec: dict[str, Any] = {"epoch": epoch + 1, "step": loop.step, "lr": last_lr,
+                           "train_loss": loss_sum / max(images, 1), acc_name: 100.0 * correct / max(count, 1),
+                           "img_per_s": fresh / seconds if seconds > 0 else float("nan")}
+    # a finite loss can hide broken weights (BN renormalises huge activations); BN buffers differ per rank
+    bad = _first_nonfinite(loop.model)
+    if distributed.all_reduce_sum(torch.tensor([float(bad is not None)], device=loop.device)).item() > 0:
+        what = f"{bad} holds NaN/inf values" if bad else "another rank's weights hold NaN/inf values"
+        raise TrainingDiverged(_diverged_message(what, epoch, cfg, loop.step, last_lr, loop.ckpt))
+    return rec, stopped, stats
 
-                def loss_of(o: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-                    hard = task_loss(cfg.task, o, target)
-                    return hard if distiller is None else distiller.combine(o, soft, hard)
 
-                # an iterative model is trained on every iteration's output
-                loss = iteration_loss(out, y, loss_of) + method.loss(model)
-            # every rank must agree to stop, or the others would wait forever in the next all-reduce
-            seen = distributed.all_reduce_sum(loss.detach().float().reshape(1).clone())
-            if not torch.isfinite(seen).all():
-                bar.close()
-                raise TrainingDiverged(_diverged_message(f"the loss is {float(loss.detach())}", epoch, cfg,
-                                                         step, opt.param_groups[0]["lr"], ckpt))
-            loss_value = float(loss.detach())
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)  # hooks see true gradients under AMP too
-            method.after_backward(model, step)
-            scaler.step(opt)
-            scaler.update()
-            method.after_step(model, step)
-            if ema is not None:
-                ema.update_parameters(model)
-            last_lr = opt.param_groups[0]["lr"]
-            sched.step()
-            step += 1
-            stats.add(cfg.task, loss_value, logits, y)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{last_lr:.3g}")
-        bar.close()
-        seconds = time.perf_counter() - t0
-        loss_sum, correct, count, images, fresh = stats.reduced(device)
-        acc_name = "train_pixel_acc" if cfg.task == "segmentation" else "train_top1"
-        rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": last_lr,
-                               "train_loss": loss_sum / max(images, 1), acc_name: 100.0 * correct / max(count, 1),
-                               "img_per_s": fresh / seconds if seconds > 0 else float("nan")}
-        # a finite loss can hide broken weights (BN renormalises huge activations); BN buffers differ per rank
-        bad = _first_nonfinite(model)
-        if distributed.all_reduce_sum(torch.tensor([float(bad is not None)], device=device)).item() > 0:
-            what = f"{bad} holds NaN/inf values" if bad else "another rank's weights hold NaN/inf values"
-            raise TrainingDiverged(_diverged_message(what, epoch, cfg, step, last_lr, ckpt))
-        if stopped:
-            rec["complete"] = False
-            run_history.append(rec)
-            save(epoch, stats.values[:4])
-            break
-        if val_loader is not None:
-            val = evaluate(ema.module if ema is not None else model, val_loader, cfg.task, device, amp=use_amp,
-                           progress=show)
-            rec.update({f"val_{k}": v for k, v in val.items() if k != "iou"})
-        history.append(rec)
-        run_history.append(rec)
-        save(epoch + 1, None)
-        if show:
-            tqdm.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+def _step(loop: _Loop, x: torch.Tensor, y: torch.Tensor, epoch: int
+          ) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+    """One optimiser step with the method's hooks around it: (loss, logits, labels on the device, its lr)."""
+    cfg, method, model, distiller = loop.cfg, loop.method, loop.model, loop.distiller
+    # contiguous NCHW: the in-memory loaders yield channels-last views, and torch 2.14's CPU backward of a
+    # 1x1 stride-2 conv with an odd input width (5, as pruning leaves) on channels-last input corrupts the
+    # heap (measured: "double free or corruption", a pruned seg_tiny's shortcut)
+    x, y = x.to(loop.device, non_blocking=True).contiguous(), y.to(loop.device, non_blocking=True)
+    method.before_forward(model, loop.step)
+    loop.opt.zero_grad(set_to_none=True)
+    with autocast(loop.device, loop.use_amp):
+        out = loop.net(x)
+        logits = final_output(out)
+        soft = distiller.teacher_logits(x) if distiller is not None else None
 
-    if ema is not None and int(ema.n_averaged) > 0:
-        _load_ema_weights(model, ema)
-    digests = distributed.gather_digests(model) if distributed.is_distributed() else None
-    if digests and main and len(set(digests)) > 1:
-        print(f"warning: DDP replicas ended with different weights: {digests}")
-    return TrainResult(model=model, history=run_history, steps=step,
-                       checkpoint=ckpt if ckpt is not None and ckpt.is_file() else None, replica_digests=digests)
+        def loss_of(o: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            hard = task_loss(cfg.task, o, target)
+            return hard if distiller is None else distiller.combine(o, soft, hard)
+
+        # an iterative model is trained on every iteration's output
+        loss = iteration_loss(out, y, loss_of) + method.loss(model)
+    # every rank must agree to stop, or the others would wait forever in the next all-reduce
+    seen = distributed.all_reduce_sum(loss.detach().float().reshape(1).clone())
+    if not torch.isfinite(seen).all():
+        raise TrainingDiverged(_diverged_message(f"the loss is {float(loss.detach())}", epoch, cfg, loop.step,
+                                                 loop.opt.param_groups[0]["lr"], loop.ckpt))
+    loss_value = float(loss.detach())
+    loop.scaler.scale(loss).backward()
+    loop.scaler.unscale_(loop.opt)  # hooks see true gradients under AMP too
+    method.after_backward(model, loop.step)
+    loop.scaler.step(loop.opt)
+    loop.scaler.update()
+    method.after_step(model, loop.step)
+    if loop.ema is not None:
+        loop.ema.update_parameters(model)
+    last_lr = loop.opt.param_groups[0]["lr"]
+    loop.sched.step()
+    loop.step += 1
+    return loss_value, logits, y, last_lr
 
 
 def _restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, sched: LambdaLR,
