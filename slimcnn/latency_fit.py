@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .graph.latency import LatencyGoal, confirm_latency
+from .graph.validate import SurgeryError
 from .methods.base import Method
 from .profile import profile
 
@@ -78,9 +79,17 @@ def fit_macs_to_latency(make: Callable[[float], Method], base: nn.Module, exampl
     base_macs = profile(base, shape).macs
     was_training = base.training
     record: list[dict[str, Any]] = []
-    target = start
+    target, unreachable = start, 0.0
     for _ in range(probes):
-        compact = probe(make, base.eval(), example, target, prepare_kwargs)
+        try:
+            compact = probe(make, base.eval(), example, target, prepare_kwargs)
+        except (ValueError, SurgeryError) as e:  # too small for this method: go back up, halfway to the last good
+            if not any("ratio" in p for p in record):
+                raise
+            record.append({"macs_target": round(target, 4), "error": str(e)})
+            unreachable = max(unreachable, target)
+            target = (target + min(p["macs_target"] for p in record if "ratio" in p)) / 2
+            continue
         macs = profile(compact, shape).macs / base_macs
         ratio = float(measure(compact))
         record.append({"macs_target": round(target, 4), "macs_ratio": round(macs, 4), "ratio": round(ratio, 4)})
@@ -88,9 +97,13 @@ def fit_macs_to_latency(make: Callable[[float], Method], base: nn.Module, exampl
               f"(goal {goal.value:g})")
         if abs(ratio - goal.value) <= tol * goal.value:
             break
-        target = next_target([(p["macs_target"], p["ratio"]) for p in record], goal.value)
+        # one step moves the target by at most a factor of 2 and never below a target the method could not build
+        step = next_target([(p["macs_target"], p["ratio"]) for p in record if "ratio" in p], goal.value)
+        target = max(min(step, 2 * target), target / 2, (unreachable + target) / 2 if unreachable else 0.0)
+        if any(abs(target - p["macs_target"]) < 1e-3 for p in record):  # nowhere new to go (the lowest target)
+            break
     base.train(was_training)
-    best = min(record, key=lambda p: abs(p["ratio"] - goal.value))
+    best = min((p for p in record if "ratio" in p), key=lambda p: abs(p["ratio"] - goal.value))
     within = abs(best["ratio"] - goal.value) <= tol * goal.value
     if not within:
         print(f"warning: no probe came within {tol:.0%} of latency {goal.value:g}: the nearest, MACs target "

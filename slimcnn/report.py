@@ -226,10 +226,21 @@ def _epochs(budget: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    b, c = report["base"], report["compressed"]
-    lat = report.get("latency_ms") or {}
+    """report.md: the run's table and the lines a person reads, from report.json."""
     key = report.get("metric", "top1")  # segmentation runs are scored by mIoU
     name = {"top1": "top-1", "miou": "mIoU"}.get(key, key)
+    lines = _summary_lines(report, key, name) + _detail_lines(report) + _finalize_lines(report, key, name)
+    lines += _stack_lines(report)
+    if report.get("within_tol") is False:
+        lines.append(f"**MACs missed the target**: ratio {report['macs_ratio']:.4f} vs target {report.get('target_macs')} "
+                     "(more than 1% off).")
+    lines += ["", f"Command: `{report.get('command')}`", "", f"Wall time: {report.get('wall_s', 0):.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def _summary_lines(report: dict[str, Any], key: str, name: str) -> list[str]:
+    b, c = report["base"], report["compressed"]
+    lat = report.get("latency_ms") or {}
     lines = [f"# slimcnn compress: {report['method']} on {report['model']}", "",
              (f"Target latency: {report['latency_target'].get('target')}" if report.get("target_macs") is None
               and isinstance(report.get("latency_target"), dict) else f"Target MACs: {report.get('target_macs')}")
@@ -250,6 +261,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"**Warning: {lat['slower_than_base']}.**")
     elif report.get("latency_ms") is None and "latency_ms" in report:
         lines.append("Latency: not timed (--no-latency).")
+    if f"val_{key}" in c:
+        lines.append(f"Validation split: {name} {_fmt(b.get(f'val_{key}'))} (base), {_fmt(c[f'val_{key}'])} (compressed).")
+    return lines
+
+
+def _detail_lines(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     control = report.get("layer_control")
     if control:
         parts = []
@@ -285,6 +303,11 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{_fmt(lt.get('table_build_s'), 1)} s.")
     if report.get("skipped_images"):
         lines.append(f"Skipped {report['skipped_images']} image(s) that could not be decoded (--skip-bad-images).")
+    return lines
+
+
+def _finalize_lines(report: dict[str, Any], key: str, name: str) -> list[str]:
+    lines: list[str] = []
     fin = report.get(report.get("finalize_key", "finalize"))
     if isinstance(fin, dict) and fin.get(f"{key}_before") is not None:
         change = (f", max |logit change| {_fmt(fin.get('max_logit_change'), 6)}"
@@ -303,6 +326,11 @@ def markdown(report: dict[str, Any]) -> str:
                      + ("the same model." if d.get("ranks_identical") else "**different models**."))
     if isinstance(fin, dict) and fin.get("lossless") is False:
         lines.append(f"**The merge was not lossless**: {fin.get('warning', '')}")
+    return lines
+
+
+def _stack_lines(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if report.get("stages"):  # a stack (slimcnn/methods/stack.py): one row per stage
         st = report.get("stack") or {}
         lines += ["", f"Stack {' + '.join(st.get('stages', []))}, split {st.get('split')} ({st.get('split_source')}: "
@@ -327,11 +355,7 @@ def markdown(report: dict[str, Any]) -> str:
         if (st.get("search") or {}).get("warning"):
             lines.append(f"**{st['search']['warning']}**")
         lines.append("")
-    if report.get("within_tol") is False:
-        lines.append(f"**MACs missed the target**: ratio {report['macs_ratio']:.4f} vs target {report.get('target_macs')} "
-                     "(more than 1% off).")
-    lines += ["", f"Command: `{report.get('command')}`", "", f"Wall time: {report.get('wall_s', 0):.0f} s.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_report(report: dict[str, Any], out_dir: Path, widths_before: dict[str, int],

@@ -81,3 +81,21 @@ def test_a_fit_that_misses_says_so_in_one_line(base, capsys):
     assert not record["within_tol"] and record["chosen"]["ratio"] == 0.9
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "measured 0.900 of the base" in warnings[0]
+
+
+def test_a_target_the_method_cannot_build_sends_the_search_back_up(base):
+    """A net whose measured latency stays above the goal drives the target down until the method refuses it
+    (L1 with aligned widths): the refusal is recorded and the search goes back up halfway."""
+    macs = profile(base, (3, 32, 32)).macs
+
+    def measure(net):  # a floor no pruning gets under: every target below it is a miss, the search keeps lowering
+        return 0.5 + 0.5 * profile(net, (3, 32, 32)).macs / macs
+
+    # widths in multiples of 8 leave ResNet-20 no net below about a tenth of its MACs
+    target, record = fit_macs_to_latency(lambda m: methods.create("l1", target_macs=m, round_to=8), base, X,
+                                         LatencyGoal(0.3), start=0.3, prepare_kwargs={}, probes=8, measure=measure)
+    refused = [p for p in record["probes"] if "error" in p]
+    assert refused and all("ratio" not in p for p in refused)
+    built = [p["macs_target"] for p in record["probes"] if "ratio" in p]
+    assert target in built and all(p["macs_target"] < min(built) for p in refused)
+    assert not record["within_tol"]  # the goal is below what any net measures: said, not hidden
