@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from ..engine.hooks import NoHooks
+
 if TYPE_CHECKING:
     from ..graph import ChannelGraph
 
@@ -69,8 +71,10 @@ def option_help(cls: type, dest: str, text: str) -> str:
         if isinstance(default, float) else f"{text} (default: {default})"
 
 
-class Method:
-    """Base class: every hook is a no-op, so a method overrides only what it needs."""
+class Method(NoHooks):
+    """Base class: every hook is a no-op (:class:`~slimcnn.engine.hooks.NoHooks`: one parameter group, no extra
+    loss, nothing to save), so a method overrides only what it needs; ``param_groups`` is where a method turns
+    weight decay off for tensors it regularises itself."""
 
     name = "base"
     #: CLI options of ``slimcnn compress`` for this method: (flag, argparse kwargs); each ``dest`` must be a
@@ -125,31 +129,9 @@ class Method:
         self.graph = graph if graph is not None else ChannelGraph(model, example_input)
         return model
 
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimiser parameter groups; a method may turn weight decay off for tensors it regularises itself."""
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
-
-    def before_forward(self, model: nn.Module, step: int) -> None:
-        pass
-
-    def loss(self, model: nn.Module) -> torch.Tensor | float:
-        return 0.0
-
-    def after_backward(self, model: nn.Module, step: int) -> None:
-        pass
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        pass
-
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
 
     def report(self) -> dict[str, Any]:
         """Method-specific figures for report.json (e.g. C-SGD's cluster distances)."""
         return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
