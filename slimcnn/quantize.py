@@ -11,17 +11,15 @@ Choices, all recorded in the report:
   time, unlike dynamic quantisation, which ONNX Runtime does not apply to convolutions anyway); the QDQ format
   keeps the graph a plain ONNX graph that other runtimes read; per-channel weight scales matter for pruned and
   BN-folded convs, whose filters differ widely in range.
-- **Activations uint8 by default** (weights always int8: "U8S8"). Measured on this project's AVX2 CPU (no VNNI),
-  ResNet-20 pruned to 0.7 MACs, one thread: U8S8 ran at 0.80 / 0.59 of the FP32 ONNX latency at batch 1 / 16,
-  S8S8 at 1.51 / 1.16 (slower than FP32: without VNNI ONNX Runtime has no fast signed x signed kernel).
+- **Activations uint8 by default** (weights always int8: "U8S8"). On an AVX2 CPU without VNNI, U8S8 ran faster
+  than the FP32 ONNX model and S8S8 slower (without VNNI ONNX Runtime has no fast signed x signed kernel).
   ``activations="int8"`` is there for CPUs with VNNI and for runtimes that want S8S8. ``reduce_range`` (7-bit
   weights) guards against the U8S8 saturation ONNX Runtime warns of on AVX2 / AVX-512 without VNNI; the CLI
-  turns it on by default because it measured so: ResNet-56 pruned by L1 to 0.5 MACs (86.05 FP32, 10,000 test
-  images, MinMax on 512 images) scored 85.04 in INT8 without it and 86.18 with it.
+  turns it on by default because INT8 top-1 of an L1-pruned ResNet-56 dropped by about a point without it and
+  did not with it (a test-split measurement, to be re-checked on a validation split: docs/results.md).
 - **Calibration** on training images without augmentation (the test split is never seen), percentile by
   default: activation ranges from MinMax let a few outliers set the scale, which cost TRP's thin factorised convs
-  4.97 points on ResNet-56 (88.11 -> 83.14, with or without 7-bit weights) against 0.32 with percentile; on the
-  L1-pruned net the two differ by 0.05 (86.18 MinMax, 86.13 percentile, both with 7-bit weights).
+  several points of top-1 where percentile cost a fraction of one; on the L1-pruned net the two are within noise.
 - **Pre-processing** (``quant_pre_process``: shape inference and graph optimisation, as ONNX Runtime advises
   before quantising). Its symbolic shape inference gives up on some graphs (our option-A shortcuts), so it is
   retried without that step; if that fails too, the FP32 file is quantised as it is. The report says which.

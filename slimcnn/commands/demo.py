@@ -6,11 +6,11 @@ side-by-side table with a one-line reading, and write a report and a widths PNG 
 
 The demo budgets steps, not quality: every row gets the same ``--epochs`` (2) on the 1,500 embedded images at
 batch 32 (94 steps), split by each method's recipe as ``slimcnn compress`` splits it. Three settings differ from
-``compress``'s defaults so that a two-minute run still shows each method as it is meant to work, each measured
-with l1 on this subset (2 fine-tune epochs, lr 0.01, top-1 on the 1,000 embedded test images, base 82.70):
-- distillation from the uncompressed base (``--distill``, alpha 0.7, T 4) in every row: 70.90 vs 62.80 without
-  it; on 1,500 images the teacher's soft labels are worth more than the hard ones;
-- SGD momentum 0.5: with distillation 70.90 vs 49.20 at momentum 0.9 (lr 0.02) and 67.10 at lr 0.05; and C-SGD's
+``compress``'s defaults so that a two-minute run still shows each method as it is meant to work, each chosen
+with l1 on this subset (2 fine-tune epochs; on its test images, which issue 36 re-checks on a validation split):
+- distillation from the uncompressed base (``--distill``, alpha 0.7, T 4) in every row: on 1,500 images the
+  teacher's soft labels are worth more than the hard ones, by many points;
+- SGD momentum 0.5: far above momentum 0.9 with distillation at either learning rate tried; and C-SGD's
   merge is exact only after ``CSGD.min_steps()`` centripetal steps, 375 at momentum 0.9 but 57 at 0.5 (a
   cluster's spread shrinks at best by sqrt(momentum) per step), so at 0.9 its 94 steps would end in a lossy
   merge (reported as such, with a warning). 94 steps still leave it short: its kernels meet (1e-8) but the BN

@@ -3,7 +3,7 @@
 >>> from slimcnn.data import cifar10_loaders
 >>> test = cifar10_loaders("../shared/data/cifar10-jpeg", test_limit=500, splits=("test",))["test"]  # doctest: +SKIP
 >>> evaluate(model, test)                                                                           # doctest: +SKIP
-{'top1': 81.2, 'top5': 98.8, 'loss': 0.71, 'n': 500}
+{'top1': ..., 'top5': ..., 'loss': ..., 'n': 500}
 """
 from __future__ import annotations
 

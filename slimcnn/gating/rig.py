@@ -17,9 +17,9 @@ Design choices (all ours; the ones that matter are parameters):
 - ``gate_init`` (how every gate conv starts; DIG's propagators too):
 
   - ``"default"``: PyTorch's conv weight init and bias +3, gates near 0.95 but input dependent. With shared BN,
-    gates far from 1 at the start give iteration t > 1 input statistics unlike iteration 1's. Measured on the
-    public ResNet-20 (1000 JPEG test images, T=2, "both", fresh gates): 82.4 top-1 plain; 74.3 at bias 2,
-    81.3 at bias 3, 82.1 at bias 4. Larger biases also flatten the sigmoid (slope g(1-g)), slowing learning.
+    gates far from 1 at the start give iteration t > 1 input statistics unlike iteration 1's: on the public
+    ResNet-20 with fresh gates, top-1 fell well below the plain net's at bias 2 and came back towards it at
+    biases 3 and 4. Larger biases also flatten the sigmoid (slope g(1-g)), slowing learning.
   - ``"open"``: weight 0, bias +4: every gate is exactly sigmoid(4) = 0.982 for every input, so iteration
     t > 1 starts as the plain pass with each gated stage's input scaled by 0.982 (no random, input-dependent
     modulation from an untrained conv): the first epochs behave like the plain backbone, which is what a

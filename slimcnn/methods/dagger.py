@@ -23,9 +23,9 @@ Design:
   producers weighs them equally), averaged over producers, then normalised across the group (``normalize``:
   ``zscore`` (default), ``max`` or ``none``). Plus ``group_l2``: the log of everything the channel owns --
   producer filters, the consumers' input slices, BN gamma/beta -- each tensor scaled by its own mean, the same
-  weights :mod:`slimcnn.importance` scores (for L1-style pruning, adding the consumers and BN took ResNet-20 at 0.5
-  MACs from 71.10 to 74.08 top-1 after a short fine-tune; the producer-only prior left Dagger's gated net at
-  73.01 in the 2-epoch benchmark, below L1's 79.84 after fine-tuning). Never activations, never the batch: gates
+  weights :mod:`slimcnn.importance` scores (for L1-style pruning, adding the consumers and BN to the producer's
+  filters kept more top-1 after a short fine-tune, and the producer-only prior left Dagger's gated net below L1's).
+  Never activations, never the batch: gates
   are a function of the weights and of the Dagger module alone.
 - **Dagger module [ours].** One small MLP shared by all groups: ``[descriptor, embedding(group)] -> hidden -> 1``,
   plus a linear path on the descriptors, gives a score s_c; the per-group learned embedding lets the module set
@@ -61,14 +61,12 @@ Design:
   independent Bernoulli(p) gates, and it is smooth in the scores. (Taking F at the hard STE gates made a feedback
   loop through a step function: on ResNet-20 the MACs oscillated and then collapsed to 1% of the base within
   200 steps, the task gradients of the near-empty layers exploding.) Polarisation ``polarize * mean(4 p (1 - p))``
-  (default 1.0) pushes p away from 1/2, so that F(p) and the MACs of the hard gates meet (measured: 0.640 vs
-  0.639 after 90 steps; without it 0.51 vs 0.78). ``clip_grad`` bounds the Dagger module's gradient norm per
-  step: the straight-through task gradient is heavy-tailed. ``lambda_flops`` is the *starting* weight
-  (default 10); dual ascent then moves it each step, ``lambda += lambda_lr * (hard MACs / target - 1)``
-  (``lambda_lr=20``), because a fixed lambda stalls above the target: at lambda 10 the hard MACs were still
-  ~0.53 of the base after 150 steps for a 0.5 target, so finalize cut extra channels in one shot and the
-  returned net was not the searched one (gated 66.9 -> pruned 57.95 on ResNet-20; 78.13 -> 39.83 in the
-  2-epoch benchmark). With dual ascent the hard MACs reached 0.49-0.51 by step 20 (gated 73.15, pruned 71.95).
+  pushes p away from 1/2, so that F(p) and the MACs of the hard gates meet (without it the two drifted far
+  apart). ``clip_grad`` bounds the Dagger module's gradient norm per step: the straight-through task gradient
+  is heavy-tailed. ``lambda_flops`` is the *starting* weight; dual ascent then moves it each step, ``lambda += lambda_lr * (hard MACs / target - 1)``, because a fixed
+  lambda stalls above the target: the hard MACs stayed above a 0.5 target for the whole search, so finalize
+  cut extra channels in one shot and the returned net was not the searched one (it lost most of the gated
+  net's top-1). With dual ascent the hard MACs meet the target within a few tens of steps.
   History of the fixed weight, for the record: the square
   penalty balances the task loss at an offset that shrinks as 1/lambda (ResNet-20, 300 steps: lambda 2 stalled at
   expected MACs 0.61 of the base for a 0.5 target, lambda 10 held 0.52; top-1 after finalize without fine-tuning,
