@@ -17,10 +17,11 @@ from .replace import replace_modules, set_submodule
 from .surgery import equalize_clusters, merge_channels, remove_channels
 from .targeting import (TargetError, aligned_widths, allocate_widths, check_round_to, prune_to_target,
                         select_and_prune, select_channels)
-from .validate import SurgeryError, first_output, reference_output, validate
+from .validate import ModelOutputs, SurgeryError, first_output, reference_output, validate
 
 __all__ = ["ChannelGraph", "CostModel", "soft_macs", "LayerHandler", "handler_for", "register_handler",
            "ChannelGroup", "Member", "channel_groups", "register_unprunable", "remove_channels", "merge_channels",
            "replace_modules", "set_submodule", "layer_costs", "LayerCost", "cost_model", "allocate_widths",
            "select_channels", "prune_to_target", "select_and_prune", "TargetError", "SurgeryError", "validate",
-           "reference_output", "first_output", "LayerPolicy", "layer_policy", "aligned_widths", "check_round_to"]
+           "reference_output", "ModelOutputs", "first_output", "LayerPolicy", "layer_policy", "aligned_widths",
+           "check_round_to"]

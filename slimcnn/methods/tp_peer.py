@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..graph.replace import set_submodule
-from ..graph.validate import SurgeryError, reference_output, validate
+from ..graph.validate import SurgeryError, prediction, reference_output, validate
 from ..layers import PadShortcut
 from ..profile import profile
 from .base import Method, macs_goal, within_tol
@@ -110,7 +110,7 @@ class TorchPruningPeer(Method):
 
         m = copy.deepcopy(model)
         x = self.example_input
-        out = reference_output(m, x)
+        out = prediction(m, x)
         heads = [mod for mod in m.modules() if isinstance(mod, nn.Linear) and mod.out_features == out.shape[1]]
         per_layer = None
         if mix is not None:
