@@ -125,19 +125,21 @@ def busy_cores_elsewhere(window_s: float = 0.3) -> float:
     return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (time.monotonic() - t0))
 
 
-#: (most cores other processes may keep busy, longest wait in s) while :func:`quiet_timing` is on
-_QUIET: ContextVar[tuple[float, float] | None] = ContextVar("slimcnn_quiet_timing", default=None)
+#: while :func:`quiet_timing` is on: the most cores other processes may keep busy, the longest wait per timing and
+#: what is left of the run's whole waiting budget (s)
+_QUIET: ContextVar[dict[str, float] | None] = ContextVar("slimcnn_quiet_timing", default=None)
 #: what the last wait saw (for the records of a benchmark)
 last_wait: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
-def quiet_timing(max_busy_cores: float = 0.3, timeout_s: float = 300.0) -> Iterator[None]:
-    """Within it, every timing first waits (up to ``timeout_s``) until other processes keep at most
-    ``max_busy_cores`` cores busy: a benchmark's latencies are ratios of interleaved calls, but a job that starts
+def quiet_timing(max_busy_cores: float = 0.3, timeout_s: float = 300.0, total_s: float = 1800.0) -> Iterator[None]:
+    """Within it, every timing first waits (up to ``timeout_s``, and ``total_s`` over the whole block, after which
+    timings go on unwaited and their records say so) until other processes keep at most ``max_busy_cores`` cores
+    busy: a benchmark's latencies are ratios of interleaved calls, but a job that starts
     on the shared cores mid-way still moves them (the same two nets measured a ratio about 10% lower while a test
     suite shared the cores)."""
-    token = _QUIET.set((max_busy_cores, timeout_s))
+    token = _QUIET.set({"max": max_busy_cores, "timeout": timeout_s, "left": total_s})
     try:
         yield
     finally:
@@ -163,7 +165,8 @@ def time_samples(runners: dict[str, Runner], repeats: int = 20, warmup: int = 2)
     :func:`quiet_timing`, once the other processes are quiet."""
     quiet = _QUIET.get()
     if quiet is not None:
-        wait_for_quiet(*quiet)
+        seen = wait_for_quiet(quiet["max"], min(quiet["timeout"], max(0.0, quiet["left"])))
+        quiet["left"] -= seen["waited_s"]
     names = list(runners)
     for name in names:
         for _ in range(warmup):

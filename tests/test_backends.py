@@ -70,3 +70,23 @@ def test_a_wait_that_times_out_says_so(monkeypatch):
     monkeypatch.setattr(backends.time, "monotonic", lambda: float(next(clock)))
     seen = backends.wait_for_quiet(0.3, timeout_s=30)
     assert seen["quiet"] is False and seen["waited_s"] >= 30 and seen["busy_cores_elsewhere"] == 2.0
+
+
+def test_the_whole_run_waits_at_most_its_total_budget(monkeypatch):
+    """Once the block's waiting budget is spent, a timing measures the load once and goes on."""
+    from slimcnn import backends
+
+    clock = iter(float(t) for t in range(0, 10_000, 10))
+    monkeypatch.setattr(backends, "busy_cores_elsewhere", lambda window_s=0.3: 2.0)
+    monkeypatch.setattr(backends.time, "sleep", lambda s: None)
+    monkeypatch.setattr(backends.time, "monotonic", lambda: next(clock))
+    with backends.quiet_timing(max_busy_cores=0.3, timeout_s=100, total_s=150):
+        backends.time_samples({"a": lambda: None}, repeats=1, warmup=0)
+        first = dict(backends.last_wait)
+        backends.time_samples({"a": lambda: None}, repeats=1, warmup=0)
+        second = dict(backends.last_wait)
+        backends.time_samples({"a": lambda: None}, repeats=1, warmup=0)
+        third = dict(backends.last_wait)
+    # the fake clock moves 10 s per reading: the third timing only measured the load (one reading apart)
+    assert first["waited_s"] >= 100 and second["waited_s"] <= 60 and third["waited_s"] <= 10
+    assert not (first["quiet"] or second["quiet"] or third["quiet"])

@@ -96,8 +96,10 @@ def test_latency_bench_gives_every_row_the_same_latency_and_times_them_together(
     from slimcnn.graph.latency import LatencyGoal
 
     goal = LatencyGoal(0.8, "ratio", "eager", 1, 1)
+    # quiet_wait_s=0: a test run beside other jobs must not wait for them (CI runs it alone anyway)
     result = run_latency_bench(str(CIFAR), str(WEIGHTS), goal, "smoke", name="lat", rows=["l1", "tp-peer"],
-                               work=str(tmp_path / "work"), results=str(tmp_path / "results"), timing_budget_s=2)
+                               work=str(tmp_path / "work"), results=str(tmp_path / "results"), timing_budget_s=2,
+                               quiet_wait_s=0)
     rows = {r["row"]: r for r in result["rows"]}
     assert rows["l1"]["via"] == "latency plan" and rows["l1"]["target_macs"] is None
     # the peer's own net was probed at the uniform net's MACs figure and moved from there; a trained net that
@@ -115,5 +117,6 @@ def test_latency_bench_gives_every_row_the_same_latency_and_times_them_together(
     assert "| cifar_resnet20 | l1 | plain | latency plan |" in md and "At latency 0.8" in md
     assert (tmp_path / "results" / "lat.png").is_file()
     again = run_latency_bench(str(CIFAR), str(WEIGHTS), goal, "smoke", name="lat", rows=["l1", "tp-peer"],
-                              work=str(tmp_path / "work"), results=str(tmp_path / "results"), timing_budget_s=2)
+                              work=str(tmp_path / "work"), results=str(tmp_path / "results"), timing_budget_s=2,
+                              quiet_wait_s=0)
     assert [r["wall_s"] for r in again["rows"]] == [r["wall_s"] for r in result["rows"]]  # resumed: nothing rerun

@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--results", default="benchmarks/results", help="folder for the JSON/markdown/PNG results")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet-wait", type=float, default=300.0, metavar="S",
+                   help="--target-latency: before each timing, wait up to S seconds for other processes to leave "
+                        "the cores quiet (0: do not wait; at most 6xS over the run; the rows record the load)")
     p.add_argument("--keep-stale", action="store_true",
                    help="resume into a results file that holds rows measured with other code (another commit "
                         "whose slimcnn/ differs, or uncommitted changes): keep them, marked (stale) in the table; "
@@ -80,7 +83,7 @@ def _run_latency(args: argparse.Namespace) -> int:
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()] if s else None  # noqa: E731
     result = run_latency_bench(args.data, args.weights_dir, goal, args.budget, args.name, split(args.rows),
                                split(args.models), args.work, args.results, args.device, args.seed, args.recipe,
-                               keep_stale=args.keep_stale, asked=_asked(args))
+                               keep_stale=args.keep_stale, asked=_asked(args), quiet_wait_s=args.quiet_wait)
     print(open(f"{args.results}/{result['name']}.md").read())
     return 0
 
