@@ -142,7 +142,6 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
     Rows kept from an earlier sitting with other code are refused unless ``keep_stale`` (:func:`check_stale`);
     ``asked`` (what the run was asked: the command's options) is recorded in the results."""
     from . import methods
-    from .data import cifar10_loaders
 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
@@ -157,13 +156,8 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                for r in done.get("rows", []) if r.get("budget") == budget_name}
     check_stale(list(records.values()), keep_stale, out_json)
     asked = asked or {"rows": rows, "models": models, "targets": targets, "recipe": recipe, "seed": seed}
-    unknown = sorted(set(rows or []) - {r.label for r in ROWS})
-    if unknown:
-        raise ValueError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.label for r in ROWS)}")
-    selected = [r for r in ROWS if (r.label in rows if rows is not None else r.default)]
-    # the validation split: training images outside the rows' training half, for every choice made from accuracy
-    loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed,
-                              splits=("train", "val", "test"), val_size=budget.val_size)
+    selected = select_rows(rows)
+    loaders = bench_loaders(data, budget, seed)
     for model_name in models or budget.models:
         base, base_key = fine_tuned_base(model_name, Path(weights_dir), data, budget, work_dir, device, seed)
         for target in targets or budget.targets:
@@ -210,6 +204,23 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                     "test_images": rep["test_images"], "provenance": {"start": started, "end": provenance()}}
                 write_results(records, budget_name, budget, out_json, name, asked)
     return write_results(records, budget_name, budget, out_json, name, asked)
+
+
+def select_rows(rows: list[str] | None) -> list[Row]:
+    """The rows named (default: the default rows), in table order; ValueError naming any unknown one."""
+    unknown = sorted(set(rows or []) - {r.label for r in ROWS})
+    if unknown:
+        raise ValueError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.label for r in ROWS)}")
+    return [r for r in ROWS if (r.label in rows if rows is not None else r.default)]
+
+
+def bench_loaders(data: str, budget: Budget, seed: int) -> dict[str, Any]:
+    """The budget's training subset, the validation split (training images outside it, for every choice made from
+    accuracy) and the test split."""
+    from .data import cifar10_loaders
+
+    return cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed,
+                           splits=("train", "val", "test"), val_size=budget.val_size)
 
 
 def check_stale(rows: list[dict[str, Any]], keep_stale: bool, where: Path) -> None:

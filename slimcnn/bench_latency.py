@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from .bench import BUDGETS, RECIPES, ROWS, check_stale, fine_tuned_base, recipe_of, row_name, save_result
+from .bench import (BUDGETS, RECIPES, bench_loaders, check_stale, fine_tuned_base, recipe_of, row_name, save_result,
+                    select_rows)
 from .compress import CompressConfig, compress, split_budget
 from .methods import plans_latency
 from .report import environment, machine_load, provenance
@@ -58,8 +59,6 @@ def _run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str,
                        rows: list[str] | None, models: list[str] | None, work: str, results: str, device: str,
                        seed: int, recipe: str, timing_budget_s: float, keep_stale: bool,
                        asked: dict[str, Any]) -> dict[str, Any]:
-    from .data import cifar10_loaders
-
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     if goal.unit != "ratio":
@@ -73,12 +72,8 @@ def _run_latency_bench(data: str, weights_dir: str, goal: Any, budget_name: str,
     check_stale(list(records.values()), keep_stale, out_json)
     # one MACs figure per model for every row that gets one, kept across resumed sittings: the same for every row
     vias: dict[str, dict[str, Any]] = done.get("via", {}) if done.get("tag") == tag else {}
-    unknown = sorted(set(rows or []) - {r.label for r in ROWS})
-    if unknown:
-        raise ValueError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.label for r in ROWS)}")
-    selected = [r for r in ROWS if (r.label in rows if rows is not None else r.default)]
-    loaders = cifar10_loaders(data, budget.batch_size, budget.train_limit, budget.test_limit, seed,
-                              splits=("train", "val", "test"), val_size=budget.val_size)
+    selected = select_rows(rows)
+    loaders = bench_loaders(data, budget, seed)
     work_dir = Path(work) / budget_name
     for model_name in models or budget.models:
         base, base_key = fine_tuned_base(model_name, Path(weights_dir), data, budget, work_dir, device, seed)
