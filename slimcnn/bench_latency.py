@@ -9,8 +9,11 @@ on the same runtime, trained at the same budget, then all timed again together.
   is the MACs ratio at which the base, pruned uniformly to widths in multiples of 8, measures the goal
   (:func:`slimcnn.graph.latency.macs_for_latency`); a method that builds its net without training (the peers,
   C-SGD, Dagger's starting gates, a stack's untrained stages) then has it probed: its own compact net is built and timed at that target and
-  the target corrected until it measures the goal (:mod:`slimcnn.latency_fit`). A trained net that still misses
-  by more than 10% is trained once more at the corrected target, and the attempt nearer the goal is kept. The
+  the target corrected until it measures the goal (:mod:`slimcnn.latency_fit`); when no net at alignment 8 comes
+  within 10% of the goal (its widths step over it: Torch-Pruning's uniform 16-channel stage keeps 8 or 16), the
+  fit runs again at alignment 4 and the nearer alignment is kept. A trained net that still misses by more than
+  10% is trained once more (a MACs row at the corrected target; ``l1``, whose own plan missed, at alignment 4),
+  and the attempt nearer the goal is kept. The
   stacks' TRP stage plans its factorisation on the same runtime.
 At the end the base and every row's saved net are timed together, interleaved, on the goal's backend and batch
 (the 10th percentile of the calls, the statistic the plans were made and confirmed on; the median beside it): that
@@ -32,8 +35,9 @@ from .compress import CompressConfig, compress, split_budget
 from .methods import plans_latency
 from .report import environment, machine_load, provenance
 
-#: the alignment every row that gets a MACs target compresses with (the measured widths were aligned to it)
-ROUND_TO = 8
+#: the alignment every row with a ``round_to`` option compresses with (the measured widths were aligned to it), and
+#: the finer one it falls back to when no net at the first comes within 10% of the goal (the widths step over it)
+ROUND_TO, FINER = 8, 4
 PEERS = ("tp", "modelopt")
 
 
@@ -106,12 +110,11 @@ def _macs_for_goal(base: torch.nn.Module, goal: Any) -> dict[str, Any]:
 
 def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any] | None, budget, budget_name: str,
              loaders, work_dir: Path, tag: str, device: str, seed: int, recipe: str) -> dict[str, Any]:
-    """Compress ``base`` with ``row`` at the goal and return its record. A row on a MACs target whose trained net
-    misses the goal by more than 10% (its training moved the widths the probe saw: Dagger's gates) runs once more
-    at the target scaled by goal / measured, in a folder of its own; the record keeps both attempts and reports
-    the one that measured nearer the goal (a choice on latency alone)."""
+    """Compress ``base`` with ``row`` at the goal and return its record. A row whose trained net misses the goal by
+    more than 10% runs once more (:func:`_retry`) in a folder of its own; the record keeps both attempts and
+    reports the one that measured nearer the goal (a choice on latency alone)."""
     from . import methods
-    from .latency_fit import next_target
+    from .latency_fit import in_band
     from .methods.factor_timing import Deploy
 
     cls = methods.method_class(row.method)
@@ -141,13 +144,14 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
         _, rep = compress(base, methods.create(row.method, **kw), loaders["train"], loaders["test"], (3, 32, 32),
                           cfg, model_name, info, val_loader=loaders["val"])
         ratio = (rep.get("latency_target") or {}).get("measured_ratio")
-        attempts.append({"target_macs": target_macs, "macs_ratio": rep["macs_ratio"], "run_ratio": ratio,
+        attempts.append({"target_macs": target_macs, "round_to": kw.get("round_to"), "macs_ratio": rep["macs_ratio"],
+                         "run_ratio": ratio,
                          "top1": rep["compressed"]["top1"], "out_dir": str(where), "report": rep})
-        if native or ratio is None or abs(ratio - goal.value) <= 0.1 * goal.value or len(attempts) == 2:
+        if ratio is None or in_band(ratio, goal.value) or len(attempts) == 2:
             break
-        target_macs = round(next_target([(target_macs, ratio)], goal.value), 4)
-        print(f"{row.label}: the trained net measured {ratio:.3f} of the base (goal {goal.value:g}); once more at "
-              f"{target_macs:.3f} of the MACs")
+        if not _retry(row.label, native, kw, target_macs, ratio, goal):
+            break
+        target_macs = kw.get("target_macs")
     kept = min(attempts, key=lambda a: abs(a["run_ratio"] - goal.value) if a["run_ratio"] is not None else 0.0)
     rep = kept.pop("report")
     for a in attempts:
@@ -156,6 +160,7 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
     return {"model": model_name, "row": row.label, "method": row.method, "budget": budget_name, "recipe": recipe,
             "tag": tag, "goal": vars(goal), "target_ratio": lt.get("target_ratio"),
             "via": "latency plan" if native else "macs, probed" if fit else "macs", "target_macs": kept["target_macs"],
+            "round_to": kept["round_to"],
             **({"probes": fit} if fit else {}), **({"attempts": attempts} if len(attempts) > 1 else {}),
             "method_epochs": m_epochs, "finetune_epochs": ft_epochs, "base_top1": rep["base"]["top1"],
             "top1": rep["compressed"]["top1"], "val_top1": rep["compressed"].get("val_top1"),
@@ -166,28 +171,52 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
             "provenance": {"start": started, "end": provenance()}}
 
 
+def _retry(label: str, native: bool, kw: dict[str, Any], target_macs: float | None, ratio: float, goal) -> bool:
+    """Set ``kw`` for a second attempt after a trained net measured ``ratio``; False when there is none to make.
+    A MACs row (its training moved the widths the probe saw: Dagger's gates) goes to the target scaled by the
+    secant; a row on its own latency plan to the finer alignment, whose widths lie between the coarse steps."""
+    from .latency_fit import next_target
+
+    if native:
+        if kw.get("round_to") != ROUND_TO:
+            return False
+        kw["round_to"] = FINER
+        change = f"with widths aligned to {FINER}"
+    else:
+        kw["target_macs"] = round(next_target([(target_macs, ratio)], goal.value), 4)
+        change = f"at {kw['target_macs']:.3f} of the MACs"
+    print(f"{label}: the trained net measured {ratio:.3f} of the base (goal {goal.value:g}); once more {change}")
+    return True
+
+
 def _fit_row(method_name: str, kw: dict[str, Any], base, goal, via: dict[str, Any], budget, loaders,
              method_epochs: int, out_dir: Path) -> tuple[float, dict[str, Any]]:
     """The row's MACs target: the latency model's figure, corrected by probing the method's own compact net
-    (:func:`slimcnn.latency_fit.fit_macs_to_latency`); the probe record is kept in ``out_dir`` so a resumed row
-    does not probe again."""
+    (:func:`slimcnn.latency_fit.fit_aligned`: at alignment 8, and at 4 when no net at 8 comes within 10% of the
+    goal; ``kw["round_to"]`` is set to the one kept); the probe record is kept in ``out_dir`` so a resumed row does
+    not probe again."""
     from . import methods
     from .compress import prepare_kwargs
-    from .latency_fit import fit_macs_to_latency
+    from .latency_fit import fit_aligned, fit_macs_to_latency
 
     cls = methods.method_class(method_name)
     saved = out_dir / "latency_fit.json"
     if saved.is_file():
         fit = json.loads(saved.read_text())
-        return fit["chosen"]["macs_target"], fit
-    cfg = CompressConfig(method_epochs=method_epochs, lr=budget.lr)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    target, fit = fit_macs_to_latency(lambda m: methods.create(method_name, **{**kw, "target_macs": m}), base, x,
-                                      goal, via["macs_ratio"], prepare_kwargs(cls, cfg, loaders["train"],
-                                                                          val_loader=loaders["val"]))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(fit, indent=1))
-    return target, fit
+    else:
+        cfg = CompressConfig(method_epochs=method_epochs, lr=budget.lr)
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        args = (base, x, goal, via["macs_ratio"], prepare_kwargs(cls, cfg, loaders["train"], val_loader=loaders["val"]))
+        if "round_to" in kw:
+            _, _, fit = fit_aligned(lambda a, m: methods.create(method_name, **{**kw, "round_to": a, "target_macs": m}),
+                                    *args)
+        else:
+            fit = fit_macs_to_latency(lambda m: methods.create(method_name, **{**kw, "target_macs": m}), *args)[1]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(fit, indent=1))
+    if "round_to" in kw:
+        kw["round_to"] = fit.get("round_to", kw["round_to"])  # a record from before the fallback: the one it used
+    return fit["chosen"]["macs_target"], fit
 
 
 def _time_together(rows: list[dict[str, Any]], base, goal, budget_s: float) -> None:
@@ -255,7 +284,8 @@ def latency_markdown(result: dict[str, Any]) -> str:
     lines = [f"# {result['name']}", "",
              f"Every row asked for latency {g['value']:g} of the base on {g['backend']} at batch {g['batch']} "
              f"({g['threads']} thread(s)); budget `{result['budget']}`: {s['epochs']} epoch(s) per row, train images "
-             f"{s['train_limit'] or 'all 50,000'}, test images {s['test_limit'] or 'all 10,000'}. {result['notes']}",
+             f"{s['train_limit'] or 'all 50,000'}, test images {s['test_limit'] or 'all 10,000'}. {result['notes']} "
+             f"Widths (and TRP's ranks) aligned to {ROUND_TO} unless the row says otherwise.",
              "", "| model | row | recipe | how | MACs ratio | top-1 | val top-1 | base top-1 | run ratio | final ratio | "
              "within 10% | wall s |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -264,7 +294,8 @@ def latency_markdown(result: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"| {r['model']} | {row_name(r)} | {recipe_of(r)} | not run: {r['error']} | | | | | | | no | |")
             continue
-        lines.append(f"| {r['model']} | {row_name(r)} | {recipe_of(r)} | {r['via']} | {r['macs_ratio']:.3f} | "
+        how = r["via"] + (f", aligned to {r['round_to']}" if r.get("round_to") not in (None, ROUND_TO) else "")
+        lines.append(f"| {r['model']} | {row_name(r)} | {recipe_of(r)} | {how} | {r['macs_ratio']:.3f} | "
                      f"{r['top1']:.2f} | {fmt2(r.get('val_top1'))} | {r['base_top1']:.2f} | {fmt(r.get('run_ratio'))} | "
                      f"{fmt(r.get('final_ratio'))} | {'yes' if r.get('within_10pct') else 'no'} | {r['wall_s']:.0f} |")
     for model in sorted({r["model"] for r in result["rows"]}):

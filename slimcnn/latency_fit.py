@@ -12,6 +12,11 @@ the structure the run will train (their widths follow from the weights they star
 search chooses and TRP's ranks on the untrained first stage; for Dagger, the structure its gates start from, which
 training then moves, so the final timing is what decides its row.
 
+A method whose widths come in steps of its alignment (``round_to`` 8: a 16-channel stage keeps 8 or 16) can have
+no net near the goal at all: the latency jumps across it between two neighbouring widths.
+:func:`fit_aligned` then fits again at a finer alignment (4), starting where the coarser one came nearest, and
+keeps the alignment whose net measured nearer the goal.
+
 >>> fit_macs_to_latency(make, base, x, goal, start=0.44, prepare_kwargs={})  # doctest: +SKIP
 (0.41, {"probes": [...], ...})
 """
@@ -30,6 +35,10 @@ from .profile import profile
 
 #: the range a corrected MACs target is kept in
 LOWEST, HIGHEST = 0.02, 0.995
+#: the alignments :func:`fit_aligned` tries, coarsest (fastest kernels) first
+ALIGNMENTS = (8, 4)
+#: how far from the goal a row may measure (relative) and still count as at the goal
+BAND = 0.1
 
 
 def next_target(points: list[tuple[float, float]], goal: float) -> float:
@@ -110,3 +119,37 @@ def fit_macs_to_latency(make: Callable[[float], Method], base: nn.Module, exampl
               f"{best['macs_target']:.3f}, measured {best['ratio']:.3f} of the base; the run goes on at that target")
     return best["macs_target"], {"probes": record, "chosen": best, "tol": tol, "within_tol": within}
 
+
+
+def in_band(ratio: float | None, goal: float, band: float = BAND) -> bool:
+    """Whether a measured ``ratio`` is within ``band`` (relative) of ``goal``.
+
+    >>> in_band(0.65, 0.6), in_band(0.513, 0.6), in_band(None, 0.6)
+    (True, False, False)
+    """
+    return ratio is not None and abs(ratio - goal) <= band * goal
+
+
+def fit_aligned(make: Callable[[int, float], Method], base: nn.Module, example: torch.Tensor, goal: LatencyGoal,
+                start: float, prepare_kwargs: dict[str, Any], alignments: tuple[int, ...] = ALIGNMENTS,
+                **fit_options: Any) -> tuple[float, int, dict[str, Any]]:
+    """:func:`fit_macs_to_latency` at each of ``alignments`` in turn (``make(round_to, macs_target)`` builds the
+    method) until one's nearest probe is within :data:`BAND` of the goal; returns the MACs target and alignment of
+    the probe that measured nearest over all of them, and one record: every probe (each with its ``round_to``),
+    the chosen one, and the alignments tried."""
+    fits: list[tuple[int, dict[str, Any]]] = []
+    for a in alignments:
+        target, fit = fit_macs_to_latency(lambda m, a=a: make(a, m), base, example, goal, start, prepare_kwargs,
+                                          **fit_options)
+        fits.append((a, fit))
+        if in_band(fit["chosen"]["ratio"], goal.value):
+            break
+        start = target  # a finer alignment has widths between the coarse steps around the nearest net
+        if a != alignments[-1]:
+            print(f"latency fit: at alignment {a} no net came within {BAND:.0%} of {goal.value:g} (nearest "
+                  f"{fit['chosen']['ratio']:.3f}); fitting again at a finer alignment")
+    a, best = min(fits, key=lambda f: abs(f[1]["chosen"]["ratio"] - goal.value))
+    record = {"probes": [{**p, "round_to": r} for r, f in fits for p in f["probes"]],
+              "chosen": {**best["chosen"], "round_to": a}, "tol": best["tol"], "within_tol": best["within_tol"],
+              "round_to": a, "alignments_tried": [r for r, _ in fits]}
+    return best["chosen"]["macs_target"], a, record

@@ -99,3 +99,21 @@ def test_a_target_the_method_cannot_build_sends_the_search_back_up(base):
     built = [p["macs_target"] for p in record["probes"] if "ratio" in p]
     assert target in built and all(p["macs_target"] < min(built) for p in refused)
     assert not record["within_tol"]  # the goal is below what any net measures: said, not hidden
+
+
+def test_a_goal_between_two_aligned_widths_is_fitted_at_the_finer_alignment(base):
+    """Latency that jumps with the stem's width (a stand-in cost table): at alignment 8 the stem keeps 8 channels
+    (0.325 of the base) or 16 (1.0), so no net comes within 10% of 0.6; at alignment 4 the 12-channel stem
+    measures 0.606. The fit falls back to 4, keeps it, and records every probe with its alignment."""
+    from slimcnn.latency_fit import fit_aligned, in_band
+
+    measure = lambda net: 0.1 + 0.9 * (net.conv1.out_channels / 16) ** 2  # noqa: E731
+    make = lambda a, m: methods.create("l1", target_macs=m, round_to=a)  # noqa: E731
+    target, round_to, record = fit_aligned(make, base, X, LatencyGoal(0.6), 0.45, {}, measure=measure)
+    assert round_to == 4 and record["round_to"] == 4 and record["alignments_tried"] == [8, 4]
+    assert not any(in_band(p["ratio"], 0.6) for p in record["probes"] if p["round_to"] == 8)
+    assert record["chosen"] == {**record["chosen"], "macs_target": target, "round_to": 4}
+    assert in_band(record["chosen"]["ratio"], 0.6) and record["within_tol"]
+    # where the coarse alignment lands, the finer one is never tried
+    _, first, coarse = fit_aligned(make, base, X, LatencyGoal(0.325), 0.45, {}, measure=measure)
+    assert first == 8 and coarse["alignments_tried"] == [8]
