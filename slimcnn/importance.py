@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .graph.handlers import handler_for
+from .graph.handlers import handler_for, member_module
 
 Scorer = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -42,7 +42,7 @@ def group_rows(model: nn.Module, group: Any, detach: bool = True) -> Iterator[tu
     """``(module name, role, rows)`` for every tensor holding ``group``'s channels; ``rows`` has ``group.size``
     rows (one per channel, flattened). Modules without weights (option-A shortcuts) yield nothing."""
     for m in group.members:
-        module = model.get_submodule(m.module)
+        module = member_module(model, m.module)
         sl = slice(m.offset, m.offset + group.size)
         w = getattr(module, "weight", None)
         b = getattr(module, "bias", None)

@@ -100,10 +100,10 @@ class Gated(nn.Module):
         return self.c(torch.relu(self.b(self.gate(self.a(x)))))
 
 
-def test_unknown_parameter_module_is_unprunable_and_registered_reason_shown():
+def test_per_channel_parameter_is_pruned_with_its_channels_unless_registered_unprunable():
     x = torch.randn(1, 3, 8, 8)
     g = by_key(channel_groups(Gated(), x))
-    assert not g["a"].prunable and "parameter" in g["a"].reason
+    assert g["a"].prunable and Member("gate.g", "bn") in g["a"].members  # one entry per channel, as a layer scale
     assert g["b"].prunable
     register_unprunable(Gate, "gates are removed before surgery")
     try:

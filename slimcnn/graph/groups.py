@@ -27,8 +27,9 @@ from torch import nn
 
 from ..outputs import output_tensors
 from .group_types import ChannelGroup, Member, Role  # noqa: F401  (re-exported: their home for callers)
-from .handlers import handler_for, is_depthwise, opaque_types
+from .handlers import handler_for, is_channel_vector, is_depthwise, member_module, opaque_types
 from .modes import MODES, in_mode, inputs_for
+from .validate import SurgeryError
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -94,6 +95,92 @@ def _split_pruner_class() -> type[tp_function.BasePruningFunc]:
     return _SplitPruner
 
 
+@functools.cache
+def _graph_class() -> type[tp.DependencyGraph]:
+    """Torch-Pruning's ``DependencyGraph``, built on first use (see :func:`_tp`), without its index mapping of
+    reshapes that split or merge the channel dimension: it has none that is right for them (1.6.1 divides by zero
+    on ShuffleNetV2's channel shuffle). They couple their input and output channels as one, and
+    :func:`_reshape_problem` keeps every group through them whole."""
+
+    class _Graph(_tp().DependencyGraph):
+        def _trace(self, *args: Any, **kwargs: Any) -> dict:
+            module2node = super()._trace(*args, **kwargs)
+            ops = _tp().ops
+            for node in module2node.values():
+                if node.type == ops.OPTYPE.RESHAPE and _reshape_problem(node.grad_fn):
+                    node.type = ops.OPTYPE.ELEMENTWISE
+                elif node.type == ops.OPTYPE.SPLIT:
+                    _fix_split(node, ops)
+            return module2node
+
+    return _Graph
+
+
+class _SplitFn:
+    """A channel split's autograd node with its chunk sizes where Torch-Pruning 1.6.1 reads them
+    (``_saved_split_sizes``): without them it guesses the sizes from the graph around the split, and the guess is
+    wrong across a channel shuffle."""
+
+    def __init__(self, fn: Any, sizes: list[int]) -> None:
+        self._fn, self._saved_split_sizes = fn, sizes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fn, name)
+
+
+def _fix_split(node: Any, ops: ModuleType) -> None:
+    """Give a split along the channels its true chunk sizes, its outputs in chunk order; where its outputs are not
+    one reader per chunk, couple it as one (the split's groups are unprunable either way, see
+    :func:`_shape_op_problem`: this only keeps Torch-Pruning's index mapping from going wrong)."""
+    fn = node.grad_fn
+    sizes = _split_sizes(fn)
+    if sizes is None:
+        return
+    nrs = [next((nr for f, nr in getattr(o.grad_fn, "next_functions", ()) if f is fn), None) for o in node.outputs]
+    if sorted(n for n in nrs if n is not None) != list(range(len(sizes))) or None in nrs:
+        node.type = ops.OPTYPE.ELEMENTWISE
+        return
+    node.outputs[:] = [o for _, o in sorted(zip(nrs, node.outputs), key=lambda p: p[0])]
+    node.grad_fn = _SplitFn(fn, sizes)
+
+
+def _split_sizes(fn: Any) -> list[int] | None:
+    """The chunk sizes of a split (``chunk``, ``split``) along dimension 1, or None for other splits."""
+    shape = getattr(fn, "_saved_self_sym_sizes", None)
+    dim = getattr(fn, "_saved_dim", None)
+    if shape is None or not isinstance(dim, int) or len(shape) < 2 or dim % len(shape) != 1:
+        return None
+    if getattr(fn, "_saved_split_sizes", None) is not None:
+        return [int(s) for s in fn._saved_split_sizes]
+    step, total = getattr(fn, "_saved_split_size", None), int(shape[1])
+    if not step:
+        return None
+    return [min(int(step), total - i) for i in range(0, total, int(step))]
+
+
+def _output_shape(grad_fn: Any) -> tuple[int, ...] | None:
+    """The shape of the tensor an autograd node's forward produced (None where autograd does not say)."""
+    try:
+        return tuple(int(s) for s in grad_fn._input_metadata[0].shape)
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        return None
+
+
+def _reshape_problem(grad_fn: Any) -> str | None:
+    """Why a reshape cannot be pruned through: it splits or merges the channel dimension of a 3-D or larger tensor
+    (a channel shuffle's ``view(b, g, c // g, h, w)`` and back), so which channel lands where depends on the
+    channel count written in the forward code."""
+    before = getattr(grad_fn, "_saved_self_sym_sizes", None) or getattr(grad_fn, "_saved_self_sizes", None)
+    after = _output_shape(grad_fn)
+    if before is None or after is None or len(before) < 3 or len(after) < 3:
+        return None
+    before = tuple(int(s) for s in before)
+    if before[1] == after[1]:
+        return None
+    return (f"a reshape {before} -> {after} splits or merges the channel dimension (as a channel shuffle does); "
+            "the channels across it stay whole")
+
+
 # Autograd ops that keep channel i at channel i (or reduce only over other dims). Anything else is suspect.
 _SAFE_OPS = (
     "Add", "Sub", "Mul", "Div", "Neg", "Relu", "Relu6", "Hardtanh", "Sigmoid", "Silu", "Hardswish", "Hardsigmoid",
@@ -102,6 +189,9 @@ _SAFE_OPS = (
     "AvgPool2D", "AvgPool1D", "AdaptiveAvgPool2D", "AdaptiveMaxPool2D", "AdaptiveAvgPool1D", "UpsampleNearest2D",
     "UpsampleBilinear2D", "UpsampleBicubic2D", "Clone", "NativeDropout", "Mean", "Sum", "Amax", "Amin",
     "ConstantPadNd", "ReflectionPad2D", "ReplicationPad2D", "ToCopy", "Expand", "Unsqueeze", "Squeeze",
+    # a permute moves the channel axis but never mixes channels (ConvNeXt runs its LayerNorm and linears
+    # channels-last); mixing takes a reshape across the channel dimension, which _reshape_problem refuses
+    "Permute", "Transpose",
 )
 
 
@@ -134,11 +224,29 @@ def _op_problem(node: Any, internal: set) -> str | None:
     op = _op_name(name)
     if op == "T" and not node.inputs:  # a linear layer's weight transpose: no activation flows through it
         return None
+    if op == "AsStrided" and _same_shape_view(grad_fn):
+        return None
     if op not in _SAFE_OPS:
         return f"operation {name} is not known to preserve channels"
     if op in ("Mean", "Sum", "Amax", "Amin", "ConstantPadNd", "Squeeze", "Unsqueeze") and _channel_dim_touched(grad_fn):
         return f"operation {name} acts on the channel dimension"
     return None
+
+
+def _same_shape_view(grad_fn: Any) -> bool:
+    """Whether an ``as_strided`` node re-views its input at the input's own shape: autograd records one where a
+    view of a pooled ``(N, C, 1, 1)`` tensor is permuted (ConvNeXt's classifier ``LayerNorm2d``); any other
+    ``as_strided`` may gather elements across channels."""
+    size, stride = getattr(grad_fn, "_saved_size", None), getattr(grad_fn, "_saved_stride", None)
+    parents = [fn for fn, _ in getattr(grad_fn, "next_functions", ()) if fn is not None]
+    if size is None or stride is None or len(parents) != 1 or _output_shape(parents[0]) != tuple(int(s) for s in size):
+        return False
+    # and in the input's order: the strides of the dims longer than 1 are those of a contiguous tensor
+    expected, run = [], 1
+    for n in reversed([int(s) for s in size]):
+        expected.append(run)
+        run *= n
+    return all(int(st) == ex for n, st, ex in zip(size, stride, reversed(expected)) if int(n) > 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,18 +273,27 @@ class _Trace:
         return bool(self.module_fns.get(name, set()) & self.output_fns)
 
 
-def _collect_internal(out_fn: Any, in_fns: set, into: set) -> None:
-    """Autograd nodes between a module's inputs and its output: its own implementation (used for layers opaque to
-    the tracer, such as the option-A shortcut, whose index and pad ops on the channel dimension are what their
-    handler models)."""
+def _collect_internal(out_fn: Any, in_fns: set, into: set, limit: int | None = None) -> None:
+    """Autograd nodes between a module's inputs and its output: its own implementation, which its handler models
+    (the option-A shortcut's index and pad ops on the channel dimension, a linear's ``addmm`` on a channels-last
+    tensor, ``LayerNorm2d``'s permutes). With ``limit``, a walk longer than that adds nothing: a layer's own ops are
+    a few, and a longer walk means an input was not seen (so the walk left the layer)."""
+    found: set = set()
     stack = [out_fn]
     while stack:
         fn = stack.pop()
-        if fn is None or fn in into or fn in in_fns:
+        if fn is None or fn in into or fn in found or fn in in_fns:
             continue
-        into.add(fn)
+        found.add(fn)
+        if limit is not None and len(found) > limit:
+            return
         for nxt, _ in getattr(fn, "next_functions", ()):
             stack.append(nxt)
+    into.update(found)
+
+
+#: the most autograd nodes one layer with a handler may run inside its forward (see _collect_internal)
+_LAYER_OPS = 16
 
 
 def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
@@ -184,6 +301,7 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
     of a module seen in both modes, so a branch that only runs in training couples its channels like any other."""
     names = {m: n for n, m in model.named_modules()}
     own_ops = tuple(opaque_types())
+    layers = {m for m in model.modules() if handler_for(m) is not None}  # their inner ops are theirs
     tr = _Trace(None, names, {}, {})  # the graph comes last
     this_pass: dict[str, int] = {}  # calls per module in the forward running now
     pending_inputs: dict[nn.Module, set] = {}
@@ -192,7 +310,7 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
         name = names[mod]
         tr.order.setdefault(name, len(tr.order))
         this_pass[name] = this_pass.get(name, 0) + 1
-        if isinstance(mod, own_ops):
+        if mod in layers:
             pending_inputs[mod] = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor)}
 
     def post(mod, inputs, output):
@@ -203,8 +321,9 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
             tr.module_fns.setdefault(names[mod], set()).update(fns)
             for fn in fns:  # hooks run innermost first
                 tr.owner.setdefault(fn, names[mod])
-        if isinstance(mod, own_ops) and isinstance(output, torch.Tensor):
-            _collect_internal(output.grad_fn, pending_inputs.pop(mod, set()), tr.internal)
+        if mod in layers and isinstance(output, torch.Tensor):
+            limit = None if isinstance(mod, own_ops) else _LAYER_OPS
+            _collect_internal(output.grad_fn, pending_inputs.pop(mod, set()), tr.internal, limit)
             tr.internal.discard(output.grad_fn)  # the module's own node is judged by its type, not as an op
 
     def forward_all_modes(m: nn.Module, inputs: Any) -> list[torch.Tensor]:
@@ -223,9 +342,14 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
     try:
         # flags and buffers as they were afterwards, whatever happens
         with torch.enable_grad(), in_mode(model, "eval", example_input.device):
-            tr.graph = _tp().DependencyGraph().build_dependency(
+            tr.graph = _graph_class()().build_dependency(
                 model, (example_input,), forward_fn=forward_all_modes, customized_pruners=_customized(model),
                 verbose=False)
+    except Exception as e:
+        if not tr.calls:  # the model's own forward failed: its error, as it is
+            raise
+        raise SurgeryError(f"cannot trace the channels of {type(model).__name__}: Torch-Pruning's dependency "
+                           f"graph failed after the forward ({type(e).__name__}: {e})") from None
     finally:
         for h in handles:
             h.remove()
@@ -356,7 +480,10 @@ def _classify(tr: _Trace, node: Any, handler: Any) -> tuple[str, Role | None, st
     if isinstance(mod, pass_through):
         return name, None, _shape_op_problem(node)
     if isinstance(mod, nn.Parameter):
-        return name, None, f"a bare parameter {tr.graph._param_to_name.get(mod, '')!r} multiplies it"
+        pname = tr.graph._param_to_name.get(mod, "")
+        if pname and is_channel_vector(mod):  # a layer scale: one entry per channel, pruned with them
+            return pname, "bn", problem
+        return name, None, f"a bare parameter {pname!r} of shape {tuple(mod.shape)} (not one entry per channel) reads it"
     if isinstance(mod, unsupported):
         return name, None, f"{name} ({type(mod).__name__}) is not supported by slimcnn surgery"
     return name, None, f"{name or type(mod).__name__} is not supported by slimcnn surgery"
@@ -373,7 +500,9 @@ def _shape_op_problem(node: Any) -> str | None:
     if isinstance(mod, ops._ExpandOp):
         sizes = getattr(fn, "_saved_self_sym_sizes", None)
         return "an expand over the channel dimension" if sizes is not None and len(sizes) > 1 and sizes[1] == 1 else None
-    if isinstance(mod, ops._ReshapeOp) or dim is None or dim > 1 or dim == 0:
+    if isinstance(mod, ops._ReshapeOp):
+        return _reshape_problem(fn)
+    if dim is None or dim > 1 or dim == 0:
         return None
     if dim < 0:
         return f"a {op} along dimension {dim} (not analysed)"
@@ -497,7 +626,7 @@ def _summarise(problems: list[str]) -> str:
 def _check_widths(model: nn.Module, groups: list[ChannelGroup]) -> None:
     for g in groups:
         for m in g.members:
-            width = _module_width(model.get_submodule(m.module), m.role)
+            width = _module_width(member_module(model, m.module), m.role)
             if m.offset < 0 or m.offset + g.size > width:
                 _mark(g, f"channels {m.offset}..{m.offset + g.size - 1} fall outside {m.module} ({width} channels)")
 
@@ -528,7 +657,7 @@ def _name_and_sort(model: nn.Module, groups: list[ChannelGroup], order: dict[str
     for g in groups:
         g.members.sort(key=lambda m: (order.get(m.module, 1 << 30), m.role, m.offset))
         p = first_producer(g)
-        whole = p.offset == 0 and g.size == _module_width(model.get_submodule(p.module), p.role)
+        whole = p.offset == 0 and g.size == _module_width(member_module(model, p.module), p.role)
         g.key = p.module if whole else f"{p.module}[{p.offset}:{p.offset + g.size}]"
     groups.sort(key=lambda g: (order.get(first_producer(g).module, 1 << 30), first_producer(g).offset))
     seen: dict[str, int] = {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..profile import conv_macs  # noqa: F401  (re-exported: the one formula, named where handlers are)
@@ -63,6 +64,12 @@ class LayerHandler:
         """In place: make the layer ignore input ``channels`` (what removing them upstream must equal)."""
         dim = 0 if getattr(module, "transposed", False) else 1
         module.weight.index_fill_(dim, torch.tensor(channels, dtype=torch.long, device=module.weight.device), 0.0)
+
+    def mask_own(self, model: nn.Module, name: str, module: nn.Module, channels: list[int]) -> None:
+        """In place: make the layer compute, at the channels it keeps, what it computes once its ``channels`` are
+        removed. Only a layer whose kept outputs read other channels of its own group needs it (a norm whose
+        statistics run over the channels); the masked check of surgery compares against it."""
+        return None
 
     @torch.no_grad()
     def equalize(self, module: nn.Module, offset: int, clusters: Sequence[Sequence[int]]) -> None:
@@ -160,9 +167,8 @@ class LinearHandler(LayerHandler):
 
 
 class BatchNormHandler(LayerHandler):
-    """Batch norms: one entry per channel in gamma, beta and the running statistics (role ``bn``). Other norms
-    (group, layer, instance norm) have no handler: their statistics mix channels, so groups through them stay
-    whole."""
+    """Batch norms: one entry per channel in gamma, beta and the running statistics (role ``bn``). Group and
+    instance norms have no handler: groups through them stay whole (layer norms: :class:`LayerNormHandler`)."""
 
     types = (nn.modules.batchnorm._BatchNorm,)
 
@@ -180,6 +186,114 @@ class BatchNormHandler(LayerHandler):
             if getattr(module, attr) is not None:
                 setattr(module, attr, select(getattr(module, attr), 0, out))
         module.num_features = len(out)
+
+
+class LayerNormHandler(LayerHandler):
+    """Layer norms over one dimension of channels (role ``bn``: surgery selects gamma and beta): ConvNeXt's, run
+    after a permute to channels-last, and channel-first subclasses such as torchvision's ``LayerNorm2d``, which
+    permute inside their forward. Unlike a batch norm's, its statistics run over the channels, so removing some
+    changes the others' outputs: the masked check of surgery normalises over the kept channels (``mask_own``)."""
+
+    types = (nn.LayerNorm,)
+
+    def role(self, module: nn.Module, is_out: bool) -> Role:
+        return "bn"
+
+    def problem(self, name: str, module: nn.Module) -> str | None:
+        shape = tuple(module.normalized_shape)
+        if len(shape) != 1:
+            return f"{name} (LayerNorm) normalizes over {len(shape)} dimensions {shape}, not over channels alone"
+        return None
+
+    def width(self, module: nn.Module, axis: Axis) -> int:
+        return module.normalized_shape[0]
+
+    def edit(self, model, name, module, out, inp) -> None:
+        for attr in ("weight", "bias"):
+            if getattr(module, attr) is not None:
+                setattr(module, attr, _param(getattr(module, attr), select(getattr(module, attr).data, 0, out)))
+        module.normalized_shape = (len(out),)
+
+    def mask_own(self, model: nn.Module, name: str, module: nn.Module, channels: list[int]) -> None:
+        dropped = module.__dict__.get("_slimcnn_dropped")
+        if dropped is None:  # one hook, however many groups (slices of the norm) drop channels
+            dropped = module.__dict__["_slimcnn_dropped"] = set()
+            module.register_forward_hook(lambda mod, args, output: _norm_over(mod, args[0], output, dropped))
+        dropped.update(channels)
+
+
+def _norm_over(module: nn.LayerNorm, x: torch.Tensor, output: torch.Tensor, dropped: set[int]) -> torch.Tensor:
+    """``module``'s output with the statistics taken over the channels not ``dropped`` (zero at those: their
+    readers are masked)."""
+    c = module.normalized_shape[0]
+    keep = [i for i in range(c) if i not in dropped]
+    # a subclass with its own forward that sees channels at dim 1 normalises them there (LayerNorm2d); the base
+    # class always normalises the last dim
+    own_forward = type(module).forward is not nn.LayerNorm.forward
+    dim = 1 if own_forward and x.dim() > 2 and x.shape[1] == c else x.dim() - 1
+    idx = torch.tensor(keep, dtype=torch.long, device=x.device)
+    w = module.weight.index_select(0, idx) if module.weight is not None else None
+    b = module.bias.index_select(0, idx) if module.bias is not None else None
+    y = F.layer_norm(x.index_select(dim, idx).movedim(dim, -1), (len(keep),), w, b, module.eps).movedim(-1, dim)
+    return torch.zeros_like(output).index_copy(dim, idx, y.to(output.dtype))
+
+
+class BareParameter(nn.Module):
+    """A parameter no layer owns, one entry per channel (ConvNeXt's ``layer_scale``, shape ``(C, 1, 1)``), seen as
+    a member of a channel group: ``weight`` is the parameter flattened to that one entry per channel. Made on
+    lookup by :func:`member_module`, never put into a model."""
+
+    def __init__(self, owner: nn.Module, attr: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # not registered: the proxy must not become the owner's parent
+        self.attr = attr
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.owner, self.attr)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.param.view(-1)
+
+
+class BareParameterHandler(LayerHandler):
+    """Per-channel parameters used bare in a forward (``x * self.layer_scale``): role ``bn``, surgery selects the
+    entries of the kept channels along the parameter's one non-singleton dimension."""
+
+    types = (BareParameter,)
+
+    def role(self, module: nn.Module, is_out: bool) -> Role:
+        return "bn"
+
+    def width(self, module: nn.Module, axis: Axis) -> int:
+        return module.param.numel()
+
+    def edit(self, model, name, module, out, inp) -> None:
+        p = module.param
+        setattr(module.owner, module.attr, _param(p, select(p.data, channel_dim(p), out)))
+
+
+def channel_dim(p: torch.Tensor) -> int:
+    """The dimension of a per-channel parameter that holds its channels (its longest)."""
+    return max(range(p.dim()), key=lambda d: p.shape[d])
+
+
+def is_channel_vector(p: torch.Tensor) -> bool:
+    """Whether ``p`` holds one entry per channel along a single dimension (any other dimension has size 1)."""
+    return p.dim() >= 1 and sum(1 for s in p.shape if s > 1) <= 1
+
+
+def member_module(model: nn.Module, name: str) -> nn.Module:
+    """The module a group member names: a submodule, or for a bare parameter its :class:`BareParameter` view."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if isinstance(getattr(owner, attr, None), nn.Parameter):
+            return BareParameter(owner, attr)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,7 +335,7 @@ def opaque_types() -> list[type]:
     return [t for t, h in _BY_TYPE.items() if h.opaque_to_tracer]
 
 
-for _h in (ConvHandler(), LinearHandler(), BatchNormHandler()):
+for _h in (ConvHandler(), LinearHandler(), BatchNormHandler(), LayerNormHandler(), BareParameterHandler()):
     register_handler(_h)
 del _h
 

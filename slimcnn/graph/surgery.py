@@ -22,8 +22,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .groups import ChannelGroup, Member, channel_groups, groups_by_key
-from .handlers import LayerHandler, NewChannel, handler_for
+from .groups import ChannelGroup, channel_groups, groups_by_key
+from .handlers import LayerHandler, NewChannel, handler_for, member_module
 from .validate import ModelOutputs, SurgeryError, difference, reference_output, run_modes, validate
 
 Clusters = list[list[int]]
@@ -88,7 +88,7 @@ def equalize_clusters(model: nn.Module, groups: list[ChannelGroup], clusters: Ma
         for m in by_key[key].members:
             if m.role == "in":
                 continue
-            mod = model.get_submodule(m.module)
+            mod = member_module(model, m.module)
             _handler(mod, m.module).equalize(mod, m.offset, cl)
 
 
@@ -182,7 +182,7 @@ def _handler(mod: nn.Module, name: str) -> LayerHandler:
 
 
 def _edit(model: nn.Module, name: str, out: list[NewChannel] | None, inp: list[NewChannel] | None) -> None:
-    mod = model.get_submodule(name)
+    mod = member_module(model, name)
     _handler(mod, name).edit(model, name, mod, out, inp)
 
 
@@ -190,7 +190,7 @@ def _apply(model: nn.Module, by_key: dict[str, ChannelGroup], plan: Mapping[str,
     new = copy.deepcopy(model)
     axes = _axis_plans(by_key, plan)
     for name in dict.fromkeys(n for n, _ in axes):
-        mod = new.get_submodule(name)
+        mod = member_module(new, name)
         out = _new_channels(_width(mod, "out"), axes[(name, "out")]) if (name, "out") in axes else None
         inp = _new_channels(_width(mod, "in"), axes[(name, "in")]) if (name, "in") in axes else None
         try:
@@ -214,21 +214,21 @@ def _width(mod: nn.Module, axis: str) -> int:
 
 
 def masked_copy(model: nn.Module, by_key: dict[str, ChannelGroup], plan: Mapping[str, Clusters]) -> nn.Module:
-    """A copy of ``model`` at full width in which every consumer ignores the channels ``plan`` drops: what the
-    pruned model must compute exactly, if the groups list every reader of every channel."""
+    """A copy of ``model`` at full width in which every consumer ignores the channels ``plan`` drops (and a norm
+    whose statistics run over channels takes them over the kept ones): what the pruned model must compute exactly,
+    if the groups list every reader of every channel."""
     masked = copy.deepcopy(model)
     for key, clusters in plan.items():
         g = by_key[key]
         dropped = sorted(set(range(g.size)) - {i for c in clusters for i in c})
-        for m in g.consumers:
-            _mask_input(masked, m, [m.offset + i for i in dropped])
+        for m in g.members:
+            mod = member_module(masked, m.module)
+            layer = _handler(mod, m.module)
+            if m.role == "in":
+                layer.mask_inputs(masked, m.module, mod, [m.offset + i for i in dropped])
+            else:  # a norm whose statistics run over its channels computes them over the kept ones
+                layer.mask_own(masked, m.module, mod, [m.offset + i for i in dropped])
     return masked
-
-
-@torch.no_grad()
-def _mask_input(model: nn.Module, m: Member, channels: list[int]) -> None:
-    mod = model.get_submodule(m.module)
-    _handler(mod, m.module).mask_inputs(model, m.module, mod, channels)
 
 
 def _check_against_masked(model: nn.Module, ref: ModelOutputs, got: ModelOutputs, by_key: dict[str, ChannelGroup],
@@ -254,7 +254,7 @@ def _pad_merge_note(model: nn.Module, by_key: dict[str, ChannelGroup], plan: Map
     notes = []
     for key, clusters in plan.items():
         for m in by_key[key].producers:
-            mod = model.get_submodule(m.module)
+            mod = member_module(model, m.module)
             layer = handler_for(mod)
             note = layer.merge_note(mod, m.offset, clusters, key) if layer is not None else None
             if note:

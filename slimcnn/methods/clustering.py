@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
+from ..graph.handlers import member_module
+
 if TYPE_CHECKING:
     from ..graph import ChannelGraph
 
@@ -140,7 +142,7 @@ def producer_features(model: nn.Module, group: Any, first_only: bool = False) ->
     for m in group.members:
         if m.role not in ("out", "dw"):
             continue
-        w = getattr(model.get_submodule(m.module), "weight", None)
+        w = getattr(member_module(model, m.module), "weight", None)
         if not isinstance(w, torch.Tensor):
             continue  # a parameter-free producer, e.g. an option-A shortcut
         rows = w.detach()[m.offset: m.offset + group.size].reshape(group.size, -1).double().cpu()
@@ -162,7 +164,7 @@ def shortcut_classes(model: nn.Module, group: Any, readers: dict[str, list[tuple
 
     sig: list[tuple] = [() for _ in range(group.size)]
     for m in group.producers:
-        module = model.get_submodule(m.module)
+        module = member_module(model, m.module)
         if isinstance(getattr(module, "weight", None), torch.Tensor):
             continue
         if not isinstance(module, PadShortcut):

@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..graph.handlers import member_module
 from .base import Method
 from .centripetal import TensorPlan, _centripetal, default_eps, schedule_lr, tensor_plan
 from .centripetal import centripetal_grad  # noqa: F401  (re-exported: callers and tests import it from here)
@@ -463,7 +464,7 @@ class CSGD(Method):
         for key, ids in self.ids.items():
             for m in self._groups[key].members:
                 if m.role in _ROW_ROLES:
-                    yield key, ids, m, model.get_submodule(m.module)
+                    yield key, ids, m, member_module(model, m.module)
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Report the remaining intra-cluster distances, then merge every cluster into one channel."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.handlers import handler_for
+from ..graph.handlers import handler_for, member_module
 from ..importance import group_rows
 
 FEATURES = ("l1", "l2", "cos", "gamma", "beta", "group_l2")
@@ -63,7 +63,7 @@ def channel_descriptors(model: nn.Module, group: Any, features: Sequence[str] = 
     size = group.size
     per_feature: dict[str, list[torch.Tensor]] = {f: [] for f in FEATURES}
     for member in group.members:
-        module = model.get_submodule(member.module)
+        module = member_module(model, member.module)
         sl = slice(member.offset, member.offset + size)
         if member.role in ("out", "dw"):
             rows = _filter_rows(module)
