@@ -295,7 +295,7 @@ def _detail_lines(report: dict[str, Any]) -> list[str]:
     lt = report.get("latency_target")
     if isinstance(lt, dict) and lt.get("predicted_ratio") is not None:
         lines.append(f"Latency target {lt.get('target')} on {lt.get('backend')} (batch {lt.get('batch')}, "
-                     f"{lt.get('threads')} thread(s)): predicted ratio {_fmt(lt['predicted_ratio'], 3)}, measured "
+                     f"{lt.get('threads')} thread(s)): predicted ratio {_fmt(lt.get('predicted_ratio'), 3)}, measured "
                      f"{_fmt(lt.get('measured_ratio'), 3)} ({_fmt(lt.get('measured_compressed_ms'), 3)} vs "
                      f"{_fmt(lt.get('measured_base_ms'), 3)} ms, timed interleaved, {lt.get('statistic')}; by the "
                      f"median {_fmt(lt.get('measured_ratio_median'), 3)}); latency table "
@@ -329,22 +329,33 @@ def _finalize_lines(report: dict[str, Any], key: str, name: str) -> list[str]:
     return lines
 
 
+def _stage_target(record: dict[str, Any]) -> str:
+    """A stack stage's target as its record names it: MACs, or latency (a ratio of the stage's base's time).
+
+    >>> [_stage_target(r) for r in ({"target_macs": 0.5}, {"channel_ratio": 0.7}, {"target_latency_ratio": 0.894})]
+    ['0.5000 MACs', '0.7000 MACs', '0.894 latency']
+    """
+    if "target_latency_ratio" in record:
+        return f"{record['target_latency_ratio']:.3f} latency"
+    return f"{record.get('target_macs', record.get('channel_ratio')):.4f} MACs"
+
+
 def _stack_lines(report: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if report.get("stages"):  # a stack (slimcnn/methods/stack.py): one row per stage
         st = report.get("stack") or {}
         lines += ["", f"Stack {' + '.join(st.get('stages', []))}, split {st.get('split')} ({st.get('split_source')}: "
                   f"{st.get('split_rule')}).", "",
-                  "| stage | method | MACs target | MACs ratio | epochs | top-1 after its finalize | time s |",
+                  "| stage | method | target | MACs ratio | epochs | top-1 after its finalize | time s |",
                   "|---:|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['stage']} | {r['method']} | {r['target_macs']:.4f} | {r['macs_ratio']:.4f} | {r['epochs']} | "
+        lines += [f"| {r['stage']} | {r['method']} | {_stage_target(r)} | {r['macs_ratio']:.4f} | {r['epochs']} | "
                   f"{_fmt(r.get('top1'))} | {r['time_s']:.0f} |" for r in report["stages"]]
         for r in report["stages"]:
             merge = (r.get("details") or {}).get("merge") or {}
             if merge.get("lossless") is False:
                 lines += ["", f"**Stage {r['stage']}'s merge was not lossless**: {merge.get('warning', '')}", ""]
         for t in (st.get("search") or {}).get("tried", []):
-            lines.append(f"- split {t['split']} (channel stage {t['channel_ratio']:.3f}): "
+            lines.append(f"- split {t['split']} (channel stage {_stage_target(t)}): "
                          + (f"proxy top-1 {_fmt(t['top1'])}, MACs ratio {t['macs_ratio']:.4f}" if "top1" in t
                             else f"not reachable: {t['error']}"))
         alone = (st.get("search") or {}).get("alone")

@@ -148,10 +148,11 @@ def test_bad_input_is_one_line_before_anything_loads(extra, expected, capsys, tm
     assert expected in err and not out.exists()
 
 
-@pytest.mark.parametrize("method", ["dagger", "l1+trp"])
+@pytest.mark.parametrize("method", ["dagger", "tp+trp"])
 def test_a_method_without_a_latency_plan_gets_the_macs_target_that_measures_the_goal(method, tmp_path, capsys):
-    """Dagger decides its widths by training and a stack by its split: the goal becomes a MACs target, found on a
-    uniformly pruned net of aligned widths. Timed for real: only the report's form is checked."""
+    """Dagger decides its widths by training and a stack that starts with the peer by its split: the goal becomes
+    a MACs target, found on a uniformly pruned net of aligned widths. Timed for real: only the report's form is
+    checked."""
     out = tmp_path / method
     assert main([*COMMON, "--method", method, "--epochs", "2", "--target-latency", "0.8", "--no-latency-plan",
                  "--out", str(out)]) == 0
@@ -183,3 +184,52 @@ def test_a_target_below_the_smallest_net_is_one_line_and_writes_nothing(capsys, 
     out = tmp_path / "o"
     err = one_line_compress_error(capsys, [*COMMON, "--target-latency", "0.001", "--out", str(out)])
     assert "smallest reachable ratio" in err and "on eager at batch 1" in err and not out.exists()
+
+
+def test_l1_trp_plans_a_latency_goal_stage_by_stage_on_the_runtime(tmp_path):
+    """l1+trp takes the goal itself: the channel stage's own latency plan to goal**split, then TRP's plan the rest
+    of the way: the goal over what the channel stage's net measured. Timed for real: the form is checked, and the
+    targets each stage was given, which follow from the goal and the first stage's record."""
+    out = tmp_path / "stack"
+    assert main([*COMMON, "--method", "l1+trp", "--epochs", "1", "--target-latency", "0.8", "--split", "0.9",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    lt = rep["latency_target"]
+    assert (lt["backend"], lt["batch"], lt["target_ratio"]) == ("eager", 1, 0.8) and lt["measured_ratio"] > 0
+    assert "via" not in lt and rep["target_macs"] is None  # no MACs fit: planned on the runtime
+    # split 0.9: on eager at batch 1 factorising saves little time, so the channel stage takes most of the goal
+    assert rep["stack"]["split"] == 0.9 and "log latency reduction" in rep["stack"]["split_rule"]
+    first, last = rep["stages"]
+    assert first["target_latency_ratio"] == pytest.approx(0.8 ** 0.9, abs=1e-6)
+    reached = first["details"]["latency_target"]["search_ratio"]
+    assert last["target_latency_ratio"] == pytest.approx(0.8 / reached, abs=1e-5)
+    assert last["details"]["latency_target"]["backend"] == "eager"
+
+
+def test_a_latency_goal_for_a_stack_whose_first_stage_cannot_plan_one_is_refused():
+    from slimcnn import methods
+    from slimcnn.graph.latency import LatencyGoal
+
+    assert methods.plans_latency("l1+trp") and not methods.plans_latency("dagger+trp")
+    with pytest.raises(ValueError, match="both stages plan on latency"):
+        methods.create("dagger+trp", target_latency=LatencyGoal(0.6))
+
+
+@pytest.mark.slow
+def test_the_stack_searches_its_split_at_equal_latency(cifar_root):
+    """Without --split every candidate split is built at the same latency goal (the channel stage to goal**s,
+    TRP the rest) and scored; the search's record names each split's stage target."""
+    from slimcnn import methods
+    from slimcnn.data import cifar10_loaders
+    from slimcnn.graph.latency import LatencyGoal
+    from slimcnn import load_checkpoint
+
+    loaders = cifar10_loaders(str(cifar_root), 16, 64, 32, 0, splits=("train", "test"))
+    model = load_checkpoint(create("cifar_resnet20"), RESNET20).eval()
+    stack = methods.create("l1+trp", target_latency=LatencyGoal(0.8, "ratio", "eager", 1, 1), splits=(0.5, 0.9),
+                           search_images=32)
+    stack.prepare(model, X.repeat(2, 1, 1, 1), train_loader=loaders["train"], test_loader=loaders["test"])
+    tried = stack.search["tried"]
+    assert [t["split"] for t in tried] == [0.5, 0.9]
+    assert [t["target_latency_ratio"] for t in tried] == [round(0.8 ** 0.5, 6), round(0.8 ** 0.9, 6)]
+    assert stack.chosen_split in (0.5, 0.9) and stack.report()["latency_target"]["target_ratio"] == 0.8

@@ -306,8 +306,9 @@ def print_summary(report: dict) -> None:
                                                    else "the ranks ended with DIFFERENT models"))
     lt = report.get("latency_target")
     if lt:
+        predicted, measured = lt.get("predicted_ratio") or float("nan"), lt.get("measured_ratio", float("nan"))
         print(f"latency target {lt['target']} ({lt['backend']}, batch {lt['batch']}, {lt['threads']} thread(s)): "
-              f"predicted {lt['predicted_ratio']:.3f}, measured {lt.get('measured_ratio', float('nan')):.3f}")
+              f"predicted {predicted:.3f}, measured {measured:.3f}")
     budget = report.get("epoch_budget") or {}
     if "plan" in budget:
         print(f"budget: {budget['total_epochs']} epoch(s): {budget['plan']}")

@@ -26,13 +26,13 @@ def method_class(name: str) -> type[Method]:
 
 
 def plans_latency(name: str) -> bool:
-    """Whether method ``name`` plans on a latency goal itself (``target_latency``); the others, the stacks too, are
-    given the MACs target that measures the goal (:func:`slimcnn.latency_fit.fit_macs_to_latency`).
+    """Whether method ``name`` plans on a latency goal itself (``target_latency``: l1, trp, and the stack of the
+    two); the others are given the MACs target that measures the goal (:func:`slimcnn.latency_fit.fit_aligned`).
 
-    >>> plans_latency("l1"), plans_latency("dagger"), plans_latency("l1+trp")
-    (True, False, False)
+    >>> plans_latency("l1"), plans_latency("dagger"), plans_latency("l1+trp"), plans_latency("dagger+trp")
+    (True, False, True, False)
     """
-    return "+" not in name and "target_latency" in method_class(name).options
+    return "target_latency" in method_class(name).targets
 
 
 def create(name: str, **kwargs: Any) -> Method:

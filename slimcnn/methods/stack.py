@@ -18,6 +18,15 @@ for a channel stage that needs training before its finalize (dagger, csgd) is ma
 dagger's search spreads widths unevenly, and csgd in a stack takes the global ranking's widths): untrained gates or
 clusters say nothing about a split.
 
+**A latency goal** (``target_latency``, a :class:`~slimcnn.graph.latency.LatencyGoal`) is planned by the stack
+itself when both stages plan on latency (``l1+trp``): ``split`` is then the fraction of the *log latency*
+reduction done by the channel stage, which runs its own latency plan to G**S of the base's time on the goal's
+runtime; TRP's plan then takes the net the rest of the way, to G over the ratio the channel stage's net measured
+(both plans time their nets against their base, interleaved). The split search compares the splits (by default
+``LATENCY_SPLITS``, reaching higher: where factorising saves little time TRP can take only a small share) at the
+same goal on that runtime, so the split is chosen at equal latency, not at equal MACs. Other stacks are given
+the MACs target that measures the goal (:mod:`slimcnn.latency_fit`).
+
 **The channel stage's job in a stack** is to take the channels that are cheapest to lose, not a slice of every
 layer: TRP already thins every layer. So a stack's l1 stage ranks channels globally (``mode="global"``; pass
 ``mode="uniform"`` for the method's own default), and the searched splits start small. Measured on the fine-tuned
@@ -67,8 +76,9 @@ from __future__ import annotations
 import copy
 import functools
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -77,11 +87,17 @@ from tqdm import tqdm
 from ..profile import profile
 from .base import Method, macs_goal
 
+if TYPE_CHECKING:
+    from ..graph.latency import LatencyGoal
+
 #: stages a stack may start with (each removes or merges channels on the one surgery engine) and end with
 CHANNEL_STAGES = ("l1", "dagger", "csgd", "tp")
 LAST_STAGES = ("trp",)
 STACKS = tuple(f"{a}+{b}" for a in CHANNEL_STAGES for b in LAST_STAGES)
 DEFAULT_SPLITS = (0.05, 0.1, 0.2, 0.3, 0.5)
+#: under a latency goal the search reaches further: where factorising saves little time (batch 1, eager), TRP can
+#: take only a small share of the goal and the channel stage must do most of it
+LATENCY_SPLITS = (0.1, 0.3, 0.5, 0.7, 0.9)
 #: the channel stage's defaults inside a stack, where they differ from the method's own (a user's option wins)
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {"l1": {"mode": "global"}}
 #: channel stages that only steer training until a lossless finalize (C-SGD's merge): in a stack they train in the
@@ -157,8 +173,13 @@ def stack_class(name: str) -> type[Stack]:
         phase = f"{c2.method_phase} on the {first}-pruned net"
     # --min-keep floors the channel stage's widths (the run's layer policy is active while it prunes); TRP keeps
     # every channel count, so it obeys a floor trivially
+    # a latency goal is planned by the stack itself only when both stages plan on latency (l1+trp); the others
+    # are given the MACs target that measures it (slimcnn.latency_fit)
+    on_latency = all("target_latency" in c.targets for c in (c1, c2))
     return type(f"Stack_{first}_{last}", (Stack,), {"name": name, "stages": (first, last), "method_phase": phase,
                                                      "options": Stack.options | c1.options | c2.options,
+                                                     "targets": Stack.targets | ({"target_latency"} if on_latency
+                                                                                 else set()),
                                                      "layer_control": c1.layer_control & {"min_keep"},
                                                      "__module__": __name__})
 
@@ -187,13 +208,22 @@ class Stack(Method):
         ("--split", {"type": float, "default": None, "metavar": "S", "help": SPLIT_HELP})]
 
     def __init__(self, target_macs: float = 0.5, split: float | None = None,
-                 splits: tuple[float, ...] = DEFAULT_SPLITS, search_images: int = 512,
-                 round_to: int | None = None, **options: Any) -> None:
+                 splits: tuple[float, ...] | None = None, search_images: int = 512,
+                 round_to: int | None = None, target_latency: LatencyGoal | None = None, **options: Any) -> None:
         from .registry import method_class
 
-        if target_macs is None or target_macs <= 0:
+        if target_latency is not None:
+            if "target_latency" not in self.targets:
+                raise ValueError(f"{self.name}: a latency goal is planned by a stack only when both stages plan on "
+                                 f"latency (l1+trp); give {self.name} the MACs target that measures it (slimcnn "
+                                 f"compress --target-latency fits one)")
+            target_macs = None
+        elif target_macs is None or target_macs <= 0:
             raise ValueError(f"target MACs must be > 0 (<= 1: a ratio, > 1: absolute MACs), got {target_macs}")
-        self.target_macs, self.split = target_macs, check_split(split)
+        self.target_macs, self.target_latency, self.split = target_macs, target_latency, check_split(split)
+        self._goal_ratio = 1.0  # the latency goal as a ratio of the base's time (prepare times the base for ms)
+        if splits is None:
+            splits = DEFAULT_SPLITS if target_latency is None else LATENCY_SPLITS
         self.splits = tuple(check_split(s) for s in splits)
         if not self.splits:
             raise ValueError("splits must name at least one split to search")
@@ -280,11 +310,15 @@ class Stack(Method):
         model = model.to(device)  # the pipeline hands over a copy: stage 1 runs here, on the run's device
         x = example_input[:1]
         base = profile(model, example_input=x).macs
-        goal = macs_goal(self.target_macs, base)
-        ratio = goal / base
-        if not 0 < ratio < 1:
-            raise ValueError(f"{self.name}: the target {goal / 1e6:.2f}M MACs must be below the base "
-                             f"{base / 1e6:.2f}M MACs")
+        if self.target_latency is not None:
+            self._goal_ratio = self._latency_ratio(model, example_input)
+            goal = ratio = 0.0  # no MACs target: each stage plans on the runtime (_first_at, _last_after)
+        else:
+            goal = macs_goal(self.target_macs, base)
+            ratio = goal / base
+            if not 0 < ratio < 1:
+                raise ValueError(f"{self.name}: the target {goal / 1e6:.2f}M MACs must be below the base "
+                                 f"{base / 1e6:.2f}M MACs")
         e1 = self.stage_epochs(cfg.method_epochs)[0] if cfg is not None else 0
         if self.split is not None:
             split = self.split
@@ -300,7 +334,7 @@ class Stack(Method):
             return self._prepare_concurrent(model, example_input, cfg, len(train_loader) if train_loader else 0,
                                             ratio ** split, goal, t0)
         first_name, last_name = self.stages
-        self.first = create(first_name, target_macs=ratio ** split, **self.stage_options[0])
+        self.first = self._first_at(first_name, split, ratio, **self.stage_options[0])
         accepted = self.first.prepare_inputs
         offered: dict[str, Any] = {"train_loader": train_loader}
         if e1 > 0 and cfg is not None:  # the stage's own schedule (Dagger's annealing, C-SGD's ramp)
@@ -322,15 +356,16 @@ class Stack(Method):
             recalib = recalibrate_bn(pruned, train_loader, cfg.bn_recalib if cfg is not None else 100, device)
         macs = profile(pruned, example_input=x).macs
         self.stage_records = [{
-            "stage": 1, "method": first_name, "target_macs": round(ratio ** split, 6), "macs": macs,
+            "stage": 1, "method": first_name, **self._stage_target(split, ratio), "macs": macs,
             "macs_ratio": macs / base, "epochs": e1, "distilled": False, "bn_recalib_batches": recalib,
             "top1": self._top1(pruned, test_loader, device), "time_s": round(time.time() - t0, 1),
             "details": self.first.report()}]
         self.epochs_in_prepare = e1
         # what the pipeline then trains with TRP's hooks: the rest of the epochs before finalize
         self._stage2_epochs = cfg.method_epochs - e1 if cfg is not None else None
-        # TRP at the absolute overall target: it plans its ranks on the net stage 1 produced, within 1%
-        self.last = create(last_name, target_macs=goal, **self.stage_options[1])
+        # TRP at the absolute overall target: it plans its ranks on the net stage 1 produced, within 1% (or the
+        # rest of the latency goal, on the runtime)
+        self.last = self._last_after(self.first, goal)
         self._t_last = time.time()
         return self.last.prepare(pruned, example_input)
 
@@ -399,9 +434,9 @@ class Stack(Method):
         proxy_opts = self.stage_options[0] if proxy == first_name else {
             "mode": PROXY_MODE.get(first_name, "uniform"), **({"round_to": self.round_to} if self.round_to else {})}
 
-        def low_rank(net: nn.Module) -> nn.Module:
+        def low_rank(net: nn.Module, first: Method | None = None) -> nn.Module:
             """The last stage's decomposition at the overall target, BN recalibrated: the net the proxy scores."""
-            lr = create(last_name, target_macs=goal, **self.stage_options[1])
+            lr = self._last_after(first, goal)
             thin = lr.finalize(lr.prepare(net, example_input)).to(device)
             recalibrate_bn(thin, calib, len(calib), device)
             return thin
@@ -409,18 +444,18 @@ class Stack(Method):
         tried: list[dict[str, Any]] = []
         for s in self.splits:
             try:
-                ch = create(proxy, target_macs=ratio ** s, **proxy_opts)
-                thin = low_rank(ch.finalize(ch.prepare(copy.deepcopy(model), example_input)))
+                ch = self._first_at(proxy, s, ratio, **proxy_opts)
+                thin = low_rank(ch.finalize(ch.prepare(copy.deepcopy(model), example_input)), ch)
             except (ValueError, SurgeryError) as e:  # this split cannot reach the target: record why, try the next
-                tried.append({"split": s, "channel_ratio": round(ratio ** s, 6), "error": str(e)})
+                tried.append({"split": s, **self._stage_target(s, ratio, "channel_ratio"), "error": str(e)})
                 continue
-            tried.append({"split": s, "channel_ratio": round(ratio ** s, 6),
+            tried.append({"split": s, **self._stage_target(s, ratio, "channel_ratio"),
                           "macs_ratio": profile(thin, example_input=example_input[:1]).macs / base,
                           "top1": self._top1(thin, held, device)})
         scored = [t for t in tried if "top1" in t]
         if not scored:
             raise ValueError(f"{self.name}: no split in {', '.join(map(str, self.splits))} reaches "
-                             f"{goal / 1e6:.2f}M MACs; first reason: {tried[0]['error']}")
+                             f"{self._goal_text(goal)}; first reason: {tried[0]['error']}")
         best = max(scored, key=lambda t: t["top1"])  # ties: the first, i.e. the smallest channel share
         # The same proxy with no channel stage at all (split 0): whether stacking is expected to help here at all.
         alone: dict[str, Any] = {"method": last_name, "top1": None}
@@ -439,6 +474,51 @@ class Stack(Method):
                                       f"at this target the stack is not expected to beat --method {last_name}")
             tqdm.write(f"warning: {self.search['warning']}")
         return best["split"]
+
+    # ------------------------------------------------------------------------------------------ the two targets
+    def _latency_ratio(self, model: nn.Module, example_input: torch.Tensor) -> float:
+        """The latency goal as a ratio of ``model``'s time (milliseconds: the base timed once on the goal's
+        runtime)."""
+        g = self.target_latency
+        if g.unit == "ratio":
+            return g.value
+        from ..backends import budgeted_repeats, runner, time_runners
+        from ..graph.latency import QUANTILE
+
+        run = {"base": runner(copy.deepcopy(model).cpu().eval(), tuple(example_input.shape[1:]), g.batch, g.backend,
+                              g.threads)}
+        return g.value / time_runners(run, budgeted_repeats(run, 2.0), q=QUANTILE)["base"]
+
+    def _first_at(self, name: str, split: float, ratio: float, **options: Any) -> Method:
+        """The channel stage at ``split``: ``ratio**split`` of the base MACs, or under a latency goal G its own
+        latency plan to ``G**split`` of the base's time on the same runtime."""
+        from .registry import create
+
+        if self.target_latency is None:
+            return create(name, target_macs=ratio ** split, **options)
+        return create(name, target_latency=replace(self.target_latency, value=self._goal_ratio ** split,
+                                                   unit="ratio"), **options)
+
+    def _last_after(self, first: Method | None, goal: float) -> Method:
+        """TRP at the overall target: the absolute MACs ``goal``, or under a latency goal the rest of it: the
+        goal over the ratio the channel stage's net measured against the base (interleaved, in its plan)."""
+        from .registry import create
+
+        if self.target_latency is None:
+            return create(self.stages[1], target_macs=goal, **self.stage_options[1])
+        planned = (first.report().get("latency_target") or {}) if first is not None else {}
+        reached = planned.get("search_ratio") or 1.0
+        return create(self.stages[1], target_latency=replace(self.target_latency, value=self._goal_ratio / reached,
+                                                             unit="ratio"), **self.stage_options[1])
+
+    def _stage_target(self, split: float, ratio: float, macs_key: str = "target_macs") -> dict[str, float]:
+        """The channel stage's target at ``split``, as the records name it."""
+        if self.target_latency is None:
+            return {macs_key: round(ratio ** split, 6)}
+        return {"target_latency_ratio": round(self._goal_ratio ** split, 6)}
+
+    def _goal_text(self, goal: float) -> str:
+        return f"{goal / 1e6:.2f}M MACs" if self.target_latency is None else f"latency {self.target_latency}"
 
     @staticmethod
     def _top1(model: nn.Module, loader, device: torch.device | str) -> float | None:
@@ -488,7 +568,9 @@ class Stack(Method):
         device = next(thin.parameters()).device
         macs = profile(thin, example_input=self.example_input[:1].to(device)).macs
         self.stage_records = self.stage_records[:1] + [{
-            "stage": 2, "method": self.stages[1], "target_macs": round(last.target_macs / self._base_macs, 6),
+            "stage": 2, "method": self.stages[1],
+            **({"target_macs": round(last.target_macs / self._base_macs, 6)} if self.target_latency is None else
+               {"target_latency_ratio": round(last.target_latency.value, 6)}),
             "macs": macs,
             "macs_ratio": macs / self._base_macs, "epochs": self._stage2_epochs,
             # measured right after the factorisation (before the pipeline's BN recalibration and fine-tune)
@@ -514,12 +596,30 @@ class Stack(Method):
 
     def report(self) -> dict[str, Any]:
         records = [dict(r) for r in self.stage_records]
-        return {"stack": {"stages": list(self.stages), "target_macs": self.target_macs, "split": self.chosen_split,
-                          "split_rule": "fraction of the log MACs reduction done by the channel stage "
-                                        "(it keeps target**split of the base MACs; trp the rest)",
+        rule = ("fraction of the log MACs reduction done by the channel stage (it keeps target**split of the base "
+                "MACs; trp the rest)") if self.target_latency is None else (
+                "fraction of the log latency reduction done by the channel stage (its own latency plan to "
+                "goal**split of the base's time; trp's plan the rest, on the same runtime)")
+        return {"stack": {"stages": list(self.stages), "target_macs": self.target_macs,
+                          **({"target_latency": str(self.target_latency), "goal_ratio": round(self._goal_ratio, 4)}
+                             if self.target_latency is not None else {}),
+                          "split": self.chosen_split, "split_rule": rule,
                           "split_source": "given" if self.split is not None else "searched",
                           "search": self.search},
-                "stages": records}
+                "stages": records, **self._latency_record()}
+
+    def _latency_record(self) -> dict[str, Any]:
+        """The goal the pipeline confirms on the runtime (``report.json: latency_target``), under a latency goal."""
+        g = self.target_latency
+        if g is None:
+            return {}
+        # each stage predicted its own net against its own base: the stack's prediction is the product
+        predicted = [((m.report().get("latency_target") or {}).get("predicted_ratio") if m is not None else None)
+                     for m in (self.first, self.last)]
+        return {"latency_target": {"target": str(g), "target_ratio": round(self._goal_ratio, 4), "backend": g.backend,
+                                   "batch": g.batch, "threads": g.threads,
+                                   "predicted_ratio": round(predicted[0] * predicted[1], 4) if all(predicted)
+                                   else None}}
 
     def state_dict(self) -> dict[str, Any]:
         state = {"split": self.chosen_split, "epochs_in_prepare": self.epochs_in_prepare,
