@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compress import CompressConfig, compress, split_budget
+from .compress import compress, plan_run
 from .models.checkpoint import public_checkpoint
 from .report import atomic_write_text, environment, provenance
 
@@ -168,21 +168,21 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                     (_row_label({"row": row.label, "deploy": vars(plans_on)}),) if plans_on else ())
                 if key in records:
                     continue
-                m_epochs, ft_epochs = split_budget(methods.method_class(row.method), budget.epochs)
                 method = methods.create(row.method, target_macs=target,
                                         **{**budget.method_options.get(row.method, {}), **row.kwargs},
                                         **({"deploy": plans_on} if plans_on else {}))
                 suffix = "" if recipe == "plain" else f"-{recipe}"  # plain keeps the folders it always had
                 suffix += f"-{plans_on.backend}-b{'-'.join(map(str, plans_on.batches))}" if plans_on else ""
-                cfg = CompressConfig(target_macs=target, method_epochs=m_epochs, epochs=ft_epochs, lr=budget.lr,
-                                     seed=seed, device=device, latency_batches=budget.latency_batches,
-                                     latency_backend="onnxruntime" if deploy and deploy.backend == "onnxruntime"
-                                     else "eager",
-                                     out_dir=str(work_dir / model_name / f"{row.label}-{target}{suffix}"),
-                                     distill=recipe == "distill", kd_alpha=budget.kd_alpha,
-                                     kd_temperature=budget.kd_temperature)
+                plan = plan_run(method, budget.epochs, target_macs=target, lr=budget.lr, seed=seed, device=device,
+                                latency_batches=budget.latency_batches,
+                                latency_backend="onnxruntime" if deploy and deploy.backend == "onnxruntime"
+                                else "eager",
+                                out_dir=str(work_dir / model_name / f"{row.label}-{target}{suffix}"),
+                                distill=recipe == "distill", kd_alpha=budget.kd_alpha,
+                                kd_temperature=budget.kd_temperature)
+                cfg = plan.cfg
                 t0, started = time.time(), provenance()
-                _, rep = compress(base, method, loaders["train"], loaders["test"], (3, 32, 32), cfg, model_name,
+                _, rep = compress(base, method, loaders["train"], loaders["test"], (3, 32, 32), plan, model_name,
                                   {"command": f"slimcnn bench --budget {budget_name} --recipe {recipe}",
                                    "base_checkpoint": base_key}, val_loader=loaders["val"])
                 records[key] = {
@@ -190,7 +190,7 @@ def run_bench(data: str, weights_dir: str, budget_name: str = "smoke", name: str
                     "recipe": recipe, "distill": rep.get("distill"),
                     **({"deploy": vars(plans_on), "latency_plan_note": (rep.get("latency_plan") or {}).get("note")}
                        if plans_on else {}),
-                    "target_macs": target, "method_epochs": m_epochs, "finetune_epochs": ft_epochs,
+                    "target_macs": target, "method_epochs": cfg.method_epochs, "finetune_epochs": cfg.epochs,
                     "base_top1": rep["base"]["top1"], "top1": rep["compressed"]["top1"],
                     "base_val_top1": rep["base"].get("val_top1"), "val_top1": rep["compressed"].get("val_top1"),
                     "top1_change": rep["top1_change"], "macs": rep["compressed"]["macs"],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 
 from .bench import (BUDGETS, RECIPES, bench_loaders, check_stale, fine_tuned_base, recipe_of, row_name, save_result,
                     select_rows)
-from .compress import CompressConfig, compress, split_budget
+from .compress import CompressConfig, compress, plan_run
 from .methods import plans_latency
 from .report import environment, machine_load, provenance
 
@@ -124,7 +125,11 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
         kw["round_to"] = ROUND_TO
     if not native and "deploy" in cls.options:  # a stack's trp stage plans for the same runtime
         kw["deploy"] = Deploy(goal.backend, goal.batch, goal.threads)
-    m_epochs, ft_epochs = split_budget(cls, budget.epochs)
+    plan = plan_run(cls, budget.epochs, target_macs=None, lr=budget.lr, seed=seed, device=device,
+                    latency_batches=[goal.batch], latency_backend="onnxruntime" if goal.backend == "onnxruntime"
+                    else "eager", distill=recipe == "distill", kd_alpha=budget.kd_alpha,
+                    kd_temperature=budget.kd_temperature)
+    m_epochs, ft_epochs = plan.cfg.method_epochs, plan.cfg.epochs
     out_dir = work_dir / model_name / f"{row.label}-{tag}{'' if recipe == 'plain' else '-' + recipe}"
     target_macs, fit = (None, None) if native else _fit_row(row.method, kw, base, goal, via, budget, loaders,
                                                              m_epochs, out_dir)
@@ -136,13 +141,10 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
     while True:
         where = out_dir if not attempts else out_dir.with_name(f"{out_dir.name}-try{len(attempts) + 1}")
         kw.update({"target_latency": goal} if native else {"target_macs": target_macs})
-        cfg = CompressConfig(target_macs=target_macs, method_epochs=m_epochs, epochs=ft_epochs, lr=budget.lr,
-                             seed=seed, device=device, latency_batches=[goal.batch],
-                             latency_backend="onnxruntime" if goal.backend == "onnxruntime" else "eager",
-                             out_dir=str(where), distill=recipe == "distill", kd_alpha=budget.kd_alpha,
-                             kd_temperature=budget.kd_temperature, round_to=kw.get("round_to"))
+        run = replace(plan, cfg=replace(plan.cfg, target_macs=target_macs, out_dir=str(where),
+                                        round_to=kw.get("round_to")))
         _, rep = compress(base, methods.create(row.method, **kw), loaders["train"], loaders["test"], (3, 32, 32),
-                          cfg, model_name, info, val_loader=loaders["val"])
+                          run, model_name, info, val_loader=loaders["val"])
         ratio = (rep.get("latency_target") or {}).get("measured_ratio")
         attempts.append({"target_macs": target_macs, "round_to": kw.get("round_to"), "macs_ratio": rep["macs_ratio"],
                          "run_ratio": ratio,

@@ -179,6 +179,63 @@ def split_budget(method: Method | type[Method], total_epochs: int, method_epochs
     return m, total_epochs - m
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """A run checked once (:func:`plan_run`, :func:`check_run`): the method's class, the config with the budget
+    split, the layer policy, and the phases ``compress`` walks, in order, with the ones this run skips left out."""
+
+    method: type[Method]
+    cfg: CompressConfig
+    policy: LayerPolicy
+    phases: tuple[str, ...]
+
+
+def plan_run(method: Method | type[Method], epochs: int, method_epochs: int | None = None,
+             **settings: Any) -> RunPlan:
+    """The one check of a run, before anything loads: the method supports the task, the budget of ``epochs`` is
+    split once by the method's recipe (:func:`split_budget`, ``method_epochs`` overriding it) and the method can
+    obey the layer control asked (``exclude``, ``min_keep``); ``settings`` are the other
+    :class:`CompressConfig` fields. The CLI, the benchmarks and the demo build every run through it; pass the
+    plan to :func:`compress` in place of the config.
+
+    >>> from slimcnn.methods import method_class
+    >>> plan = plan_run(method_class("dagger"), 4, target_macs=0.5)
+    >>> plan.cfg.method_epochs, plan.cfg.epochs, plan.phases[:4]
+    (2, 2, ('measure base', 'prepare', 'train with the method (2 epochs)', 'finalize'))
+    """
+    cls = _method_class(method)
+    check_task_support(cls, settings.get("task", "classification"))
+    m, f = split_budget(cls, epochs, method_epochs)
+    return check_run(cls, CompressConfig(method_epochs=m, epochs=f, **settings))
+
+
+def check_run(method: Method | type[Method], cfg: CompressConfig) -> RunPlan:
+    """The same check for a config built by hand (its split as given): ValueError (one line) if the method needs
+    training before its finalize and ``cfg.method_epochs`` is 0, cannot compress ``cfg.task``, or cannot obey
+    ``cfg.exclude`` / ``cfg.min_keep``."""
+    cls = _method_class(method)
+    if cls.trains_before_finalize and cfg.method_epochs < 1:
+        raise ValueError(_no_training_message(cls, cfg.method_epochs + cfg.epochs, cfg.method_epochs))
+    check_task_support(cls, cfg.task)
+    return RunPlan(cls, cfg, check_layer_control(cls, cfg), _phase_names(cls, cfg))
+
+
+def _phase_names(cls: type[Method], cfg: CompressConfig) -> tuple[str, ...]:
+    """The phases of :func:`_compress` this run goes through, as report.json names them."""
+    phases = ["measure base", "prepare"]
+    if cfg.method_epochs:
+        phases.append(f"train with the method ({cfg.method_epochs} epochs)")
+    phases.append("finalize")
+    if cfg.bn_recalib:
+        phases.append("recalibrate BatchNorm")
+    if cfg.epochs:
+        phases.append(f"fine-tune ({cfg.epochs} epochs)")
+    phases.append("measure compressed")
+    if cfg.latency and cfg.latency_batches:
+        phases.append("time latency")
+    return tuple(phases)
+
+
 def prepare_kwargs(method: Method | type[Method], cfg: CompressConfig, train_loader, test_loader=None,
                    val_loader=None) -> dict[str, Any]:
     """The keywords the pipeline hands ``method.prepare`` beyond the model and example input: those of its
@@ -329,9 +386,13 @@ def _named_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
 
 
 def compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
-             cfg: CompressConfig, model_name: str = "", info: dict[str, Any] | None = None,
+             cfg: CompressConfig | RunPlan, model_name: str = "", info: dict[str, Any] | None = None,
              memo: dict | None = None, val_loader=None) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` with ``method``; returns the compact model and the report (``model`` is untouched).
+
+    ``cfg``: a :class:`RunPlan` (:func:`plan_run`: checked and split once, before anything loaded) or a
+    :class:`CompressConfig` built by hand, which is checked here (:func:`check_run`). Only what needs the model is
+    checked again: that the layer control's globs name layers of it.
 
     ``val_loader``: a validation split (e.g. ``cifar10_loaders(..., splits=("train", "val", "test"))``): every
     choice the method makes from accuracy (a stack's split) is made on it, and the report gives the base's and the
@@ -344,13 +405,14 @@ def compress(model: nn.Module, method: Method, train_loader, test_loader, input_
     demo's rows, one per method): the base's profile and evaluation and, with ``cfg.distill``, the teacher's logits
     per batch are computed once and reused from it. Do not share one between different base models or test sets.
     """
-    if method.trains_before_finalize and cfg.method_epochs < 1:
-        raise ValueError(_no_training_message(type(method), cfg.method_epochs + cfg.epochs, cfg.method_epochs))
-    check_task_support(method, cfg.task)
-    policy = check_layer_control(method, cfg, model)
-    with layer_policy(policy=policy):  # every channel group the method builds, from prepare to finalize
-        return _compress(model, method, train_loader, test_loader, input_shape, cfg, model_name, info, policy,
-                         memo, val_loader)
+    plan = cfg if isinstance(cfg, RunPlan) else check_run(method, cfg)
+    if not isinstance(method, plan.method):
+        raise ValueError(f"the run was planned for {plan.method.name}, not {method.name}")
+    if plan.policy:
+        plan.policy.check(model)
+    with layer_policy(policy=plan.policy):  # every channel group the method builds, from prepare to finalize
+        return _compress(model, method, train_loader, test_loader, input_shape, plan, model_name, info, memo,
+                         val_loader)
 
 
 @dataclass
@@ -374,12 +436,13 @@ class _Run:
 
 
 def _compress(model: nn.Module, method: Method, train_loader, test_loader, input_shape: tuple[int, ...],
-              cfg: CompressConfig, model_name: str, info: dict[str, Any] | None, policy: LayerPolicy,
-              memo: dict | None = None, val_loader=None) -> tuple[nn.Module, dict[str, Any]]:
+              plan: RunPlan, model_name: str, info: dict[str, Any] | None, memo: dict | None = None,
+              val_loader=None) -> tuple[nn.Module, dict[str, Any]]:
     """The run as its phases, in order; each reads the run and records its own figures."""
     from .engine import distributed
     from .engine.replicas import adopt_rank0
 
+    cfg = plan.cfg
     torch.manual_seed(cfg.seed)
     if distributed.world_size() > 1:  # every rank starts from rank 0's base (random init may differ per process)
         model, _ = adopt_rank0(copy.deepcopy(model))
@@ -389,7 +452,7 @@ def _compress(model: nn.Module, method: Method, train_loader, test_loader, input
     for phase in (_measure_base, _prepare, _train_method, _finalize, _recalibrate, _fine_tune, _measure_compressed,
                   _time_latency, _confirm_latency_goal):
         phase(run, info)
-    report = _build_report(run, model_name, info, policy)
+    report = _build_report(run, model_name, info, plan)
     if out:
         from .io import save
 
@@ -553,7 +616,7 @@ def _confirm_latency_goal(run: _Run, info: dict[str, Any] | None) -> None:
                                   run.cfg.latency_budget_s))
 
 
-def _build_report(run: _Run, model_name: str, info: dict[str, Any] | None, policy: LayerPolicy) -> dict[str, Any]:
+def _build_report(run: _Run, model_name: str, info: dict[str, Any] | None, plan: RunPlan) -> dict[str, Any]:
     """report.json from the phases' records."""
     cfg, method, metric, rec = run.cfg, run.method, run.metric, run.records
     base, comp = rec["base"], rec["compressed"]
@@ -570,9 +633,10 @@ def _build_report(run: _Run, model_name: str, info: dict[str, Any] | None, polic
         "macs_ratio": cp.macs / bp.macs, "speedup": bp.macs / cp.macs,
         "within_tol": within_tol(cp.macs, bp.macs, cfg.target_macs), "params_ratio": cp.params / bp.params,
         f"{metric}_change": round(comp["score"] - base["score"], 2), "latency_ms": rec.get("latency_ms"),
-        "layer_control": _layer_control_record(policy, run.model, run.compact, run.input_shape) if policy else None,
+        "layer_control": (_layer_control_record(plan.policy, run.model, run.compact, run.input_shape) if plan.policy
+                          else None),
         "finalize_key": key, key: {**fin_extra, **rec["finalize"]},
-        "epoch_budget": epoch_budget(method, cfg), "recipe": cfg.recipe, "distill": _distill_record(cfg),
+        "epoch_budget": epoch_budget(method, cfg), "phases": list(plan.phases), "recipe": cfg.recipe, "distill": _distill_record(cfg),
         "ema": {"decay": cfg.ema, "applied": cfg.epochs > 0} if cfg.ema is not None else None,
         "test_images": base["test_images"], "ddp": rec.get("ddp"), "config": asdict(cfg),
         "environment": environment(), **(info or {}),

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .inputs import batch_size, map_input, sample_shape
+
 aten = torch.ops.aten
 
 
@@ -134,9 +136,9 @@ def profile(model: nn.Module, input_shape: tuple[int, ...] | list[int] = (3, 32,
     (125.49, 0.853)
     """
     x = example_input if example_input is not None else torch.zeros(1, *input_shape)
-    batch = x.shape[0]
+    batch = batch_size(x)  # a list input (a detector's images) holds one image per item
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = x.to(device)
+    x = map_input(x, lambda t: t.to(device))
     stack = ["(top)"]
     shapes: dict[str, tuple] = {}
     handles = []
@@ -173,7 +175,7 @@ def profile(model: nn.Module, input_shape: tuple[int, ...] | list[int] = (3, 32,
                                 shapes.get(name + ".out"), macs, own_params))
     total = sum(counter.by_module.values()) // batch
     params = sum(p.numel() for p in model.parameters())
-    return Profile(total, params, tuple(x.shape[1:]), layers)
+    return Profile(total, params, sample_shape(x), layers)
 
 
 def latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, repeats: int = 20,

@@ -110,3 +110,44 @@ def test_recipe_text_names_distillation_only_when_something_trains():
     cls = method_class("l1")
     assert "distilled" in recipe_text(cls, CompressConfig(epochs=1, distill=True))
     assert "distilled" not in recipe_text(cls, CompressConfig(epochs=0, distill=True))
+
+
+def test_a_run_is_checked_and_split_once_by_its_plan():
+    """plan_run is the one check every caller goes through (the CLI, the benchmarks, the demo): the budget split by
+    the method's recipe, the task, the layer control, and the phases the run walks."""
+    from slimcnn.compress import RunPlan, check_run, plan_run
+
+    plan = plan_run(method_class("dagger"), 4, target_macs=0.5, bn_recalib=0, latency=False)
+    assert isinstance(plan, RunPlan) and (plan.cfg.method_epochs, plan.cfg.epochs) == (2, 2)
+    assert plan.phases == ("measure base", "prepare", "train with the method (2 epochs)", "finalize",
+                           "fine-tune (2 epochs)", "measure compressed")
+    assert plan_run(method_class("l1"), 1, method_epochs=0).phases[2] == "finalize"  # nothing trains before it
+    with pytest.raises(ValueError, match="needs at least 1 epoch"):
+        plan_run(method_class("csgd"), 0)
+    with pytest.raises(ValueError, match="not supported for segmentation"):
+        plan_run(method_class("tp"), 2, task="segmentation")
+    with pytest.raises(ValueError, match="does not support --exclude"):
+        plan_run(method_class("modelopt"), 2, exclude=["fc"])
+    # a config built by hand gets the same check, its split as given
+    with pytest.raises(ValueError, match="needs at least 1 epoch"):
+        check_run(method_class("csgd"), CompressConfig(method_epochs=0, epochs=2))
+
+
+def test_compress_takes_the_plan_and_reports_its_phases(tmp_path):
+    import slimcnn
+    from slimcnn import methods
+    from slimcnn.compress import compress, plan_run
+    from slimcnn.data import cifar10_loaders
+
+    loaders = cifar10_loaders(str(CIFAR), 32, 64, 64, 0)
+    base = slimcnn.load_checkpoint(slimcnn.create("cifar_resnet20"), RESNET20)
+    plan = plan_run(method_class("l1"), 1, target_macs=0.6, bn_recalib=1, latency=False)
+    _, report = compress(base, methods.create("l1", target_macs=0.6), loaders["train"], loaders["test"], (3, 32, 32),
+                         plan)
+    assert report["phases"] == list(plan.phases) and report["epoch_budget"]["finetune_epochs"] == 1
+    with pytest.raises(ValueError, match="planned for l1, not trp"):
+        compress(base, methods.create("trp", target_macs=0.6), loaders["train"], loaders["test"], (3, 32, 32), plan)
+    # the layer control's globs are checked against the model itself
+    bad = plan_run(method_class("l1"), 1, exclude=["no_such_layer*"])
+    with pytest.raises(ValueError, match="no_such_layer"):
+        compress(base, methods.create("l1"), loaders["train"], loaders["test"], (3, 32, 32), bad)

@@ -143,13 +143,11 @@ def method_kwargs(args: argparse.Namespace, method: str, target_macs: float | No
 
 def run(args: argparse.Namespace) -> int:
     from .. import methods
-    from ..compress import CompressConfig, check_layer_control, check_task_support, compress, split_budget
+    from ..compress import plan_run
     from ..graph.policy import parse_min_keep
 
-    # the budget and the layer control are checked first: a run that cannot do what it was asked fails before
-    # loading or writing anything
-    check_task_support(methods.method_class(args.method), args.task)
-    method_epochs, finetune_epochs = split_budget(methods.method_class(args.method), args.epochs, args.method_epochs)
+    # the run is checked first (task, budget split, layer control, the options below): a run that cannot do what
+    # it was asked fails before loading or writing anything
     if args.split is not None:  # a stack's option: refused for a single method, or outside (0, 1)
         from ..methods.stack import check_split
 
@@ -162,30 +160,29 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.method} does not take --round-to")
     goal = latency_goal(args)
     target_macs = args.target_macs if args.target_macs is not None or goal else DEFAULT_TARGET_MACS
-    cfg = CompressConfig(target_macs=target_macs, method_epochs=method_epochs, epochs=finetune_epochs,
-                         lr=args.lr, method_lr=args.method_lr, weight_decay=args.weight_decay, schedule=args.schedule,
-                         seed=args.seed, device=args.device, amp=args.amp, out_dir=args.out,
-                         latency_batches=args.latency_batch, distill=args.distill, kd_alpha=args.kd_alpha,
-                         kd_temperature=args.kd_temperature, ema=args.ema, bn_recalib=args.bn_recalib,
-                         latency=not args.no_latency, latency_budget_s=args.latency_budget,
-                         latency_backend="onnxruntime" if args.latency_backend == "onnxruntime" else "eager",
-                         exclude=list(args.exclude), min_keep=dict(parse_min_keep(t) for t in args.min_keep),
-                         round_to=args.round_to, task=args.task)
-    check_layer_control(methods.method_class(args.method), cfg)
+    plan = plan_run(methods.method_class(args.method), args.epochs, args.method_epochs, target_macs=target_macs,
+                    lr=args.lr, method_lr=args.method_lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                    seed=args.seed, device=args.device, amp=args.amp, out_dir=args.out,
+                    latency_batches=args.latency_batch, distill=args.distill, kd_alpha=args.kd_alpha,
+                    kd_temperature=args.kd_temperature, ema=args.ema, bn_recalib=args.bn_recalib,
+                    latency=not args.no_latency, latency_budget_s=args.latency_budget,
+                    latency_backend="onnxruntime" if args.latency_backend == "onnxruntime" else "eager",
+                    exclude=list(args.exclude), min_keep=dict(parse_min_keep(t) for t in args.min_keep),
+                    round_to=args.round_to, task=args.task)
     from ..engine import distributed
 
     rank, world = distributed.init_distributed(args.device)
     try:
         # under torchrun the other ranks work as hard but stay quiet: rank 0 alone prints (and writes)
         with open(os.devnull, "w") as quiet, (contextlib.redirect_stdout(quiet) if rank else contextlib.nullcontext()):
-            _compress_and_report(args, cfg, rank, world, goal)
+            _compress_and_report(args, plan, rank, world, goal)
         distributed.barrier()  # the other ranks wait for rank 0's timing and writing before leaving the group
     finally:
         distributed.cleanup()
     return 0
 
 
-def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int, goal=None) -> None:
+def _compress_and_report(args: argparse.Namespace, plan, rank: int, world: int, goal=None) -> None:
     from .. import methods
     from ..compress import compress
     from .eval import data_loaders
@@ -196,11 +193,12 @@ def _compress_and_report(args: argparse.Namespace, cfg, rank: int, world: int, g
     shape = _input_shape(args, loaders["test"])
     info = {"command": "slimcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": args.data,
             "weights": args.weights}
+    cfg = plan.cfg  # the latency fit below sets its MACs target (and alignment) in place
     if goal and not methods.plans_latency(args.method):
         goal = _latency_as_macs(args, cfg, model, shape, goal, info, loaders["train"])
     method = methods.create(args.method, **method_kwargs(args, args.method, cfg.target_macs),
                             **({"target_latency": goal} if goal else {}), **deploy_option(args))
-    _, report = compress(model, method, loaders["train"], loaders["test"], shape, cfg, args.model, info)
+    _, report = compress(model, method, loaders["train"], loaders["test"], shape, plan, args.model, info)
     print_summary(report)
     print(f"wrote {args.out}/model.safetensors, report.json, report.md")
 

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import methods
-    from ..compress import CompressConfig, compress, split_budget
+    from ..compress import compress, plan_run
     from ..data import Loader, load_demo
     from ..data.embedded import DEMO_WEIGHTS
     from ..methods import method_class
@@ -74,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
     if "modelopt" in names and not _modelopt_installed():
         print('note: skipping the modelopt row: NVIDIA ModelOpt is not installed (pip install -e ".[peers]")')
         names.remove("modelopt")
-    for name in names:  # an unknown method or a budget a method cannot use: one line before any work
-        split_budget(method_class(name), args.epochs)
+    # an unknown method or a budget a method cannot use: one line before any work
+    plans = {name: plan_run(method_class(name), args.epochs, target_macs=args.target_macs, lr=0.01, momentum=0.5,
+                            distill=True, out_dir=str(Path(args.out) / name), latency_batches=[1, 128],
+                            latency_repeats=5, latency_budget_s=0.5, bn_recalib=20, stage_evals=False)
+             for name in names}
     base = load_checkpoint(create("cifar_resnet20"), DEMO_WEIGHTS)
     train = Loader(load_demo("train"), batch_size=32, shuffle=True, augment=True, seed=0)
     test = Loader(load_demo("test"), batch_size=500)
@@ -93,12 +96,8 @@ def run(args: argparse.Namespace) -> int:
                   if "deploy" in method_class(name).options else {})
         method = methods.create(name, target_macs=args.target_macs, **({"momentum": 0.5} if name == "csgd" else {}),
                                 **deploy)
-        method_epochs, finetune_epochs = split_budget(method, args.epochs)
-        cfg = CompressConfig(target_macs=args.target_macs, method_epochs=method_epochs, epochs=finetune_epochs,
-                             lr=0.01, momentum=0.5, distill=True, out_dir=str(Path(args.out) / name),
-                             latency_batches=[1, 128], latency_repeats=5, latency_budget_s=0.5, bn_recalib=20,
-                             stage_evals=False)
-        _, report = compress(base, method, train, test, (3, 32, 32), cfg, "cifar_resnet20",
+        method_epochs, finetune_epochs = plans[name].cfg.method_epochs, plans[name].cfg.epochs
+        _, report = compress(base, method, train, test, (3, 32, 32), plans[name], "cifar_resnet20",
                              {"command": "slimcnn demo", "data": "embedded cifar10-demo subset"}, memo=memo)
         print(f"\n== {name}: target {args.target_macs:.0%} MACs, {method_epochs} method + {finetune_epochs} "
               f"fine-tune epoch(s) (top-1 on the 1,000 embedded test images), {report['wall_s']:.0f} s")

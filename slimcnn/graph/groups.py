@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import nn
 
+from ..inputs import input_device, traceable
 from ..outputs import output_tensors
 from .group_types import ChannelGroup, Member, Role  # noqa: F401  (re-exported: their home for callers)
 from .handlers import handler_for, is_channel_vector, is_depthwise, member_module, opaque_types
@@ -341,7 +342,7 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
     handles += [m.register_forward_hook(post) for m in model.modules()]
     try:
         # flags and buffers as they were afterwards, whatever happens
-        with torch.enable_grad(), in_mode(model, "eval", example_input.device):
+        with torch.enable_grad(), in_mode(model, "eval", input_device(example_input)):
             tr.graph = _graph_class()().build_dependency(
                 model, (example_input,), forward_fn=forward_all_modes, customized_pruners=_customized(model),
                 verbose=False)
@@ -424,10 +425,9 @@ def _traced_forward(model: nn.Module, example_input: torch.Tensor, mode: str, th
     error: Exception | None = None
     for candidate in inputs_for(example_input, mode):
         this_pass.clear()
-        # Tracing needs autograd even for frozen weights: an input that requires grad gives every op a grad_fn.
-        x = candidate.detach().clone().requires_grad_(True)
+        x = traceable(candidate)
         try:
-            with in_mode(model, mode, x.device):
+            with in_mode(model, mode, input_device(x)):
                 return model(x)
         except Exception as e:
             error = error or e

@@ -23,22 +23,24 @@ output could be compared; dropout never moves channels, so the trace loses nothi
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+from ..inputs import doubled
 
 #: the modes a model is traced and checked in; train first, as its forward runs every branch eval mode runs
 MODES = ("train", "eval")
 
 
-def inputs_for(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """The example inputs to try in ``mode``, in order: ``x``, then, in train mode and for a batch of one, a batch
-    of two (the sample and its mirror image). BatchNorm cannot train on one value per channel, which is what
-    Inception-v3's auxiliary head sees at batch 1; the larger batch is only a fallback, as it costs time."""
-    if mode == "train" and x.dim() >= 2 and x.shape[0] == 1:
-        return [x, torch.cat([x, x.flip(-1)])]
-    return [x]
+def inputs_for(x: Any, mode: str) -> list[Any]:
+    """The example inputs to try in ``mode``, in order: ``x``, then, in train mode and for a batch of one (a tensor
+    or a list of one image), a batch of two (the sample and its mirror image). BatchNorm cannot train on one value
+    per channel, which is what Inception-v3's auxiliary head sees at batch 1; the larger batch is only a fallback,
+    as it costs time."""
+    two = doubled(x) if mode == "train" else None
+    return [x] if two is None else [x, two]
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..inputs import input_device
 from ..outputs import final_output, output_items
 from .modes import in_mode, inputs_for
 
@@ -72,7 +73,7 @@ def first_output(out: Any) -> torch.Tensor:
 def _run(model: nn.Module, x: torch.Tensor, mode: str, seed: int = 0) -> tuple[Tensors, Any]:
     """(every output tensor by path, the raw output) of ``model`` in ``mode`` on ``x``, leaving the model as it
     was."""
-    with torch.no_grad(), in_mode(model, mode, x.device, seed):
+    with torch.no_grad(), in_mode(model, mode, input_device(x), seed):
         out = model(x)
     return {p: t.detach().clone() for p, t in output_items(out)}, out
 
