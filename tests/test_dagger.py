@@ -357,3 +357,36 @@ def test_groups_floored_whole_get_no_gates_and_stay_whole():
     assert widths["conv1"] == 16 and all(widths[f"layer{s}.{b}.conv2"] == 16 * 2 ** (s - 1)
                                          for s in (1, 2, 3) for b in range(3))
     assert all(widths[f"layer{s}.{b}.conv1"] < 16 * 2 ** (s - 1) for s in (2, 3) for b in range(3))
+
+
+def test_the_search_freezes_once_the_target_held_and_finalize_keeps_exactly_those_channels(cifar_root):
+    """hold_steps: once the hard MACs held the target (2%) for that many steps in a row, at a step within 1% the
+    gates stop moving (the rest of the phase trains the gated net), and finalize cuts exactly the frozen set."""
+    from slimcnn.data import cifar10_loaders
+    from slimcnn.engine import TrainConfig, train
+
+    loader = cifar10_loaders(cifar_root, batch_size=32, train_limit=1280, splits=("train",))["train"]
+    m = Dagger(target_macs=0.5, hold_steps=5)
+    model = m.prepare(_resnet20(), X, total_steps=40)
+    train(model, loader, TrainConfig(epochs=1, lr=0.01, progress=False), method=m)
+    rep = m.report()
+    assert rep["frozen_at_step"] is not None and rep["frozen_at_step"] < 39, rep["hard_macs"]
+    held = rep["hard_macs"][rep["frozen_at_step"] - 4: rep["frozen_at_step"] + 1]
+    assert all(abs(v / m.target_abs - 1) <= 0.02 for v in held)  # five steps near the target, then frozen
+    assert abs(held[-1] / m.target_abs - 1) <= 0.01
+    after = rep["hard_macs"][rep["frozen_at_step"]:]
+    assert len(set(after)) == 1 and rep["lambdas"][-1] == rep["lambdas"][rep["frozen_at_step"] + 1]
+    assert m.loss(model) == 0.0  # no regulariser once frozen
+    state = m.state_dict()
+    frozen = {k: v.clone() for k, v in m.frozen.items()}
+    compact = m.finalize(model)
+    assert "hard gates" in m.report()["finalize_rule"]
+    assert m.widths == {k: int(v.sum()) for k, v in frozen.items() if int(v.sum()) < v.numel()}
+    assert abs(slimcnn.profile(compact, example_input=X).macs / m.base_macs - 0.5) <= 0.005
+    # the frozen gates survive a checkpoint: a resumed run keeps training the same net
+    again = Dagger(target_macs=0.5, hold_steps=5)
+    again.load_state_dict(state)
+    again.prepare(_resnet20(), X, total_steps=40)
+    assert again.frozen_at == m.frozen_at and all(torch.equal(again.frozen[k], v) for k, v in frozen.items())
+    with pytest.raises(ValueError, match="hold_steps"):
+        Dagger(target_macs=0.5, hold_steps=0)

@@ -71,7 +71,13 @@ Design:
   penalty balances the task loss at an offset that shrinks as 1/lambda (ResNet-20, 300 steps: lambda 2 stalled at
   expected MACs 0.61 of the base for a 0.5 target, lambda 10 held 0.52; top-1 after finalize without fine-tuning,
   500 test images: 22% vs 55%, L1-norm pruning 15%).
-- **Finalize.** Channels are ranked globally by their gate logit ``s_c / T`` (same order as the gate, but never
+- **Holding the target [ours].** ``hold_steps=N``: once the hard MACs have stayed within 2% of the target for N
+  steps in a row (dual ascent keeps them circling it), at the first step within 1% the gates freeze where they are and the regulariser stops; the rest of the search phase trains
+  the gated net, which with hard gates is the pruned net, so a short budget is not spent searching a net that
+  found its target in a few tens of steps. Default None (search to the end of the phase).
+- **Finalize.** When the hard gates' own channel set (the frozen one once frozen) measures within 1% of the target
+  and no ``round_to`` is asked, exactly that set is kept: the net the search trained is the net returned.
+  Otherwise channels are ranked globally by their gate logit ``s_c / T`` (same order as the gate, but never
   tied by float saturation), :func:`slimcnn.graph.select_and_prune` keeps enough of them that the measured MACs
   land within 1% of the target and builds the validated compact copy in the same search, and all
   hooks come off the model. The compact model holds no Dagger module and no hooks. With ``round_to=N`` that
@@ -136,6 +142,10 @@ class Dagger(Method):
         ("--lambda-lr", dict(dest="lambda_lr", type=float, default=None,
                              help="dagger: dual-ascent step on lambda per search step, lambda += lr * (MACs/target - 1) "
                                   "(0 keeps lambda fixed)")),
+        ("--hold-steps", dict(dest="hold_steps", type=int, default=None,
+                              help="dagger: end the search once the hard MACs have held the target (within 2%%) for "
+                                   "N steps in a row (then at a step within 1%%); the rest of the phase trains the "
+                                   "gated net (default: never)")),
         ("--polarize", dict(dest="polarize", type=float, default=None,
                             help="dagger: weight of the polarisation term mean(4 p (1 - p)) on gate probabilities")),
     ]
@@ -146,7 +156,8 @@ class Dagger(Method):
                  features: Sequence[str] = FEATURES, normalize: str = "zscore", hidden: int = 16,
                  embed_dim: int = 4, init_gate: float = 0.95, prior: str | None = "group_l2", prior_scale: float = 1.0,
                  detach_weights: bool = True, clip_grad: float | None = 1.0, mode: str = "global",
-                 seed: int = 0, lambda_lr: float = 20.0, round_to: int | None = None) -> None:
+                 seed: int = 0, lambda_lr: float = 20.0, round_to: int | None = None,
+                 hold_steps: int | None = None) -> None:
         from ..graph.targeting import check_round_to
 
         self.round_to = check_round_to(round_to)
@@ -162,6 +173,13 @@ class Dagger(Method):
         if lambda_lr < 0:
             raise ValueError(f"lambda_lr must be >= 0, got {lambda_lr}")
         self.lambda_lr = float(lambda_lr)
+        if hold_steps is not None and hold_steps < 1:
+            raise ValueError(f"hold_steps must be >= 1 (or None: never freeze), got {hold_steps}")
+        self.hold_steps = hold_steps
+        self.frozen: dict[str, torch.Tensor] | None = None  # the hard gates, once they held the target (hold_steps)
+        self.frozen_at: int | None = None
+        self._held = 0
+        self.finalize_rule: str | None = None
         self.gate = _choice("gate", gate, ("sigmoid", "ste"))
         # anneal over the whole search when the caller tells prepare() its length; 2000 steps otherwise
         self._anneal_given = anneal_steps is not None
@@ -217,7 +235,11 @@ class Dagger(Method):
         return None if self._gates is None else self._gates[0]
 
     def _gate_pair(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(forward gates, soft sigmoid gates) per group key."""
+        """(forward gates, soft sigmoid gates) per group key; once frozen, the held hard gates for both."""
+        if self.frozen is not None:
+            device = next(model.parameters()).device
+            fixed = {k: v.to(device) for k, v in self.frozen.items()}
+            return fixed, fixed
         soft = {key: torch.sigmoid(s) for key, s in self.logits(model).items()}
         if self.gate == "sigmoid":
             return soft, soft
@@ -275,6 +297,7 @@ class Dagger(Method):
         self._detach_hooks()  # prepared twice: trace the clean model
         super().prepare(model, example_input, graph)
         self.step, self.trajectory, self.widths, self.final_gates = 0, [], {}, {}
+        self.frozen, self.frozen_at, self._held = None, None, 0
         self.lambda_flops = self.lambda_start
         groups = self.graph.groups_for(model)
         self.groups = [g for g in groups if g.prunable]
@@ -318,7 +341,10 @@ class Dagger(Method):
         self.step = step
         self.temperature = temperature_at(step, self.t_start, self.t_end, self.anneal_steps, self.anneal)
 
-    def loss(self, model: nn.Module) -> torch.Tensor:
+    def loss(self, model: nn.Module) -> torch.Tensor | float:
+        if self.frozen is not None:  # the search is over: the rest of the phase trains the gated (= pruned) net
+            self._current_gates(model)
+            return 0.0
         gates, probs = self._current_gates(model)
         # Expected MACs under keep probabilities p: smooth in the scores, unlike the MACs of the hard gates.
         macs = soft_macs(self.costs, probs, self.rest)
@@ -352,11 +378,40 @@ class Dagger(Method):
                                 "temperature": self.temperature, "lambda": self.lambda_flops})
         # Dual ascent: raise the penalty while the searched net is above the target, lower it below. The MACs of
         # the hard gates are a function of the (all-reduced) weights, so every DDP rank takes the same step.
-        if self.lambda_lr:
+        if self.lambda_lr and self.frozen is None:
             self.lambda_flops = max(0.0, self.lambda_flops + self.lambda_lr * (self._last[1] / self.target_abs - 1))
+        self._maybe_freeze(model, step)
         self._last = None
         self.step = step + 1
         self.temperature = temperature_at(self.step, self.t_start, self.t_end, self.anneal_steps, self.anneal)
+
+    def _maybe_freeze(self, model: nn.Module, step: int) -> None:
+        """End the search once the hard MACs have held the target (within 2%: dual ascent keeps them circling it)
+        for ``hold_steps`` steps in a row, at a step where they are within 1%: the gates stay as they are, so the
+        rest of the phase trains exactly the net finalize will cut."""
+        if self.hold_steps is None or self.frozen is not None:
+            return
+        off = abs(self._last[1] / self.target_abs - 1)
+        self._held = self._held + 1 if off <= 0.02 else 0
+        if self._held >= self.hold_steps and off <= 0.01:
+            # the gates of this step's forward pass: the ones whose MACs were just checked
+            gates = self._gates[0] if self._gates is not None else self._gate_pair(model)[0]
+            self.frozen = {k: (v.detach() > 0.5).float().cpu() for k, v in gates.items()}
+            self.frozen_at = step
+
+    def _hard_set(self, scores: dict[str, torch.Tensor]) -> dict[str, list[int]] | None:
+        """The channels the search's hard gates keep (the frozen ones once frozen; at least one per group), when
+        their MACs are within 1% of the target and no alignment is asked; else None."""
+        if self.round_to:
+            return None
+        kept = {}
+        for k, v in scores.items():
+            on = self.frozen[k] > 0.5 if self.frozen is not None else v > 0
+            kept[k] = on.nonzero().flatten().tolist() or [int(v.argmax())]
+        if abs(self.graph.macs_at({k: len(v) for k, v in kept.items()}) / self.target_abs - 1) > 0.01:
+            return None
+        sizes = {g.key: g.size for g in self.groups}
+        return {k: v for k, v in kept.items() if len(v) < sizes[k]}
 
     def finalize(self, model: nn.Module) -> nn.Module:
         if self.net is None:
@@ -366,10 +421,16 @@ class Dagger(Method):
         with torch.no_grad():
             scores = {k: v.float().cpu() for k, v in self.logits(model).items()}
         self.final_gates = {k: torch.sigmoid(v).tolist() for k, v in scores.items()}
-        # logits are comparable across groups as they are. Once the search has reached the target, the channels
-        # kept are those its hard gates kept, give or take the few that the 1% tolerance moves.
-        keep, compact = self.graph.select_and_prune(scores, self.target_macs, self.mode, model=model,
-                                                    normalize="none", round_to=self.round_to)
+        # the searched net itself when its hard gates meet the target: the net the search trained is the one
+        # returned. Else the logits (comparable across groups as they are) rank the channels to the target.
+        exact = self._hard_set(scores)
+        if exact is not None:
+            keep, compact = exact, self.graph.remove(exact, model=model)
+            self.finalize_rule = "the hard gates' channels (within 1% of the target)"
+        else:
+            keep, compact = self.graph.select_and_prune(scores, self.target_macs, self.mode, model=model,
+                                                        normalize="none", round_to=self.round_to)
+            self.finalize_rule = "gate logits ranked to the target"
         self.widths = {k: len(v) for k, v in keep.items()}
         searched = {k: set((v > 0).nonzero().flatten().tolist()) | {int(v.argmax())} for k, v in scores.items()}
         self.changed_at_finalize = sum(len(searched[k] ^ set(keep.get(k, range(len(scores[k]))))) for k in scores)
@@ -390,13 +451,15 @@ class Dagger(Method):
                 "lambdas": [r.get("lambda") for r in self.trajectory], "lambda_lr": self.lambda_lr,
                 "search_macs_ratio": (self.trajectory[-1]["hard_macs"] / self.target_abs) if self.trajectory else None,
                 "channels_changed_at_finalize": getattr(self, "changed_at_finalize", None),
+                "finalize_rule": self.finalize_rule, "hold_steps": self.hold_steps, "frozen_at_step": self.frozen_at,
                 **({"round_to": self.round_to} if self.round_to else {})}
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         return {"net": None if self.net is None else {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "step": self.step, "temperature": self.temperature, "trajectory": list(self.trajectory),
-                "lambda": self.lambda_flops,
+                "lambda": self.lambda_flops, "held": self._held, "frozen_at": self.frozen_at,
+                "frozen": None if self.frozen is None else {k: v.clone() for k, v in self.frozen.items()},
                 "group_keys": [g.key for g in self.groups]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -416,6 +479,8 @@ class Dagger(Method):
         self.temperature = float(state["temperature"])
         self.trajectory = list(state.get("trajectory", []))
         self.lambda_flops = float(state.get("lambda", self.lambda_flops))
+        self._held, self.frozen_at = int(state.get("held", 0)), state.get("frozen_at")
+        self.frozen = state.get("frozen")
 
 
 def _gate_vector(method: Dagger, parts: list[tuple[str, int, int]], n: int, like: torch.Tensor) -> torch.Tensor:
