@@ -68,6 +68,26 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     return [t for _, t in output_items(out)]
 
 
+def check_has_tensor(model: Any, out: Any) -> None:
+    """ValueError (one line) when ``out``, ``model``'s output, holds no tensor: the library reads a model by the
+    tensors it returns (the prediction, the output checks of surgery)."""
+    if not output_items(out):
+        raise ValueError(f"{type(model).__name__}'s output holds no tensor (got {type(out).__name__}): slimcnn "
+                         "reads a model by the tensors it returns")
+
+
+def forward_error(model: Any, error: Exception, where: str | None = None) -> ValueError:
+    """The one-line error for ``model``'s forward failing on the example input (``where``: the innermost module
+    running when it failed, by name; ``""`` is the model itself)."""
+    text = str(error).strip().splitlines()
+    at = ""
+    if where:
+        sub = model.get_submodule(where) if hasattr(model, "get_submodule") else None
+        at = f" at {where} ({type(sub).__name__})" if sub is not None else f" at {where}"
+    return ValueError(f"{type(model).__name__} does not run forward on the example input{at}: "
+                      f"{type(error).__name__}: {text[0] if text else '(no message)'}")
+
+
 def iteration_loss(output: Any, target: torch.Tensor,
                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The loss of ``output``: the mean of ``criterion`` over an iterative model's outputs (a list or tuple, one per

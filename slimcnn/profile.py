@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .inputs import batch_size, map_input, sample_shape
+from .outputs import check_has_tensor, forward_error
 
 aten = torch.ops.aten
 
@@ -72,11 +73,15 @@ class _Counter(TorchDispatchMode):
         super().__init__()
         self.stack = stack
         self.by_module: dict[str, int] = {}
+        self.selected = False  # an op whose output shape depends on the values ran (nonzero, boolean index)
+        self.data_dependent = False  # and MACs were counted after it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.selected = self.selected or torch.Tag.dynamic_output_shape in getattr(func, "tags", ())
         macs = _macs_of(func, args, out)
         if macs:
+            self.data_dependent = self.data_dependent or self.selected
             key = self.stack[-1]
             self.by_module[key] = self.by_module.get(key, 0) + macs
         return out
@@ -100,6 +105,9 @@ class Profile:
     params: int
     input_shape: tuple[int, ...]
     layers: list[LayerInfo] = field(default_factory=list)
+    #: whether layers ran on a selection the values made (a detector's proposals after NMS): the MACs then depend
+    #: on the input's values and on the weights, not only on the shapes
+    data_dependent: bool = False
 
     def table(self, max_rows: int | None = None) -> str:
         rows = [r for r in self.layers if r.macs or r.params]
@@ -160,7 +168,12 @@ def profile(model: nn.Module, input_shape: tuple[int, ...] | list[int] = (3, 32,
     counter = _Counter(stack)
     try:
         with torch.no_grad(), counter:
-            model(x)
+            out = model(x)
+        check_has_tensor(model, out)
+    except ValueError:
+        raise
+    except Exception as e:  # the user's model on the user's input: one line that says where, not a traceback
+        raise forward_error(model, e, stack[-1] if len(stack) > 1 else "") from None
     finally:
         for h in handles:
             h.remove()
@@ -175,7 +188,7 @@ def profile(model: nn.Module, input_shape: tuple[int, ...] | list[int] = (3, 32,
                                 shapes.get(name + ".out"), macs, own_params))
     total = sum(counter.by_module.values()) // batch
     params = sum(p.numel() for p in model.parameters())
-    return Profile(total, params, sample_shape(x), layers)
+    return Profile(total, params, sample_shape(x), layers, counter.data_dependent)
 
 
 def latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, repeats: int = 20,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..inputs import input_device, traceable
-from ..outputs import output_tensors
+from ..outputs import check_has_tensor, forward_error, output_tensors
 from .group_types import ChannelGroup, Member, Role  # noqa: F401  (re-exported: their home for callers)
 from .handlers import handler_for, is_channel_vector, is_depthwise, member_module, opaque_types
 from .modes import MODES, in_mode, inputs_for
@@ -304,24 +304,28 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
     own_ops = tuple(opaque_types())
     layers = {m for m in model.modules() if handler_for(m) is not None}  # their inner ops are theirs
     tr = _Trace(None, names, {}, {})  # the graph comes last
-    this_pass: dict[str, int] = {}  # calls per module in the forward running now
+    run = _Pass()
+    layer_names = {names[m] for m in layers}
     pending_inputs: dict[nn.Module, set] = {}
 
     def pre(mod, inputs):
         name = names[mod]
         tr.order.setdefault(name, len(tr.order))
-        this_pass[name] = this_pass.get(name, 0) + 1
+        run.calls[name] = run.calls.get(name, 0) + 1
+        run.running.append(name)
         if mod in layers:
             pending_inputs[mod] = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor)}
 
     def post(mod, inputs, output):
-        fns = {t.grad_fn for t in output_tensors(output) if t.grad_fn is not None}
-        if mod is model:
-            tr.output_fns.update(fns)
-        else:
+        tensors = [t for t in output_tensors(output) if t.grad_fn is not None]
+        fns = {t.grad_fn for t in tensors}
+        if run.running:
+            run.running.pop()
+        if mod is not model:
             tr.module_fns.setdefault(names[mod], set()).update(fns)
             for fn in fns:  # hooks run innermost first
                 tr.owner.setdefault(fn, names[mod])
+            run.done.extend(tensors)
         if mod in layers and isinstance(output, torch.Tensor):
             limit = None if isinstance(mod, own_ops) else _LAYER_OPS
             _collect_internal(output.grad_fn, pending_inputs.pop(mod, set()), tr.internal, limit)
@@ -331,11 +335,18 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
         """Torch-Pruning's one forward: every mode's, and every output tensor (any nesting) for it to trace."""
         outs: dict[str, list[torch.Tensor]] = {}
         for mode in MODES:
-            out = _traced_forward(model, example_input, mode, this_pass, tr.skipped)
+            out = _traced_forward(model, example_input, mode, run, tr.skipped)
             if mode not in tr.skipped:
-                outs[mode] = [t for t in output_tensors(out) if t.grad_fn is not None]
-                for name, n in this_pass.items():  # shared weights: run twice in one forward, not across modes
+                ends = [t for t in output_tensors(out) if t.grad_fn is not None]
+                outs[mode] = _ends_to_trace(ends, list(run.done), tr.owner, layer_names)
+                tr.output_fns.update(t.grad_fn for t in outs[mode])
+                for name, n in run.calls.items():  # shared weights: run twice in one forward, not across modes
                     tr.calls[name] = max(tr.calls.get(name, 0), n)
+            run.done.clear()
+        for mode, why in tr.skipped.items():  # said once eval mode ran: a model that runs in neither is an error
+            warnings.warn(f"{type(model).__name__} does not run in {mode} mode on the example input ({why}); its "
+                          "channels are traced in eval mode only, so a branch that runs only in training is not "
+                          "analysed")
         return [t for mode in _modes_to_trace(outs, tr.owner) for t in outs[mode]]
 
     handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
@@ -346,15 +357,56 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> _Trace:
             tr.graph = _graph_class()().build_dependency(
                 model, (example_input,), forward_fn=forward_all_modes, customized_pruners=_customized(model),
                 verbose=False)
+    except (SurgeryError, ValueError):
+        raise
     except Exception as e:
-        if not tr.calls:  # the model's own forward failed: its error, as it is
-            raise
         raise SurgeryError(f"cannot trace the channels of {type(model).__name__}: Torch-Pruning's dependency "
                            f"graph failed after the forward ({type(e).__name__}: {e})") from None
     finally:
         for h in handles:
             h.remove()
     return tr
+
+
+def _ends_to_trace(outputs: list[torch.Tensor], done: list[torch.Tensor], owner: dict[Any, str],
+                   layers: set[str]) -> list[torch.Tensor]:
+    """The tensors Torch-Pruning traces back from, each an *output layer*'s: the outputs of the layers met first
+    walking back from the model's outputs (a classifier, a detector's class and box heads), then of those met
+    walking back from module outputs that reach no model output (a detector's proposal head, whose outputs are
+    detached to rank and select boxes: they leave the traced graph there). Their channels are outputs, never
+    pruned. What runs after them holds no layer, so it couples no channel that can be pruned; leaving it out keeps
+    data-dependent post-processing (box decoding, NMS, per-class loops) out of the dependency graph, where it made
+    Torch-Pruning's group search run for many minutes."""
+    tensor_of = {t.grad_fn: t for t in done}
+    reach: set = set()
+    found: list[torch.Tensor] = []
+
+    def from_ends(ends: list[Any]) -> None:
+        for fn in _first_layers(ends, owner, layers, reach):
+            if fn not in reach and fn in tensor_of:
+                found.append(tensor_of[fn])
+                _collect_internal(fn, set(), reach)
+
+    from_ends([t.grad_fn for t in outputs])
+    for t in reversed(done):  # the last to finish first: a head before the layers inside it
+        if t.grad_fn not in reach:
+            from_ends([t.grad_fn])
+    return found
+
+
+def _first_layers(ends: list[Any], owner: dict[Any, str], layers: set[str], stop: set) -> list[Any]:
+    """The autograd nodes of layer outputs first met walking back from ``ends`` (not past ``stop``)."""
+    found, seen, stack = [], set(), list(ends)
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen or fn in stop:
+            continue
+        seen.add(fn)
+        if owner.get(fn) in layers:
+            found.append(fn)
+            continue
+        stack += [nxt for nxt, _ in getattr(fn, "next_functions", ())]
+    return found
 
 
 def _modes_to_trace(outs: dict[str, list[torch.Tensor]], owner: dict[Any, str]) -> list[str]:
@@ -417,25 +469,42 @@ def _customized(model: nn.Module) -> dict[Any, tp_function.BasePruningFunc]:
     return {t: split_pruner() for t in (*opaque_types(), *unprunable_types)}
 
 
-def _traced_forward(model: nn.Module, example_input: torch.Tensor, mode: str, this_pass: dict[str, int],
-                    skipped: dict[str, str]) -> Any:
-    """``model``'s output in ``mode``, traceable (``this_pass`` counts the calls of the attempt that ran). A model
-    that does not run in train mode on this input is traced in eval mode alone, with a warning (its train-only
-    branches stay unseen); eval mode must run."""
+@dataclass
+class _Pass:
+    """What the hooks of :func:`_trace` record of the forward running now (one attempt, one mode)."""
+
+    calls: dict[str, int] = field(default_factory=dict)  # calls per module
+    done: list[torch.Tensor] = field(default_factory=list)  # every module's output tensors, in the order they finished
+    running: list[str] = field(default_factory=list)  # the modules whose forward has begun and not ended
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.done.clear()
+        self.running.clear()
+
+
+def _traced_forward(model: nn.Module, example_input: Any, mode: str, run: _Pass, skipped: dict[str, str]) -> Any:
+    """``model``'s output in ``mode``, traceable (``run`` records the attempt that ran). A model that does not run
+    in train mode on this input is traced in eval mode alone (``skipped`` says why; its train-only branches stay
+    unseen); in eval mode a forward that fails, or an output with no tensor, is an error of one line."""
     error: Exception | None = None
+    where = ""
     for candidate in inputs_for(example_input, mode):
-        this_pass.clear()
+        run.clear()
         x = traceable(candidate)
         try:
             with in_mode(model, mode, input_device(x)):
-                return model(x)
+                out = model(x)
         except Exception as e:
-            error = error or e
+            if error is None:
+                error, where = e, run.running[-1] if run.running else ""
+            continue
+        if mode == "eval":
+            check_has_tensor(model, out)
+        return out
     if mode == "eval":
-        raise error
-    skipped[mode] = f"{type(error).__name__}: {error}"
-    warnings.warn(f"{type(model).__name__} does not run in {mode} mode on the example input ({skipped[mode]}); its "
-                  f"channels are traced in eval mode only, so a branch that runs only in training is not analysed")
+        raise forward_error(model, error, where) from None
+    skipped[mode] = str(forward_error(model, error)).partition(": ")[2]
     return None
 
 
@@ -461,8 +530,6 @@ def _classify(tr: _Trace, node: Any, handler: Any) -> tuple[str, Role | None, st
     ops = _tp().ops
     unsupported, pass_through = _tp_op_types()
     problem = None
-    if name and tr.calls.get(name, 0) > 1:
-        problem = f"{name} runs {tr.calls[name]} times per forward (shared weights)"
     is_out = tr.graph.is_out_channel_pruning_fn(handler)
     if is_out and (node.grad_fn in tr.output_fns or tr.is_model_output(name)):
         problem = "its channels are part of the model output"
@@ -600,6 +667,7 @@ def build_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelG
             per_root = maps.setdefault((name, role), {})
             for idx, r in zip(item.idxs, item.root_idxs):
                 per_root.setdefault(r, []).append(idx)
+        problems += _shared_problems(tr, maps)
         for (name, role), per_root in maps.items():
             if any(len(v) > 1 for v in per_root.values()):
                 problems.append(f"one channel feeds several channels of {name} (flatten or repeated concatenation)")
@@ -612,6 +680,19 @@ def build_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelG
     _check_overlaps(groups)
     _name_and_sort(model, groups, tr.order)
     return groups
+
+
+def _shared_problems(tr: _Trace, maps: dict[tuple[str, Role], Any]) -> list[str]:
+    """A layer run several times per forward (shared weights: a detector's head applied to every pyramid level)
+    is one node of the dependency graph, whose inputs and outputs couple every call's, as surgery needs them to.
+    Only a layer that reads its own output (run in a chain) is refused: its inputs and outputs are then one
+    channel space."""
+    roles: dict[str, set[str]] = {}
+    for name, role in maps:
+        if tr.calls.get(name, 0) > 1:
+            roles.setdefault(name, set()).add(role)
+    return [f"{name} runs {tr.calls[name]} times per forward and reads its own output (shared weights)"
+            for name, r in roles.items() if "in" in r and "out" in r]
 
 
 def _summarise(problems: list[str]) -> str:

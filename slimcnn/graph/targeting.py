@@ -424,7 +424,8 @@ def _select(model: nn.Module, x: torch.Tensor, scores: Scores, target: float, mo
         widths = _allocate(cm, considered, aim, mode, scores, tol, normalize, round_to)
         keep = keep_top(scores, widths)
         pruned = remove_channels(model, x, keep, groups=groups)
-        real = profile(pruned, example_input=x).macs
+        prof = profile(pruned, example_input=x)
+        real = prof.macs
         if abs(real - goal) <= tol * goal:
             return keep, pruned
         if round_to is not None:
@@ -436,5 +437,12 @@ def _select(model: nn.Module, x: torch.Tensor, scores: Scores, target: float, mo
         aim *= goal / real
     if closest is not None:
         return closest[0], closest[1]
-    raise SurgeryError(f"MACs targeting: layer_costs predicted {cm.macs_at({k: len(v) for k, v in keep.items()}):,} "
-                       f"MACs but the pruned model measures {real:,} (target {goal:,.0f})")
+    predicted = cm.macs_at({k: len(v) for k, v in keep.items()})
+    if prof.data_dependent:  # a count the values make (proposals, detections) changed with the weights
+        raise SurgeryError(f"MACs targeting: {type(model).__name__}'s MACs depend on its values (layers run on items "
+                           f"it selects, such as a detector's proposals after NMS), and the pruned net selects other "
+                           f"counts: predicted {predicted:,} MACs, measured {real:,} (target {goal:,.0f}); cap the "
+                           f"counts (e.g. torchvision's rpn_post_nms_top_n_test, box_detections_per_img) so they "
+                           f"are always reached")
+    raise SurgeryError(f"MACs targeting: layer_costs predicted {predicted:,} MACs but the pruned model measures "
+                       f"{real:,} (target {goal:,.0f})")

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..inputs import input_device
 from ..outputs import final_output, output_items
@@ -49,6 +50,9 @@ class ModelOutputs:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     #: mode -> why the model was not run in it (the original does not run in it on this input)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: modes whose forward ran an op with a data-dependent output shape (a detector's score threshold and NMS):
+    #: the first dimension of its output tensors (how many boxes) may differ in a pruned net, the others may not
+    counted: set[str] = field(default_factory=set)
     #: runs the model again in a mode under another seed (a reference's; see :meth:`repeatable`)
     rerun: Callable[[str], Tensors] | None = field(default=None, repr=False)
     _repeatable: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -70,11 +74,29 @@ def first_output(out: Any) -> torch.Tensor:
     return final_output(out)
 
 
-def _run(model: nn.Module, x: torch.Tensor, mode: str, seed: int = 0) -> tuple[Tensors, Any]:
+class _DataDependentShapes(TorchDispatchMode):
+    """Notes whether any op whose output shape depends on the values (``nonzero``, boolean indexing) ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.seen and torch.Tag.dynamic_output_shape in getattr(func, "tags", ()):
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
+def _run(model: nn.Module, x: Any, mode: str, seed: int = 0, watch: _DataDependentShapes | None = None
+         ) -> tuple[Tensors, Any]:
     """(every output tensor by path, the raw output) of ``model`` in ``mode`` on ``x``, leaving the model as it
-    was."""
+    was. ``watch``: a dispatch mode to run the forward under."""
     with torch.no_grad(), in_mode(model, mode, input_device(x), seed):
-        out = model(x)
+        if watch is None:
+            out = model(x)
+        else:
+            with watch:
+                out = model(x)
     return {p: t.detach().clone() for p, t in output_items(out)}, out
 
 
@@ -105,7 +127,10 @@ def reference_output(model: nn.Module, example_input: torch.Tensor) -> ModelOutp
     """The outputs a surgery's result is checked against: ``model``'s in every mode it runs in (eval first, the
     mode a pruned net is used in). Eval mode must run; a model that does not run in train mode on this input is
     checked in eval mode only, with a warning."""
-    ref = ModelOutputs({"eval": _run(model, example_input, "eval")[0]}, {"eval": example_input})
+    watch = _DataDependentShapes()
+    ref = ModelOutputs({"eval": _run(model, example_input, "eval", watch=watch)[0]}, {"eval": example_input})
+    if watch.seen:
+        ref.counted.add("eval")
     ref.rerun = lambda mode: _run(model, ref.inputs[mode], mode, seed=1)[0]
     try:
         ref.modes["train"], ref.inputs["train"] = _first_run(model, example_input, "train")
@@ -123,10 +148,10 @@ def validate(model: nn.Module, example_input: torch.Tensor, reference: ModelOutp
     shape, and, if ``lossless_tol`` is set, match it within that max abs difference (in the modes that are
     repeatable). Raises :class:`SurgeryError` naming ``what``, the mode (and the module that failed, if the
     forward pass broke) otherwise. Returns the outputs."""
-    got = ModelOutputs({}, dict(reference.inputs), dict(reference.skipped))
+    got = ModelOutputs({}, dict(reference.inputs), dict(reference.skipped), set(reference.counted))
     for mode in reference.modes:
         got.modes[mode] = _located_run(model, reference.inputs[mode], mode, what)
-        problem = _shape_problem(reference.modes[mode], got.modes[mode])
+        problem = _shape_problem(reference.modes[mode], got.modes[mode], mode in reference.counted)
         if problem:
             raise SurgeryError(f"{what}: in {mode} mode, {problem}")
     if lossless_tol is not None:
@@ -163,12 +188,15 @@ def _located_run(model: nn.Module, x: torch.Tensor, mode: str, what: str) -> Ten
             h.remove()
 
 
-def _shape_problem(expected: Tensors, got: Tensors) -> str | None:
-    """What differs between two outputs' structures or tensor shapes, or None."""
+def _shape_problem(expected: Tensors, got: Tensors, counted: bool = False) -> str | None:
+    """What differs between two outputs' structures or tensor shapes, or None. ``counted``: the first dimension
+    of a tensor is a count that depends on the values (see :attr:`ModelOutputs.counted`)."""
     if list(expected) != list(got):
         return f"the output's structure changed from {_paths(expected)} to {_paths(got)}"
     for path, t in expected.items():
-        if got[path].shape != t.shape:
+        same = got[path].shape[1:] == t.shape[1:] and got[path].dim() == t.dim() if counted and t.dim() else \
+            got[path].shape == t.shape
+        if not same:
             at = f" {path}" if path else ""
             return f"output{at} shape changed from {tuple(t.shape)} to {tuple(got[path].shape)}"
     return None
@@ -196,7 +224,8 @@ def mismatch(got: dict[str, Tensors], expected: dict[str, Tensors], tol: float, 
              skip: set[str] | frozenset[str] = frozenset()) -> tuple[float, str, str] | None:
     """The first output tensor of ``got`` (mode -> tensors) farther than ``tol`` from ``expected``'s, as (max abs
     difference, mode, path), or None. ``relative``: ``tol`` scales with the expected tensor's largest magnitude
-    (at least 1). Modes in ``skip`` and modes missing from either side are not compared; shapes must agree.
+    (at least 1). Modes in ``skip`` and modes missing from either side are not compared; a tensor whose shape
+    differs (a count of detections) is infinitely far.
 
     >>> a, b = torch.zeros(2), torch.tensor([0.0, 0.5])
     >>> mismatch({"eval": {"[0]": a, "[1]": a}}, {"eval": {"[0]": a, "[1]": b}}, 1e-3)
@@ -206,6 +235,8 @@ def mismatch(got: dict[str, Tensors], expected: dict[str, Tensors], tol: float, 
         if mode in skip or mode not in got:
             continue
         for path, t in tensors.items():
+            if got[mode][path].shape != t.shape:  # a count that depends on the values came out otherwise
+                return float("inf"), mode, path
             if not t.is_floating_point() and not t.is_complex():
                 if not torch.equal(got[mode][path], t):
                     return float("inf"), mode, path
