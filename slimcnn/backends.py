@@ -106,16 +106,14 @@ def _ort_runner(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
     return lambda: sess.run(None, feed)
 
 
-def busy_cores_elsewhere(window_s: float = 0.3, niced: bool = True) -> float:
+def busy_cores_elsewhere(window_s: float = 0.3) -> float:
     """Cores that other processes keep busy, measured over ``window_s``: the machine's busy time in
-    ``/proc/stat`` minus this process's own CPU time (all its threads), per second; ``niced=False`` leaves out
-    the time of niced processes (they yield a core to a normal one within a scheduler tick). 0.0 where
-    ``/proc/stat`` does not exist."""
+    ``/proc/stat`` minus this process's own CPU time (all its threads), per second. 0.0 where ``/proc/stat`` does
+    not exist."""
     def sample() -> tuple[float, float]:
         with open("/proc/stat") as f:
             ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        busy = sum(ticks) - ticks[3] - ticks[4] - (0 if niced else ticks[1])
-        return busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), time.process_time()
 
     try:
         busy0, own0 = sample()
@@ -149,17 +147,14 @@ def quiet_timing(max_busy_cores: float = 0.3, timeout_s: float = 300.0, total_s:
 
 
 def wait_for_quiet(max_busy_cores: float, timeout_s: float) -> dict[str, Any]:
-    """Wait until other processes at normal priority keep at most ``max_busy_cores`` cores busy (measured over
-    0.5 s, every 5 s), at most ``timeout_s``; returns what it saw: ``busy_cores_elsewhere`` (niced processes left
-    out: they give way to the timing), ``all_cores_elsewhere`` (them included), ``waited_s`` and ``quiet`` (False:
-    timed out)."""
+    """Wait until other processes keep at most ``max_busy_cores`` cores busy (measured over 0.5 s, every 5 s), at most
+    ``timeout_s``; returns what it saw: ``busy_cores_elsewhere``, ``waited_s`` and ``quiet`` (False: timed out)."""
     t0 = time.monotonic()
     while True:
-        busy = busy_cores_elsewhere(0.5, niced=False)
+        busy = busy_cores_elsewhere(0.5)
         waited = time.monotonic() - t0
         if busy <= max_busy_cores or waited >= timeout_s:
             last_wait.update({"busy_cores_elsewhere": round(busy, 2), "waited_s": round(waited, 1),
-                              "all_cores_elsewhere": round(busy_cores_elsewhere(0.2), 2),
                               "quiet": busy <= max_busy_cores})
             return dict(last_wait)
         time.sleep(min(5.0, max(0.0, timeout_s - waited)))
