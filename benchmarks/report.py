@@ -39,6 +39,10 @@ GROUPS: list[tuple[str, str, str]] = [
      "Each method's training step timed against a plain SGD step in the same run (a ratio, not milliseconds)."),
     ("gating_", "Feedback gating (RIGNet / DIGNet)", "Ablations and equal-MACs comparisons of the gating models."),
     ("dagger_stability", "Dagger's gates across seeds", "How much Dagger's learned widths vary from seed to seed."),
+    ("sweep-networks", "Networks pruned or refused",
+     "Every torchvision classification, segmentation and detection builder, a sample of timm families and YOLOv8n, "
+     "random weights at a small input: slimcnn's l1 and Torch-Pruning each asked for half the MACs, each network in "
+     "its own process with a time and memory limit; a row is the ratio reached or the one line of the refusal."),
 ]
 
 
