@@ -19,6 +19,7 @@ slimcnn.graph.validate.SurgeryError: widen: in eval mode, output shape changed f
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -121,6 +122,24 @@ def run_modes(model: nn.Module, reference: ModelOutputs) -> dict[str, Tensors]:
     """``model``'s output tensors in every mode of ``reference``, on its inputs (e.g. a model that should compute
     exactly what the reference's did)."""
     return {mode: _run(model, reference.inputs[mode], mode)[0] for mode in reference.modes}
+
+
+def run_modes_double(model: nn.Module, reference: ModelOutputs) -> dict[str, Tensors] | None:
+    """:func:`run_modes` on a float64 copy of ``model`` and of the inputs: a comparison that float32 rounding
+    cannot blur (a train-mode BatchNorm over a handful of values divides rounding noise by a tiny spread). None
+    where the model does not run in float64."""
+    def double(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.double() if x.is_floating_point() else x
+        if isinstance(x, (list, tuple)):
+            return type(x)(double(v) for v in x)
+        return {k: double(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+    try:
+        twin = copy.deepcopy(model).double()
+        return {mode: _run(twin, double(reference.inputs[mode]), mode)[0] for mode in reference.modes}
+    except Exception:  # an op without a float64 kernel: the float32 comparison stands
+        return None
 
 
 def reference_output(model: nn.Module, example_input: torch.Tensor) -> ModelOutputs:
