@@ -38,6 +38,9 @@ GROUPS: list[tuple[str, str, str]] = [
     ("overhead_", "Step time of each method against plain SGD",
      "Each method's training step timed against a plain SGD step in the same run (a ratio, not milliseconds)."),
     ("gating_", "Feedback gating (RIGNet / DIGNet)", "Ablations and equal-MACs comparisons of the gating models."),
+    ("short-budget", "Short-budget recipes of the methods built around training",
+     "Dagger and C-SGD variants at the cpu budget, each against the method's default on the same base and data; the "
+     "choice is made on the validation split, test top-1 is reported beside it."),
     ("dagger_stability", "Dagger's gates across seeds", "How much Dagger's learned widths vary from seed to seed."),
     ("sweep-networks", "Networks pruned or refused",
      "Every torchvision classification, segmentation and detection builder, a sample of timm families and YOLOv8n, "
