@@ -360,7 +360,7 @@ def test_groups_floored_whole_get_no_gates_and_stay_whole():
 
 
 def test_the_search_freezes_once_the_target_held_and_finalize_keeps_exactly_those_channels(cifar_root):
-    """hold_steps: once the hard MACs held the target (2%) for that many steps in a row, at a step within 1% the
+    """hold_steps: once the hard MACs held the target (5%) for that many steps in a row, at a step within 1% the
     gates stop moving (the rest of the phase trains the gated net), and finalize cuts exactly the frozen set."""
     from slimcnn.data import cifar10_loaders
     from slimcnn.engine import TrainConfig, train
@@ -372,7 +372,7 @@ def test_the_search_freezes_once_the_target_held_and_finalize_keeps_exactly_thos
     rep = m.report()
     assert rep["frozen_at_step"] is not None and rep["frozen_at_step"] < 39, rep["hard_macs"]
     held = rep["hard_macs"][rep["frozen_at_step"] - 4: rep["frozen_at_step"] + 1]
-    assert all(abs(v / m.target_abs - 1) <= 0.02 for v in held)  # five steps near the target, then frozen
+    assert all(abs(v / m.target_abs - 1) <= 0.05 for v in held)  # five steps near the target, then frozen
     assert abs(held[-1] / m.target_abs - 1) <= 0.01
     after = rep["hard_macs"][rep["frozen_at_step"]:]
     assert len(set(after)) == 1 and rep["lambdas"][-1] == rep["lambdas"][rep["frozen_at_step"] + 1]

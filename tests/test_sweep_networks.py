@@ -78,13 +78,20 @@ def test_yolov8n_from_its_yaml_prunes_to_half_with_the_same_output_shapes(sweep)
     assert out["status"] == "pruned", out
 
 
+#: one network per family the issue names as hard (train-only branches, channel shuffle, LayerNorm over channels,
+#: a bottleneck net whose train-mode BatchNorm once read as a missed reader, segmentation, an anchor-free detector)
+FAMILIES = ["googlenet", "shufflenet_v2_x0_5", "convnext_tiny", "resnet50", "lraspp_mobilenet_v3_large",
+            "fcos_resnet50_fpn"]
+
+
 @pytest.mark.slow
-def test_the_whole_sweep_prunes_or_refuses_every_network_in_one_line(sweep, tmp_path):
-    """The surgery engine's promise on every network: a compact net within 1% that runs in both modes, or one line;
-    never a broken net. (The goal, every network pruned, is the table's to show.)"""
-    assert sweep.main(["--out", str(tmp_path)]) == 0
+def test_a_network_of_each_hard_family_prunes_or_refuses_in_one_line(sweep, tmp_path):
+    """The surgery engine's promise, on a network of each hard family: a compact net within 1% that runs in both
+    modes, or one line; never a broken net. The whole sweep (every builder) takes hours on 2 cores: it is the
+    benchmark's (python benchmarks/sweep_networks.py), its table in docs/results.md."""
+    assert sweep.main(["--only", ",".join(FAMILIES), "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path)
-    assert len(rows) == len(sweep.networks())
+    assert sorted(rows) == sorted(FAMILIES)
     broken = {n: r["ours"] for n, r in rows.items() if r["ours"]["status"] in ("broken", "off target")}
     assert not broken, broken
     assert all("\n" not in r["ours"].get("error", "") for r in rows.values())

@@ -71,7 +71,7 @@ Design:
   penalty balances the task loss at an offset that shrinks as 1/lambda (ResNet-20, 300 steps: lambda 2 stalled at
   expected MACs 0.61 of the base for a 0.5 target, lambda 10 held 0.52; top-1 after finalize without fine-tuning,
   500 test images: 22% vs 55%, L1-norm pruning 15%).
-- **Holding the target [ours].** ``hold_steps=N``: once the hard MACs have stayed within 2% of the target for N
+- **Holding the target [ours].** ``hold_steps=N``: once the hard MACs have stayed within 5% of the target for N
   steps in a row (dual ascent keeps them circling it), at the first step within 1% the gates freeze where they are and the regulariser stops; the rest of the search phase trains
   the gated net, which with hard gates is the pruned net, so a short budget is not spent searching a net that
   found its target in a few tens of steps. Default None (search to the end of the phase).
@@ -143,7 +143,7 @@ class Dagger(Method):
                              help="dagger: dual-ascent step on lambda per search step, lambda += lr * (MACs/target - 1) "
                                   "(0 keeps lambda fixed)")),
         ("--hold-steps", dict(dest="hold_steps", type=int, default=None,
-                              help="dagger: end the search once the hard MACs have held the target (within 2%%) for "
+                              help="dagger: end the search once the hard MACs have held the target (within 5%%) for "
                                    "N steps in a row (then at a step within 1%%); the rest of the phase trains the "
                                    "gated net (default: never)")),
         ("--polarize", dict(dest="polarize", type=float, default=None,
@@ -386,13 +386,13 @@ class Dagger(Method):
         self.temperature = temperature_at(self.step, self.t_start, self.t_end, self.anneal_steps, self.anneal)
 
     def _maybe_freeze(self, model: nn.Module, step: int) -> None:
-        """End the search once the hard MACs have held the target (within 2%: dual ascent keeps them circling it)
-        for ``hold_steps`` steps in a row, at a step where they are within 1%: the gates stay as they are, so the
-        rest of the phase trains exactly the net finalize will cut."""
+        """End the search once the hard MACs have held the target (within 5%: dual ascent keeps them circling it,
+        measured +-3% on ResNet-20 for the whole search) for ``hold_steps`` steps in a row, at a step where they
+        are within 1%: the gates stay as they are, so the rest of the phase trains exactly the net finalize cuts."""
         if self.hold_steps is None or self.frozen is not None:
             return
         off = abs(self._last[1] / self.target_abs - 1)
-        self._held = self._held + 1 if off <= 0.02 else 0
+        self._held = self._held + 1 if off <= 0.05 else 0
         if self._held >= self.hold_steps and off <= 0.01:
             # the gates of this step's forward pass: the ones whose MACs were just checked
             gates = self._gates[0] if self._gates is not None else self._gate_pair(model)[0]
