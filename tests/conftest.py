@@ -12,11 +12,16 @@ pass with them silently skipped.
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
+import importlib.util
 import os
+import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
+from typing import Iterator
 
 import pytest
 import torch
@@ -153,3 +158,20 @@ def one_line_compress_error(capsys, argv: list[str]) -> str:
     errors = [ln for ln in lines if "error" in ln]  # the rest are progress bars
     assert code == 2 and len(errors) == 1 and lines[-1].startswith("slimcnn compress: error:"), lines
     return lines[-1]
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` imported as module ``<name>`` (registered, so that its dataclasses find their
+    module) with its folder on the path (the scripts import their neighbour ``common``); both undone after."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+        sys.path.remove(str(folder))

@@ -2,30 +2,19 @@
 it trains, the row records the gates' statistics, and a bad row is one clear error."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import CAMVID, CIFAR, RESNET20
+from conftest import CAMVID, CIFAR, RESNET20, benchmark_script
 
 WEIGHTS = RESNET20.parent  # the package's assets: the public ResNet-20 under its public name
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gating.py"
 
 
 @pytest.fixture(scope="module")
 def gating():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its neighbour `common`
-    try:
-        spec = importlib.util.spec_from_file_location("gating_bench", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_script("gating") as module:
         yield module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
 
 
 def test_rows_split_on_commas_and_keep_their_options(gating):

@@ -3,29 +3,21 @@ against Torch-Pruning. The fast tests run a small subset and the sweep's machine
 table is written from the JSON); the whole sweep is the slow test."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
+
+from conftest import benchmark_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_networks.py"
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its neighbour `common`
-    try:
-        spec = importlib.util.spec_from_file_location("sweep_networks", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["sweep_networks"] = module  # its dataclass looks its module up there
-        spec.loader.exec_module(module)
+    with benchmark_script("sweep_networks") as module:
         yield module
-    finally:
-        sys.modules.pop("sweep_networks", None)
-        sys.path.remove(str(SCRIPT.parent))
 
 
 def _rows(out: Path) -> dict[str, dict]:
