@@ -13,8 +13,7 @@ on the same runtime, trained at the same budget, then all timed again together.
   within 10% of the goal (its widths step over it: Torch-Pruning's uniform 16-channel stage keeps 8 or 16), the
   fit runs again at alignment 4 and the nearer alignment is kept. A trained net that still misses by more than
   10% is trained once more (a MACs row at the corrected target; ``l1``, whose own plan missed, at alignment 4),
-  and the attempt nearer the goal is kept. The
-  stacks' TRP stage plans its factorisation on the same runtime.
+  and the attempt nearer the goal is kept. The stacks' TRP stage plans its factorisation on the same runtime.
 At the end the base and every row's saved net are timed together, interleaved, on the goal's backend and batch
 (the 10th percentile of the calls, the statistic the plans were made and confirmed on; the median beside it): that
 ratio is the row's measured latency, and ``within_10pct`` says whether it is within 10% of the target. Results: ``<results>/<name>.{json,md,png}``; the plot is top-1 against that measured ratio, each
@@ -129,10 +128,9 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
                     latency_batches=[goal.batch], latency_backend="onnxruntime" if goal.backend == "onnxruntime"
                     else "eager", distill=recipe == "distill", kd_alpha=budget.kd_alpha,
                     kd_temperature=budget.kd_temperature)
-    m_epochs, ft_epochs = plan.cfg.method_epochs, plan.cfg.epochs
     out_dir = work_dir / model_name / f"{row.label}-{tag}{'' if recipe == 'plain' else '-' + recipe}"
-    target_macs, fit = (None, None) if native else _fit_row(row.method, kw, base, goal, via, budget, loaders,
-                                                             m_epochs, out_dir)
+    target_macs, fit = (None, None) if native else _fit_row(row.method, kw, base, goal, via, plan.cfg, loaders,
+                                                             out_dir)
     info = {"command": f"slimcnn bench --budget {budget_name} --target-latency {goal.value:g} "
                        f"--latency-backend {goal.backend} --latency-batch {goal.batch}",
             "base_checkpoint": base_key, **({} if native else {"latency_target": dict(via)})}
@@ -164,7 +162,7 @@ def _run_row(row, model_name: str, base, base_key: str, goal, via: dict[str, Any
             "via": "latency plan" if native else "macs, probed" if fit else "macs", "target_macs": kept["target_macs"],
             "round_to": kept["round_to"],
             **({"probes": fit} if fit else {}), **({"attempts": attempts} if len(attempts) > 1 else {}),
-            "method_epochs": m_epochs, "finetune_epochs": ft_epochs, "base_top1": rep["base"]["top1"],
+            "method_epochs": plan.cfg.method_epochs, "finetune_epochs": plan.cfg.epochs, "base_top1": rep["base"]["top1"],
             "top1": rep["compressed"]["top1"], "val_top1": rep["compressed"].get("val_top1"),
             "base_val_top1": rep["base"].get("val_top1"),
             "macs": rep["compressed"]["macs"], "macs_ratio": rep["macs_ratio"],
@@ -191,8 +189,8 @@ def _retry(label: str, native: bool, kw: dict[str, Any], target_macs: float | No
     return True
 
 
-def _fit_row(method_name: str, kw: dict[str, Any], base, goal, via: dict[str, Any], budget, loaders,
-             method_epochs: int, out_dir: Path) -> tuple[float, dict[str, Any]]:
+def _fit_row(method_name: str, kw: dict[str, Any], base, goal, via: dict[str, Any], cfg: CompressConfig, loaders,
+             out_dir: Path) -> tuple[float, dict[str, Any]]:
     """The row's MACs target: the latency model's figure, corrected by probing the method's own compact net
     (:func:`slimcnn.latency_fit.fit_aligned`: at alignment 8, and at 4 when no net at 8 comes within 10% of the
     goal; ``kw["round_to"]`` is set to the one kept); the probe record is kept in ``out_dir`` so a resumed row does
@@ -206,7 +204,6 @@ def _fit_row(method_name: str, kw: dict[str, Any], base, goal, via: dict[str, An
     if saved.is_file():
         fit = json.loads(saved.read_text())
     else:
-        cfg = CompressConfig(method_epochs=method_epochs, lr=budget.lr)
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         args = (base, x, goal, via["macs_ratio"], prepare_kwargs(cls, cfg, loaders["train"], val_loader=loaders["val"]))
         if "round_to" in kw:
